@@ -1,0 +1,193 @@
+"""The `amp-deploy` command line: thin commands over the library (see DESIGN.md)."""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Literal
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from amp_deploy.errors import GateFailed, UserError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Prune the MLPs of a vision transformer with AMP, export, compile and validate it.")
+err = Console(stderr=True, highlight=False)
+out = Console(highlight=False)
+_state = {"debug": False}
+
+Device = Literal["auto", "cpu", "cuda"]
+OutOpt = Annotated[Path | None, typer.Option("--out", "-o", help="Output folder (default: out/<recipe name>).")]
+DeviceOpt = Annotated[str, typer.Option(help="Where to score and search: auto, cpu or cuda.")]
+ForceOpt = Annotated[bool, typer.Option("--force", help="Re-run every stage even if its inputs are unchanged.")]
+Overrides = Annotated[list[str] | None, typer.Argument(help="Recipe overrides as dotted KEY=VALUE, e.g. prune.threshold=0.02.",
+                                                       show_default=False)]
+
+
+def _handled(fn):
+    """Map library errors to exit codes: 2 bad input, 1 failed gate, 130 interrupted."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except (typer.Exit, typer.Abort):
+            raise
+        except UserError as e:
+            _fail(e, 2, "error")
+        except GateFailed as e:
+            _fail(e, 1, "failed")
+        except KeyboardInterrupt:
+            err.print("interrupted: finished stages are kept; run the same command again to resume")
+            raise typer.Exit(130) from None
+        except FloatingPointError as e:
+            _fail(e, 1, "error")
+        except OSError as e:
+            if e.errno == 28:  # ENOSPC
+                _fail(UserError(f"no space left on the device while writing {e.filename or 'output'}"), 2, "error")
+            raise
+
+    return wrapper
+
+
+def _fail(e: Exception, code: int, word: str):
+    if _state["debug"]:
+        raise e
+    err.print(f"[bold red]{word}:[/bold red] {e}", soft_wrap=True)
+    raise typer.Exit(code) from None
+
+
+@app.callback()
+def main(debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks.")] = False) -> None:
+    """Prune the MLPs of a vision transformer with AMP, export, compile and validate it."""
+    _state["debug"] = debug
+
+
+def _device(name: str):
+    import torch
+
+    if name not in ("auto", "cpu", "cuda"):
+        raise UserError(f"--device {name!r}: expected auto, cpu or cuda")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda: no CUDA device is available")
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda":
+        # fp32 references: TF32 would blur parity and fidelity figures.
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+    return torch.device(name)
+
+
+def _run(recipe_path: Path, out_dir: Path | None, device: str, stages, force: bool, overrides: list[str]):
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from amp_deploy.pipeline import Context, run_stages
+    from amp_deploy.recipe import load_recipe
+
+    recipe = load_recipe(recipe_path, overrides)
+    folder = out_dir or Path("out") / recipe.name
+    progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                        console=err, transient=True)
+    ctx = Context(recipe, folder, _device(device), log=err.print, progress=progress)
+    with progress:
+        run_stages(ctx, stages, force)
+    return folder
+
+
+@app.command()
+@_handled
+def build(recipe: Annotated[Path, typer.Argument(help="Recipe YAML file.")], overrides: Overrides = None,
+          out_dir: OutOpt = None, device: DeviceOpt = "auto", force: ForceOpt = False) -> None:
+    """Run the whole pipeline: score, search, rebuild, export, compile, validate."""
+    from amp_deploy.pipeline import STAGES
+
+    folder = _run(recipe, out_dir, device, STAGES, force, overrides or [])
+    _summary(folder / "report.json")
+
+
+def _stage_command(stages: tuple[str, ...], doc: str):
+    @_handled
+    def command(folder: Annotated[Path, typer.Argument(help="Output folder of a build (holds recipe.yaml).")],
+                device: DeviceOpt = "auto", force: ForceOpt = False) -> None:
+        _run(folder / "recipe.yaml", folder, device, stages, force, [])
+        err.print(f"{', '.join(stages)}: done in {folder}")
+
+    command.__doc__ = doc
+    return command
+
+
+app.command("prune")(_stage_command(("score", "search", "rebuild"),
+                                    "Score neurons, search widths and write pruned.safetensors."))
+app.command("export")(_stage_command(("export",), "Export original.onnx and pruned.onnx."))
+app.command("compile")(_stage_command(("compile",), "Compile TensorRT engines from the ONNX files."))
+app.command("validate")(_stage_command(("validate",), "Measure parity, fidelity, latency; write the report."))
+
+
+@app.command()
+@_handled
+def check(recipe: Annotated[Path, typer.Argument(help="Recipe YAML file.")], overrides: Overrides = None) -> None:
+    """Validate a recipe and print every problem at once."""
+    from amp_deploy.recipe import recipe_document, recipe_problems
+
+    doc = recipe_document(recipe, overrides or [])
+    _, problems = recipe_problems(doc)
+    if problems:
+        for p in problems:
+            err.print(f"{recipe}: {p}", soft_wrap=True)
+        raise typer.Exit(2)
+    out.print(f"{recipe}: ok")
+
+
+@app.command()
+@_handled
+def inspect(path: Annotated[Path, typer.Argument(help="A pruned.safetensors or an output folder.")]) -> None:
+    """Show widths, parameters and FLOPs of a pruned checkpoint or an output folder."""
+    from amp_deploy.rebuild import load_pruned_model, read_metadata
+    from amp_deploy.validate import count_flops, count_params
+
+    ckpt = path / "pruned.safetensors" if path.is_dir() else path
+    meta = read_metadata(ckpt)
+    loaded = load_pruned_model(ckpt)
+    original = json.loads(meta["original_widths"])
+    table = Table(title=f"{ckpt}")
+    for col in ("block", "original width", "pruned width", "kept"):
+        table.add_column(col, justify="right")
+    for i, (a, b) in enumerate(zip(original, loaded.widths())):
+        table.add_row(str(i), str(a), str(b), f"{b / a:.0%}")
+    out.print(table)
+    out.print(f"model: {json.loads(meta['base'])['name']}  parameters: {count_params(loaded.model):,}  "
+              f"FLOPs/image: {count_flops(loaded.model, loaded.input_size):,}")
+
+
+def _summary(report_path: Path) -> None:
+    rep = json.loads(report_path.read_text())
+    t = Table(title=f"{rep['name']}: original vs pruned")
+    for col, just in (("", "left"), ("original", "right"), ("pruned", "right"), ("ratio", "right")):
+        t.add_column(col, justify=just)
+    p, f, fi = rep["params"], rep["flops"], rep["fidelity"]
+    t.add_row("parameters", f"{p['original']:,}", f"{p['pruned']:,}", f"{p['ratio']:.3f}")
+    t.add_row("FLOPs / image", f"{f['original']:,}", f"{f['pruned']:,}", f"{f['ratio']:.3f}")
+    if fi.get("accuracy_original") is not None:
+        t.add_row("holdout top-1 %", f"{fi['accuracy_original']:.2f}", f"{fi['accuracy_pruned']:.2f}", "")
+    for name, row in rep["runtimes"].items():
+        if row["status"] != "ok":
+            t.add_row(f"{name}", row["status"], "", row.get("reason", "")[:60])
+            continue
+        for b, o in row["latency_ms"]["original"].items():
+            q = row["latency_ms"]["pruned"][b]
+            t.add_row(f"{name} p50 ms, batch {b}", f"{o['p50']:.3f}", f"{q['p50']:.3f}", f"{o['p50'] / q['p50']:.2f}x")
+    out.print(t)
+    out.print(f"report: {report_path.with_suffix('.md')}  (and {report_path.name})")
+
+
+def run() -> None:  # console-script entry point
+    app()
+
+
+if __name__ == "__main__":
+    sys.exit(app())

@@ -1,0 +1,227 @@
+"""Model families: loader functions and MLP site finders, listed in one place.
+
+A loader returns a `Loaded`: the module to prune (for open_clip, the visual tower), the path of its
+transformer block list, the MLP sites inside each block, what its output is (class logits or an
+embedding), and the model's own eval transform. Families differ only in those facts, so they are
+plain functions in dicts, not classes.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from amp_deploy.errors import UserError
+
+Output = Literal["logits", "embedding"]
+
+
+@dataclass(frozen=True)
+class MlpSite:
+    """Where one block's MLP lives, as module paths relative to the block.
+
+    fc_in maps d -> h (or d -> 2h when `packed`: value and gate halves in one Linear), fc_out maps
+    h -> d. `gate` is a separate d -> h Linear (timm SwiGLU's fc1_g) and `norm` a LayerNorm over the
+    h hidden neurons (EVA02); both are sliced with the same neuron indices as fc_in.
+    """
+
+    fc_in: str
+    fc_out: str
+    packed: bool = False
+    gate: str | None = None
+    norm: str | None = None
+
+
+@dataclass
+class Loaded:
+    model: nn.Module
+    blocks: str  # path of the block list inside `model`
+    sites: list[MlpSite]
+    output: Output
+    transform: Callable[[Any], torch.Tensor]
+    input_size: tuple[int, int, int]
+    spec: dict[str, Any] = field(default_factory=dict)  # {source, name, kwargs}: enough to rebuild
+
+    def block_list(self) -> nn.Module:
+        return self.model.get_submodule(self.blocks)
+
+    def mlp_modules(self, i: int) -> dict[str, nn.Module]:
+        block = self.block_list()[i]
+        s = self.sites[i]
+        names = {"fc_in": s.fc_in, "fc_out": s.fc_out, "gate": s.gate, "norm": s.norm}
+        return {k: block.get_submodule(v) for k, v in names.items() if v}
+
+    def widths(self) -> list[int]:
+        return [self.mlp_modules(i)["fc_out"].in_features for i in range(len(self.sites))]
+
+
+# --- site finders: one per MLP shape, tried in order on each block's `mlp` ------------------------
+
+
+def _timm_swiglu(mlp: nn.Module, prefix: str) -> MlpSite | None:
+    if hasattr(mlp, "fc1_g") and hasattr(mlp, "fc1_x"):
+        norm = mlp.norm if isinstance(getattr(mlp, "norm", None), nn.LayerNorm) else None
+        return MlpSite(f"{prefix}.fc1_x", f"{prefix}.fc2", gate=f"{prefix}.fc1_g",
+                       norm=f"{prefix}.norm" if norm is not None else None)
+    return None
+
+
+def _timm_mlp(mlp: nn.Module, prefix: str) -> MlpSite | None:
+    if not (isinstance(getattr(mlp, "fc1", None), nn.Linear) and isinstance(getattr(mlp, "fc2", None), nn.Linear)):
+        return None
+    packed = mlp.fc1.out_features == 2 * mlp.fc2.in_features  # GluMlp, SwiGLUPacked
+    norm = getattr(mlp, "norm", None)
+    has_norm = isinstance(norm, nn.LayerNorm) and norm.normalized_shape[0] == mlp.fc2.in_features
+    return MlpSite(f"{prefix}.fc1", f"{prefix}.fc2", packed=packed, norm=f"{prefix}.norm" if has_norm else None)
+
+
+def _open_clip_mlp(mlp: nn.Module, prefix: str) -> MlpSite | None:
+    if isinstance(getattr(mlp, "c_fc", None), nn.Linear) and isinstance(getattr(mlp, "c_proj", None), nn.Linear):
+        norm = getattr(mlp, "ln", None)
+        has_norm = isinstance(norm, nn.LayerNorm)  # open_clip scale_fc: LayerNorm over hidden neurons
+        return MlpSite(f"{prefix}.c_fc", f"{prefix}.c_proj", norm=f"{prefix}.ln" if has_norm else None)
+    return None
+
+
+SITE_FINDERS = [_timm_swiglu, _timm_mlp, _open_clip_mlp]
+BLOCK_LISTS = ["blocks", "transformer.resblocks", "trunk.blocks"]
+
+
+def find_sites(model: nn.Module) -> tuple[str, list[MlpSite]]:
+    """Find the block list and each block's MLP; raise UserError when the model is unknown."""
+    for path in BLOCK_LISTS:
+        try:
+            blocks = model.get_submodule(path)
+        except AttributeError:
+            continue
+        sites = [_site_of(block) for block in blocks]
+        if sites and all(sites):
+            return path, sites
+    raise UserError(
+        f"{type(model).__name__}: no transformer blocks with a known MLP found (looked for "
+        f"{', '.join(BLOCK_LISTS)} with mlp.fc1/fc2, mlp.fc1_g/fc1_x/fc2 or mlp.c_fc/c_proj)"
+    )
+
+
+def _site_of(block: nn.Module) -> MlpSite | None:
+    mlp = getattr(block, "mlp", None)
+    if mlp is None:
+        return None
+    for finder in SITE_FINDERS:
+        site = finder(mlp, "mlp")
+        if site:
+            return site
+    return None
+
+
+# --- weights --------------------------------------------------------------------------------------
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """Read weights without unpickling anything untrusted: safetensors, or torch.load(weights_only)."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: weights file not found")
+    if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(path)
+        except (SafetensorError, OSError, ValueError) as e:
+            raise UserError(f"{path}: not a readable safetensors file ({str(e).splitlines()[0]})") from None
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any failure here means the file is refused
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise UserError(f"{path}: refused: not a plain weights file loadable with weights_only=True ({first})") from None
+    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise UserError(f"{path}: expected a state dict of tensors")
+    return obj
+
+
+def load_weights(model: nn.Module, path: str | Path) -> None:
+    state = read_state_dict(path)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        detail = " ".join(str(e).split())[:300]
+        raise UserError(f"{path}: weights do not fit the model: {detail}") from None
+
+
+# --- loaders --------------------------------------------------------------------------------------
+
+
+def _unknown(name: str, known: list[str], what: str) -> UserError:
+    close = difflib.get_close_matches(name, known, n=3, cutoff=0.6)
+    hint = f"; did you mean {', '.join(close)}?" if close else ""
+    return UserError(f"model.name: unknown {what} model {name!r}{hint}")
+
+
+def load_timm(name: str, pretrained: bool | str, kwargs: dict[str, Any]) -> Loaded:
+    import timm
+
+    if not timm.is_model(name):
+        raise _unknown(name, timm.list_models(), "timm")
+    try:
+        model = timm.create_model(name, pretrained=pretrained is True, **kwargs)
+    except TypeError as e:
+        raise UserError(f"model.kwargs: {e}") from None
+    if isinstance(pretrained, str):
+        load_weights(model, pretrained)
+    model.eval()
+    cfg = timm.data.resolve_model_data_config(model)
+    # The pretrained config keeps the hub resolution even when kwargs change img_size: follow the
+    # model's real input, or the transform would resize every image to 224.
+    img_size = getattr(getattr(model, "patch_embed", None), "img_size", None)
+    if img_size is not None:
+        cfg["input_size"] = (cfg["input_size"][0], *img_size)
+    transform = timm.data.create_transform(**cfg, is_training=False)
+    blocks, sites = find_sites(model)
+    output: Output = "logits" if getattr(model, "num_classes", 0) else "embedding"
+    spec = {"source": "timm", "name": name, "kwargs": kwargs}
+    return Loaded(model, blocks, sites, output, transform, tuple(cfg["input_size"]), spec)
+
+
+def load_open_clip(name: str, pretrained: bool | str, kwargs: dict[str, Any]) -> Loaded:
+    import open_clip
+
+    if name not in open_clip.list_models():
+        raise _unknown(name, open_clip.list_models(), "open_clip")
+    if pretrained is True:
+        raise UserError("model.pretrained: for open_clip give a local weights file (hub tags are not fetched here)")
+    model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=None, **kwargs)
+    if isinstance(pretrained, str):
+        load_weights(model, pretrained)
+    visual = model.visual.eval()
+    blocks, sites = find_sites(visual)
+    size = visual.image_size if isinstance(visual.image_size, tuple) else (visual.image_size,) * 2
+    spec = {"source": "open_clip", "name": name, "kwargs": kwargs}
+    return Loaded(visual, blocks, sites, "embedding", preprocess, (3, *size), spec)
+
+
+LOADERS: dict[str, Callable[[str, bool | str, dict[str, Any]], Loaded]] = {
+    "timm": load_timm,
+    "open_clip": load_open_clip,
+}
+
+
+def load_model(source: str, name: str | None, pretrained: bool | str, kwargs: dict[str, Any]) -> Loaded:
+    """Build a model from a recipe's model section (plain arguments, no recipe object)."""
+    if source == "checkpoint":
+        from amp_deploy.rebuild import load_pruned_model
+
+        return load_pruned_model(str(pretrained))
+    return LOADERS[source](name or "", pretrained, dict(kwargs))
+
+
+def site_dicts(sites: list[MlpSite]) -> list[dict[str, Any]]:
+    return [asdict(s) for s in sites]

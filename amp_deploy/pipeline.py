@@ -1,0 +1,241 @@
+"""The build: stages over an output folder, each resumable and recorded in manifest.json.
+
+Each stage reads the previous stages' artifacts from the folder and writes its own atomically.
+A stage's key hashes the recipe sections it depends on and the key of the stage before it, so a
+changed `validate.iterations` re-runs validation only, and a changed `prune.threshold` re-runs the
+search and everything after it but not the scores.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from amp_deploy import __version__
+from amp_deploy._private import hash_file, hash_obj, write_json, write_text
+from amp_deploy.data import Data, load_data
+from amp_deploy.errors import UserError
+from amp_deploy.families import Loaded, load_model
+from amp_deploy.recipe import Recipe, dump_recipe
+
+STAGES = ("score", "search", "rebuild", "export", "compile", "validate")
+PRUNE_STAGES = ("score", "search", "rebuild")
+
+# Recipe sections (dotted) that each stage depends on, beyond the key of the stage before it.
+_DEPENDS: dict[str, tuple[str, ...]] = {
+    "score": ("model", "data", "prune.criterion", "prune.temperature"),
+    "search": ("prune",),
+    "rebuild": (),
+    "export": ("export",),
+    "compile": ("runtimes",),
+    "validate": ("validate", "runtimes"),
+}
+
+# Files each stage writes: a stage whose outputs are missing or changed is not skipped.
+OUTPUTS: dict[str, tuple[str, ...]] = {
+    "score": ("scores.safetensors",),
+    "search": ("search.json",),
+    "rebuild": ("pruned.safetensors",),
+    "export": ("original.onnx", "pruned.onnx"),
+    "compile": ("compile.json",),
+    "validate": ("report.json", "report.md"),
+}
+
+
+def _versions() -> dict[str, str]:
+    import timm
+
+    return {"amp_deploy": __version__, "torch": torch.__version__, "timm": timm.__version__}
+
+
+def _section(doc: dict, dotted: str) -> Any:
+    for k in dotted.split("."):
+        doc = doc[k]
+    return doc
+
+
+def stage_keys(recipe: Recipe) -> dict[str, str]:
+    doc = recipe.to_dict()
+    weights = doc["model"]["pretrained"]
+    extra = {"weights": hash_file(weights) if isinstance(weights, str) else weights, "versions": _versions()}
+    keys, prev = {}, hash_obj(extra)
+    for stage in STAGES:
+        prev = keys[stage] = hash_obj({"prev": prev, **{d: _section(doc, d) for d in _DEPENDS[stage]}})
+    return keys
+
+
+@dataclass
+class Context:
+    """What the stages share in one process: the recipe, the folder and loaded things."""
+
+    recipe: Recipe
+    out: Path
+    device: torch.device
+    log: Callable[[str], None] = print
+    progress: Any = None  # a rich.progress.Progress, or None for silence
+    _original: Loaded | None = field(default=None, repr=False)
+    _data: Data | None = field(default=None, repr=False)
+
+    def original(self) -> Loaded:
+        """A fresh copy of the original model (stages prune their copy in place)."""
+        if self._original is None:
+            m = self.recipe.model
+            self._original = load_model(m.source, m.name, m.pretrained, m.kwargs)
+        loaded = copy.deepcopy(self._original)
+        loaded.model.to(self.device)
+        return loaded
+
+    def data(self) -> Data:
+        if self._data is None:
+            d = self.recipe.data
+            base = self._original or self.original()
+            self._data = load_data(d.source, d.path, d.calibration, d.validation, d.holdout, d.seed,
+                                   base.transform, base.input_size)
+        return self._data
+
+    def task(self, description: str, total: int | None):
+        """A progress task; returns an `advance()` callable."""
+        if self.progress is None:
+            return lambda n=1: None
+        tid = self.progress.add_task(description, total=total)
+        return lambda n=1: self.progress.advance(tid, n)
+
+
+# --- manifest ------------------------------------------------------------------------------------
+
+
+def read_manifest(out: Path) -> dict:
+    path = out / "manifest.json"
+    if not path.is_file():
+        return {"schema": "amp-deploy.manifest/1", "stages": {}}
+    try:
+        doc = json.loads(path.read_text())
+        if not isinstance(doc.get("stages"), dict):
+            raise ValueError("no stages")
+        return doc
+    except (ValueError, AttributeError):
+        return {"schema": "amp-deploy.manifest/1", "stages": {}}  # unreadable: redo every stage
+
+
+def is_done(out: Path, manifest: dict, stage: str, key: str) -> bool:
+    entry = manifest["stages"].get(stage)
+    if not entry or entry.get("key") != key:
+        return False
+    outputs = entry.get("outputs", {})
+    return all((out / f).is_file() and hash_file(out / f) == outputs.get(f) for f in OUTPUTS[stage])
+
+
+def record(out: Path, manifest: dict, stage: str, key: str, seconds: float) -> None:
+    manifest["stages"][stage] = {
+        "key": key,
+        "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "seconds": round(seconds, 3),
+        "outputs": {f: hash_file(out / f) for f in OUTPUTS[stage] if (out / f).is_file()},
+        "versions": _versions(),
+    }
+    write_json(out / "manifest.json", manifest)
+
+
+# --- lock ------------------------------------------------------------------------------------------
+
+
+class FolderLock:
+    """One build per output folder; a lock left by a dead process is taken over."""
+
+    def __init__(self, out: Path) -> None:
+        self.path = out / ".lock"
+
+    def __enter__(self) -> FolderLock:
+        for _ in range(2):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                pid = self._owner()
+                if pid is not None and _alive(pid):
+                    raise UserError(f"{self.path.parent}: another build (pid {pid}) is using this folder") from None
+                self.path.unlink(missing_ok=True)  # stale: its process is gone
+                continue
+            with os.fdopen(fd, "w") as f:
+                f.write(str(os.getpid()))
+            return self
+        raise UserError(f"{self.path}: could not take the folder lock")
+
+    def _owner(self) -> int | None:
+        try:
+            return int(self.path.read_text().strip())
+        except (OSError, ValueError):
+            return None
+
+    def __exit__(self, *exc) -> None:
+        self.path.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+# --- running -------------------------------------------------------------------------------------
+
+
+def prepare_out(out: Path) -> None:
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out}: exists and is not a folder")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"--out {out}: cannot create the folder ({e.strerror})") from None
+
+
+def run_stages(ctx: Context, stages: tuple[str, ...], force: bool = False) -> dict[str, str]:
+    """Run `stages` in order, skipping those already done with the same inputs.
+
+    Returns {stage: "ran" | "skipped"}.
+    """
+    from amp_deploy import stages as impl
+
+    out = ctx.out
+    prepare_out(out)
+    with FolderLock(out):
+        write_text(out / "recipe.yaml", dump_recipe(ctx.recipe))
+        keys = stage_keys(ctx.recipe)
+        manifest = read_manifest(out)
+        status = {}
+        for stage in stages:
+            if not force and is_done(out, manifest, stage, keys[stage]):
+                ctx.log(f"[dim]{stage}: inputs unchanged, skipped[/dim]")
+                status[stage] = "skipped"
+                continue
+            _require_previous(out, manifest, stage, keys)
+            start = time.perf_counter()
+            getattr(impl, f"stage_{stage}")(ctx)
+            seconds = time.perf_counter() - start
+            record(out, manifest, stage, keys[stage], seconds)
+            ctx.log(f"{stage}: done in {seconds:.1f}s")
+            status[stage] = "ran"
+        return status
+
+
+def _require_previous(out: Path, manifest: dict, stage: str, keys: dict[str, str]) -> None:
+    i = STAGES.index(stage)
+    if i == 0:
+        return
+    before = STAGES[i - 1]
+    if not is_done(out, manifest, before, keys[before]):
+        raise UserError(f"{out}: stage '{stage}' needs '{before}' first, finished with this recipe "
+                        f"(run `amp-deploy build` or the command for '{before}')")

@@ -1,0 +1,183 @@
+"""report.json (keys that scripts read, see DESIGN.md) and report.md (what a person reads)."""
+
+from __future__ import annotations
+
+import json
+import platform
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from amp_deploy import validate as V
+from amp_deploy._private import write_json, write_text
+from amp_deploy.pipeline import Context
+from amp_deploy.rebuild import load_pruned_model
+from amp_deploy.runtimes import Unavailable, onnxruntime_runner, torch_runner
+
+SCHEMA = "amp-deploy.report/1"
+
+
+def _runtime_row(ctx: Context, name: str, torch_models: dict, holdout: torch.Tensor,
+                 refs: dict[str, torch.Tensor]) -> dict[str, Any]:
+    v, out = ctx.recipe.validate_, ctx.out
+    if name == "tensorrt":
+        return json.loads((out / "compile.json").read_text())
+    try:
+        if name == "onnxruntime":
+            runners = {k: onnxruntime_runner(out / f"{k}.onnx", v.threads) for k in ("original", "pruned")}
+        else:
+            runners = {k: torch_runner(m, v.threads) for k, m in torch_models.items()}
+    except Unavailable as e:
+        return {"status": "skipped", "reason": str(e)}
+    row: dict[str, Any] = {"status": "ok", "settings": runners["original"].info}
+    if name != "torch":  # the torch row *is* the reference: parity with itself would prove nothing
+        row["parity"] = _parity(runners, holdout, refs, ctx.recipe.export.batch.max)
+    row["latency_ms"] = {"original": {}, "pruned": {}}
+    advance = ctx.task(f"validate: {name} latency", len(v.batch_sizes))
+    for b in v.batch_sizes:
+        stats = V.latency({k: r.run for k, r in runners.items()}, V.batch_of(holdout, b), v.warmup, v.iterations)
+        for k in stats:
+            row["latency_ms"][k][str(b)] = stats[k]
+        advance()
+    row["speedup"] = {str(b): row["latency_ms"]["original"][str(b)]["p50"] / row["latency_ms"]["pruned"][str(b)]["p50"]
+                      for b in v.batch_sizes}
+    sizes = {"onnxruntime": lambda k: (out / f"{k}.onnx").stat().st_size,
+             "torch": lambda k: sum(p.numel() * p.element_size() for p in torch_models[k].parameters())}
+    row["memory"] = {k: {"weights_bytes": sizes[name](k)} for k in ("original", "pruned")}
+    return row
+
+
+def _parity(runners: dict, holdout: torch.Tensor, refs: dict[str, torch.Tensor], max_batch: int) -> dict:
+    per = {}
+    for k, r in runners.items():
+        outs = [r.run(holdout[i : i + max_batch].numpy()) for i in range(0, len(holdout), max_batch)]
+        per[k] = V.agreement(refs[k], torch.cat([torch.from_numpy(o) for o in outs]))
+    worst = {"max_abs_err": max(p["max_abs_err"] for p in per.values()),
+             "cosine_min": min(p["cosine_min"] for p in per.values())}
+    return {**worst, **per}
+
+
+def build_report(ctx: Context) -> dict[str, Any]:
+    r, out = ctx.recipe, ctx.out
+    original = ctx.original()
+    pruned = load_pruned_model(out / "pruned.safetensors")
+    search = json.loads((out / "search.json").read_text())
+    score_meta = json.loads((out / "manifest.json").read_text())["stages"]
+    holdout = ctx.data().holdout
+    models = {"original": original.model.cpu().eval(), "pruned": pruned.model.cpu().eval()}
+    # fp32 references on the CPU: the ONNX files were exported from exactly these models.
+    refs = {k: V.predict(m, holdout, r.data.batch_size, torch.device("cpu")) for k, m in models.items()}
+    fid = V.agreement(refs["original"], refs["pruned"])
+    fidelity = {k: fid[k] for k in ("cosine_mean", "cosine_min", "top1_agreement")}
+    fidelity["images"] = fid["images"]
+    if original.output == "embedding":
+        fidelity["top1_agreement"] = None  # argmax of an embedding is no class
+    fidelity["accuracy_original"] = V.accuracy(refs["original"], holdout.labels)
+    fidelity["accuracy_pruned"] = V.accuracy(refs["pruned"], holdout.labels)
+    fidelity["cosines"] = V.cosines(refs["original"], refs["pruned"])
+    params = {k: V.count_params(m) for k, m in models.items()}
+    flops = {k: V.count_flops(m, original.input_size) for k, m in models.items()}
+    runtimes = {}
+    for name in r.runtimes:
+        runtimes[name] = _runtime_row(ctx, name, models, holdout.images, refs)
+    return {
+        "schema": SCHEMA,
+        "name": r.name,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "model": {**original.spec, "output": original.output, "input_size": list(original.input_size)},
+        "params": {**params, "ratio": params["pruned"] / params["original"]},
+        "flops": {**flops, "ratio": flops["pruned"] / flops["original"]},
+        "widths": {"original": search["original_widths"], "pruned": search["widths"]},
+        "prune": {
+            "criterion": r.prune.criterion, "search": r.prune.search, "threshold": r.prune.threshold,
+            "seconds": round(score_meta["score"]["seconds"] + search["seconds"], 3),
+            "block_forwards": search["block_forwards"],
+            "block_forwards_naive": search["block_forwards_naive"],
+            "base_loss": search.get("base_loss"), "final_loss": (search.get("losses") or [None])[-1],
+        },
+        "fidelity": fidelity,
+        "runtimes": runtimes,
+        "environment": _environment(ctx),
+    }
+
+
+def _environment(ctx: Context) -> dict[str, Any]:
+    import onnx
+    import timm
+
+    return {"device": str(ctx.device), "cpu": platform.processor() or platform.machine(),
+            "cpu_count": __import__("os").cpu_count(), "python": platform.python_version(),
+            "torch": torch.__version__, "timm": timm.__version__, "onnx": onnx.__version__,
+            "torch_threads": torch.get_num_threads()}
+
+
+def parity_breaches(report: dict, max_abs_err: float, cosine_min: float) -> list[str]:
+    out = []
+    for name, row in report["runtimes"].items():
+        for k in ("original", "pruned"):
+            p = (row.get("parity") or {}).get(k)
+            if p is None:
+                continue
+            if p["max_abs_err"] > max_abs_err:
+                out.append(f"{name} {k}: max_abs_err {p['max_abs_err']:.3g} > {max_abs_err:g}")
+            if p["cosine_min"] < cosine_min:
+                out.append(f"{name} {k}: cosine_min {p['cosine_min']:.7f} < {cosine_min:g}")
+    return out
+
+
+def apply_parity_gate(report: dict, max_abs_err: float, cosine_min: float) -> list[str]:
+    """Record the parity gate in the report; return its breaches (empty when it passed)."""
+    breaches = parity_breaches(report, max_abs_err, cosine_min)
+    report["gates"] = {"parity": {"passed": not breaches, "breaches": breaches,
+                                  "max_abs_err": max_abs_err, "cosine_min": cosine_min}}
+    return breaches
+
+
+def write_report(out: Path, report: dict) -> None:
+    write_json(out / "report.json", report)
+    write_text(out / "report.md", render_md(report))
+
+
+def _fmt(n: float | None, spec: str = ",.0f") -> str:
+    return "n/a" if n is None else format(n, spec)
+
+
+def render_md(rep: dict) -> str:
+    p, f, fi = rep["params"], rep["flops"], rep["fidelity"]
+    lines = [f"# amp-deploy report: {rep['name']}", "",
+             f"Model: {rep['model']['source']} `{rep['model']['name']}` ({rep['model']['output']}), "
+             f"pruned with {rep['prune']['criterion']} / {rep['prune']['search']} "
+             f"(threshold {rep['prune']['threshold']}) in {rep['prune']['seconds']:.1f} s.", "",
+             "| | original | pruned | ratio |", "|---|---:|---:|---:|",
+             f"| parameters | {_fmt(p['original'])} | {_fmt(p['pruned'])} | {p['ratio']:.3f} |",
+             f"| FLOPs / image | {_fmt(f['original'])} | {_fmt(f['pruned'])} | {f['ratio']:.3f} |", ""]
+    lines += ["## Fidelity (pruned vs original, holdout images)", "",
+              f"- accuracy: {_fmt(fi['accuracy_original'], '.2f')}% -> {_fmt(fi['accuracy_pruned'], '.2f')}%",
+              f"- top-1 agreement: {_fmt(fi['top1_agreement'] and fi['top1_agreement'] * 100, '.2f')}%",
+              f"- cosine: mean {fi['cosine_mean']:.5f}, min {fi['cosine_min']:.5f} ({fi['images']} images)", ""]
+    lines += ["## Runtimes", ""]
+    for name, row in rep["runtimes"].items():
+        if row["status"] != "ok":
+            lines += [f"- **{name}**: {row['status']}: {row.get('reason', '')}", ""]
+            continue
+        lines += [f"### {name}", ""]
+        par = row.get("parity")
+        if par:
+            lines += [f"Parity vs torch (same weights): max abs err {par['max_abs_err']:.2e}, "
+                      f"cosine min {par['cosine_min']:.7f}.", ""]
+        lines += ["| batch | original p50 ms | pruned p50 ms | original p99 | pruned p99 | speedup (p50) |",
+                  "|---:|---:|---:|---:|---:|---:|"]
+        for b, o in row["latency_ms"]["original"].items():
+            q = row["latency_ms"]["pruned"][b]
+            lines.append(f"| {b} | {o['p50']:.3f} | {q['p50']:.3f} | {o['p99']:.3f} | {q['p99']:.3f} | "
+                         f"{o['p50'] / q['p50']:.2f}x |")
+        mem = row["memory"]
+        lines += ["", f"Weights: {mem['original']['weights_bytes']:,} -> {mem['pruned']['weights_bytes']:,} bytes.", ""]
+    w = rep["widths"]
+    lines += ["## MLP width per block", "", "| block | original | pruned | kept |", "|---:|---:|---:|---:|"]
+    lines += [f"| {i} | {a} | {b} | {b / a:.0%} |" for i, (a, b) in enumerate(zip(w["original"], w["pruned"]))]
+    gate = rep.get("gates", {}).get("parity", {})
+    lines += ["", f"Parity gate: {'passed' if gate.get('passed', True) else 'FAILED: ' + '; '.join(gate['breaches'])}", ""]
+    return "\n".join(lines)

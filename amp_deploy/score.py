@@ -1,0 +1,117 @@
+"""Importance of every MLP hidden neuron (AMP, step 1).
+
+First-order Taylor: hook the input `a` of each block's fc_out, take its gradient `g = dL/da` under
+a loss, and score neuron j by the mean over images and tokens of |a_j * g_j|. The loss is
+label-free by default: the entropy of the model's own predictions. Parameters are frozen; only
+activations carry gradients. Sums are kept per batch and divided by the number of batches, and
+all-reduced across processes when torch.distributed is initialised.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+
+from amp_deploy.families import Loaded, Output
+
+Criterion = Literal["entropy", "ce", "magnitude", "random"]
+
+
+def entropy(out: torch.Tensor, output: Output, temperature: float) -> torch.Tensor:
+    """Per-image entropy (nats) of the model's predictions; no labels.
+
+    Logits: entropy of softmax(logits). Embeddings: L2-normalise the batch, softmax over
+    `temperature * f @ f.T`, entropy of each row.
+    """
+    out = out.float()
+    if output == "embedding":
+        f = F.normalize(out.flatten(1), dim=-1)
+        out = temperature * f @ f.T
+    logp = F.log_softmax(out, dim=-1)
+    return -(logp.exp() * logp).sum(-1)
+
+
+def loss_fn(criterion: Criterion, output: Output, temperature: float) -> Callable:
+    """`fn(out, labels) -> per-image loss` for a criterion that needs gradients."""
+    if criterion == "ce":
+        def ce(out: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
+            return F.cross_entropy(out.float(), labels, reduction="none")
+        return ce
+    return lambda out, labels: entropy(out, output, temperature)
+
+
+def taylor_scores(loaded: Loaded, batches: Iterable, loss: Callable, device: torch.device,
+                  autocast: bool = False) -> dict[str, list[torch.Tensor]]:
+    """Mean over batches of the per-batch |a*g| (and signed a*g) at each fc_out input."""
+    model = loaded.model
+    n = len(loaded.sites)
+    sums = {"abs": [None] * n, "signed": [None] * n}
+    hooks = []
+
+    def pre_hook(i: int):
+        def hook(_mod, args):
+            a = args[0]
+            if a.requires_grad:
+                a.register_hook(lambda g: _accumulate(sums, i, a.detach(), g))
+        return hook
+
+    for i in range(n):
+        hooks.append(loaded.mlp_modules(i)["fc_out"].register_forward_pre_hook(pre_hook(i)))
+    params = [p.requires_grad for p in model.parameters()]
+    model.requires_grad_(False)
+    batches_seen = 0
+    try:
+        for x, labels in batches:
+            x = x.to(device).requires_grad_(True)
+            labels = labels.to(device) if labels is not None else None
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+                out = model(x)
+            loss(out, labels).mean().backward()
+            batches_seen += 1
+    finally:
+        for h in hooks:
+            h.remove()
+        for p, flag in zip(model.parameters(), params):
+            p.requires_grad_(flag)
+    return _finish(sums, batches_seen)
+
+
+def _accumulate(sums: dict, i: int, a: torch.Tensor, g: torch.Tensor) -> None:
+    prod = (a.float() * g.float()).flatten(0, -2)  # (images * tokens, h)
+    for key, val in (("abs", prod.abs().mean(0)), ("signed", prod.mean(0))):
+        sums[key][i] = val if sums[key][i] is None else sums[key][i] + val
+
+
+def _finish(sums: dict, batches: int) -> dict[str, list[torch.Tensor]]:
+    if batches == 0:
+        raise ValueError("no calibration batches")
+    total = torch.tensor(float(batches))
+    stacked = {k: torch.cat(v) for k, v in sums.items()}
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        for v in stacked.values():
+            torch.distributed.all_reduce(v)
+        total = total.to(stacked["abs"].device)
+        torch.distributed.all_reduce(total)
+    sizes = [len(v) for v in sums["abs"]]
+    return {k: [s.cpu() / total.cpu() for s in v.split(sizes)] for k, v in stacked.items()}
+
+
+def magnitude_scores(loaded: Loaded) -> list[torch.Tensor]:
+    """Weight-norm baseline: ||fc_in row|| * ||fc_out column|| (gate rows included)."""
+    out = []
+    for i in range(len(loaded.sites)):
+        m = loaded.mlp_modules(i)
+        h = m["fc_out"].in_features
+        rows = m["fc_in"].weight.detach().float().view(-1, h, m["fc_in"].in_features).norm(dim=-1).prod(0)
+        if "gate" in m:
+            rows = rows * m["gate"].weight.detach().float().norm(dim=-1)
+        out.append((rows * m["fc_out"].weight.detach().float().norm(dim=0)).cpu())
+    return out
+
+
+def random_scores(loaded: Loaded, seed: int) -> list[torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.rand(w, generator=gen) for w in loaded.widths()]

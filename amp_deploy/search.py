@@ -1,0 +1,163 @@
+"""Width of every block's MLP (AMP, step 2): binary search from the last block to the first.
+
+For block i, candidate widths keep the top-scored neurons; a candidate is accepted when the
+validation loss grows by at most `threshold` over the last accepted loss. Blocks before i are still
+whole while i is searched, so the hidden states entering block i never change during its search:
+they are computed once (one full pass at the start) and replayed, and each step runs only blocks
+i..end. `cached=False` runs every step through the whole model, as the reference code does.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from amp_deploy.data import Split
+from amp_deploy.families import Loaded
+from amp_deploy.rebuild import keep_top, set_modules, sliced_modules
+
+
+class _Skip(nn.Module):
+    def forward(self, x, *args, **kwargs):
+        return x
+
+
+class _Replay(nn.Module):
+    """Stands in for block i-1: returns the cached input of block i for the current batch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.value: torch.Tensor | None = None
+
+    def forward(self, x, *args, **kwargs):
+        return self.value
+
+
+@dataclass
+class SearchResult:
+    widths: list[int]
+    losses: list[float]  # accepted validation loss after each block (last block first)
+    base_loss: float
+    block_forwards: int = 0
+    block_forwards_naive: int = 0
+    steps: list[list[tuple[int, float, bool]]] = field(default_factory=list)  # per block: (w, loss, ok)
+
+
+class _Evaluator:
+    """Validation loss of the model as it is now, starting at block `start` from cached inputs."""
+
+    def __init__(self, loaded: Loaded, val: Split, batch_size: int, loss: Callable, device: torch.device,
+                 cached: bool) -> None:
+        self.loaded, self.loss, self.device, self.cached = loaded, loss, device, cached
+        self.batches = list(val.batches(batch_size))
+        self.depth = len(loaded.sites)
+        self.inputs: list[list[torch.Tensor]] = [[] for _ in range(self.depth)]
+        self.block_forwards = 0
+
+    @torch.no_grad()
+    def first_pass(self) -> float:
+        """Full pass of the unpruned model; records each block's input when caching."""
+        blocks = self.loaded.block_list()
+        hooks = []
+        if self.cached:
+            for i in range(1, self.depth):
+                hooks.append(blocks[i].register_forward_pre_hook(
+                    lambda _m, args, i=i: self.inputs[i].append(args[0])))
+        try:
+            return self._run(0)
+        finally:
+            for h in hooks:
+                h.remove()
+
+    @torch.no_grad()
+    def __call__(self, start: int) -> float:
+        if not self.cached or start == 0:
+            return self._run(0)
+        blocks = self.loaded.block_list()
+        saved = [blocks[j] for j in range(start)]
+        replay = _Replay()
+        for j in range(start - 1):
+            blocks[j] = _Skip()
+        blocks[start - 1] = replay
+        try:
+            return self._run(start, replay)
+        finally:
+            for j, mod in enumerate(saved):
+                blocks[j] = mod
+
+    def _run(self, start: int, replay: _Replay | None = None) -> float:
+        total, count = 0.0, 0
+        for b, (x, labels) in enumerate(self.batches):
+            if replay is not None:
+                replay.value = self.inputs[start][b]
+            out = self.loaded.model(x.to(self.device))
+            if not torch.isfinite(out).all():
+                raise FloatingPointError(f"non-finite model output during the width search (block {start})")
+            labels = labels.to(self.device) if labels is not None else None
+            total += self.loss(out, labels).double().sum().item()
+            count += len(x)
+        self.block_forwards += self.depth - start
+        return total / count
+
+    def release(self, i: int) -> None:
+        self.inputs[i] = []
+
+
+def width_grid(h: int, align: int) -> list[int]:
+    """Allowed widths for a hidden size h: multiples of `align` up to h, and h itself."""
+    return sorted({min(k * align, h) for k in range(1, -(-h // align) + 1)})
+
+
+def adaptive_widths(loaded: Loaded, scores: list[torch.Tensor], val: Split, batch_size: int, loss: Callable,
+                    threshold: float, steps: int, align: int, device: torch.device, cached: bool = True,
+                    on_block: Callable[[int, int], None] | None = None) -> SearchResult:
+    """Binary-search each block's width (last block first) and prune `loaded` in place."""
+    ev = _Evaluator(loaded, val, batch_size, loss, device, cached)
+    depth = ev.depth
+    prev = ev.first_pass()
+    result = SearchResult(widths=loaded.widths(), losses=[], base_loss=prev)
+    naive = depth
+    for i in reversed(range(depth)):
+        original = loaded.mlp_modules(i)
+        grid = width_grid(original["fc_out"].in_features, align)
+        left, right, best, best_loss, trace = -1, len(grid) - 1, None, prev, []
+        for _ in range(steps):
+            mid = (left + right) // 2
+            if mid <= left:
+                break
+            w = grid[mid]
+            set_modules(loaded, i, sliced_modules(original, loaded.sites[i], keep_top(scores[i], w)))
+            cand = ev(i)
+            naive += depth
+            ok = cand - prev <= threshold
+            trace.append((w, cand, ok))
+            if ok:
+                right, best, best_loss = mid, w, cand
+            else:
+                left = mid
+        if best is None:
+            set_modules(loaded, i, original)
+        else:
+            set_modules(loaded, i, sliced_modules(original, loaded.sites[i], keep_top(scores[i], best)))
+            prev = best_loss
+        result.widths[i] = best if best is not None else grid[-1]
+        result.losses.append(prev)
+        result.steps.append(trace)
+        ev.release(i)
+        if on_block:
+            on_block(i, result.widths[i])
+    result.steps.reverse()
+    result.block_forwards, result.block_forwards_naive = ev.block_forwards, naive
+    return result
+
+
+def uniform_widths(widths: list[int], keep_ratio: float, align: int) -> list[int]:
+    """The same fraction of neurons in every block, rounded to the nearest allowed width."""
+    out = []
+    for h in widths:
+        grid = width_grid(h, align)
+        out.append(min(grid, key=lambda w: (abs(w - keep_ratio * h), -w)))
+    return out

@@ -1,0 +1,101 @@
+"""Measurements for the report: size, FLOPs, fidelity, parity and latency.
+
+Two kinds of agreement are kept apart: parity (same weights, another runtime; must be tight) and
+fidelity (pruned vs original; the price of pruning).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from amp_deploy.data import Split
+
+
+def count_params(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def count_flops(model: torch.nn.Module, input_size: tuple[int, int, int]) -> int:
+    """Forward FLOPs for one image, counted by torch.utils.flop_counter."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    x = torch.randn(1, *input_size, device=next(model.parameters()).device)
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(x)
+    return int(counter.get_total_flops())
+
+
+@torch.no_grad()
+def predict(model: torch.nn.Module, split: Split, batch_size: int, device: torch.device) -> torch.Tensor:
+    return torch.cat([model(x.to(device)).float().cpu() for x, _ in split.batches(batch_size)])
+
+
+def agreement(ref: np.ndarray | torch.Tensor, out: np.ndarray | torch.Tensor) -> dict[str, float]:
+    """Cosine per image (min, mean, p1) and, for logits, top-1 agreement; plus error figures."""
+    ref, out = torch.as_tensor(ref).float().flatten(1), torch.as_tensor(out).float().flatten(1)
+    cos = F.cosine_similarity(ref, out, dim=1)
+    err = (ref - out).abs()
+    rel = err / ref.abs().clamp_min(1e-6)
+    return {
+        "max_abs_err": err.max().item(),
+        "p99_abs_err": torch.quantile(err.flatten(), 0.99).item(),
+        "max_rel_err": rel.max().item(),
+        "cosine_min": cos.min().item(),
+        "cosine_mean": cos.mean().item(),
+        "top1_agreement": (ref.argmax(1) == out.argmax(1)).float().mean().item(),
+        "images": len(ref),
+    }
+
+
+def cosines(ref: torch.Tensor, out: torch.Tensor) -> list[float]:
+    return F.cosine_similarity(ref.float().flatten(1), out.float().flatten(1), dim=1).tolist()
+
+
+def accuracy(logits: torch.Tensor, labels: torch.Tensor | None) -> float | None:
+    if labels is None or logits.shape[-1] <= int(labels.max()):
+        return None
+    return (logits.argmax(-1) == labels).float().mean().item() * 100
+
+
+def _stats(samples_ms: list[float], batch: int) -> dict[str, float]:
+    a = np.asarray(samples_ms)
+    mean = float(a.mean())
+    return {
+        "min": float(a.min()), "mean": mean, "p50": float(np.percentile(a, 50)),
+        "p90": float(np.percentile(a, 90)), "p95": float(np.percentile(a, 95)),
+        "p99": float(np.percentile(a, 99)), "max": float(a.max()),
+        "cv": float(a.std() / mean) if mean else 0.0,
+        "throughput": batch * 1000.0 / float(np.percentile(a, 50)),
+        "iterations": len(a),
+    }
+
+
+def latency(runs: dict[str, Callable[[np.ndarray], np.ndarray]], x: np.ndarray, warmup: int,
+            iterations: int) -> dict[str, dict[str, float]]:
+    """Time several runners on the same input, interleaved so drift hits all of them alike.
+
+    Each round runs every runner once; the order rotates every round.
+    """
+    names = list(runs)
+    for _ in range(warmup):
+        for n in names:
+            runs[n](x)
+    samples: dict[str, list[float]] = {n: [] for n in names}
+    for it in range(iterations):
+        shift = it % len(names)
+        for n in names[shift:] + names[:shift]:
+            t0 = time.perf_counter_ns()
+            runs[n](x)
+            samples[n].append((time.perf_counter_ns() - t0) / 1e6)
+    return {n: _stats(s, len(x)) for n, s in samples.items()}
+
+
+def batch_of(images: torch.Tensor, batch: int) -> np.ndarray:
+    """A batch of real images (repeated if the holdout is smaller than the batch)."""
+    reps = -(-batch // len(images))
+    return images.repeat(reps, 1, 1, 1)[:batch].numpy().astype(np.float32)

@@ -1,0 +1,91 @@
+from pathlib import Path
+
+import pytest
+import yaml
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from amp_deploy import digits
+from amp_deploy.errors import UserError
+from amp_deploy.recipe import load_recipe, parse_override, recipe_problems
+
+from .conftest import QUICKSTART, REPO
+
+RECIPES = sorted((REPO / "recipes").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=[p.name for p in RECIPES])
+def test_every_shipped_recipe_is_valid_and_says_how_to_run_it(path):
+    load_recipe(path)
+    assert path.read_text().splitlines()[0].startswith("# amp-deploy ")
+
+
+def test_quickstart_model_kwargs_match_the_embedded_model():
+    assert load_recipe(QUICKSTART).model.kwargs == digits.MODEL_KWARGS
+
+
+def _write(tmp_path: Path, doc: dict) -> Path:
+    p = tmp_path / "r.yaml"
+    p.write_text(yaml.safe_dump(doc))
+    return p
+
+
+def _base() -> dict:
+    return {"name": "t", "model": {"source": "timm", "name": "test_vit"}}
+
+
+def test_overrides_are_typed_and_dotted(tmp_path):
+    r = load_recipe(_write(tmp_path, _base()), ["prune.threshold=0.02", "validate.batch_sizes=[1, 4]",
+                                                "prune.cache=false"])
+    assert r.prune.threshold == 0.02 and r.validate_.batch_sizes == [1, 4] and r.prune.cache is False
+
+
+@pytest.mark.parametrize("doc_patch, needle", [
+    ({"prune": {"threshhold": 0.1}}, "prune.threshhold: unknown key"),
+    ({"prune": {"threshold": "0.1"}}, "prune.threshold: Input should be a valid number"),
+    ({"prune": {"threshold": -1.0}}, "prune.threshold"),
+    ({"prune": {"search": "uniform"}}, "prune.keep_ratio is required"),
+    ({"prune": {"keep_ratio": 1.5}}, "prune.keep_ratio"),
+    ({"prune": {"align": 0}}, "prune.align"),
+    ({"export": {"batch": {"min": 8, "opt": 4, "max": 2}}}, "min <= opt <= max"),
+    ({"model": {"source": "timm", "name": "test_vit", "pretrained": "nope.safetensors"}}, "weights file not found"),
+    ({"data": {"source": "folder", "path": "no/such/dir"}}, "data.path: not a directory"),
+])
+def test_bad_recipes_name_the_key(tmp_path, doc_patch, needle):
+    doc = _base()
+    for k, v in doc_patch.items():
+        doc[k] = v
+    with pytest.raises(UserError) as e:
+        load_recipe(_write(tmp_path, doc))
+    assert needle in str(e.value) and "\n" not in str(e.value)
+
+
+def test_every_problem_is_reported_at_once():
+    _, problems = recipe_problems({"name": "t", "model": {"name": "x", "bogus": 1}, "prune": {"steps": "6"}})
+    assert any("model.bogus" in p for p in problems) and any("prune.steps" in p for p in problems)
+
+
+def test_yaml_syntax_error_gives_the_line(tmp_path):
+    p = tmp_path / "r.yaml"
+    p.write_text("name: t\nmodel:\n  name: [oops\n")
+    with pytest.raises(UserError, match=r"line \d+"):
+        load_recipe(p)
+
+
+@pytest.mark.parametrize("item", ["noequals", "=3", "a..b=1"])
+def test_malformed_override(item):
+    with pytest.raises(UserError):
+        parse_override(item)
+
+
+json_values = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_nan=True) | st.text(max_size=8),
+                           lambda c: st.lists(c, max_size=3) | st.dictionaries(st.text(max_size=8), c, max_size=3),
+                           max_leaves=10)
+
+
+@settings(max_examples=200, deadline=None)
+@given(doc=st.dictionaries(st.sampled_from(["name", "model", "data", "prune", "export", "runtimes", "validate", "x"]),
+                           json_values, max_size=6))
+def test_random_documents_never_crash_the_parser(doc):
+    recipe, problems = recipe_problems(doc)
+    assert (recipe is None) == bool(problems)
