@@ -174,14 +174,20 @@ def _summary(report_path: Path) -> None:
     t.add_row("FLOPs / image", f"{f['original']:,}", f"{f['pruned']:,}", f"{f['ratio']:.3f}")
     if fi.get("accuracy_original") is not None:
         t.add_row("holdout top-1 %", f"{fi['accuracy_original']:.2f}", f"{fi['accuracy_pruned']:.2f}", "")
+    notes = []
     for name, row in rep["runtimes"].items():
         if row["status"] != "ok":
-            t.add_row(f"{name}", row["status"], "", row.get("reason", "")[:60])
+            notes.append(f"{name}: {row['status']}: {row.get('reason', '')}")
             continue
+        if row.get("parity"):
+            t.add_row(f"{name} parity max err", f"{row['parity']['original']['max_abs_err']:.1e}",
+                      f"{row['parity']['pruned']['max_abs_err']:.1e}", "")
         for b, o in row["latency_ms"]["original"].items():
             q = row["latency_ms"]["pruned"][b]
-            t.add_row(f"{name} p50 ms, batch {b}", f"{o['p50']:.3f}", f"{q['p50']:.3f}", f"{o['p50'] / q['p50']:.2f}x")
+            t.add_row(f"{name} p50 ms, b={b}", f"{o['p50']:.3f}", f"{q['p50']:.3f}", f"{o['p50'] / q['p50']:.2f}x")
     out.print(t)
+    for n in notes:
+        out.print(n, soft_wrap=True)
     out.print(f"report: {report_path.with_suffix('.md')}  (and {report_path.name})")
 
 
