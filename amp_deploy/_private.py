@@ -26,9 +26,38 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     os.chmod(tmp_path, 0o666 & ~_umask())  # mkstemp makes 0600; the final file follows the umask
     try:
         yield tmp_path
+        _fault_point(path)
         os.replace(tmp_path, path)
     finally:
         tmp_path.unlink(missing_ok=True)
+
+
+def _fault_point(path: Path) -> None:
+    """Fault injection for the resume tests: AMP_DEPLOY_KILL_BEFORE=NAME[:SIG] sends this process
+    SIGKILL (or SIG, e.g. INT) just before NAME would be renamed into place."""
+    name, _, sig = os.environ.get("AMP_DEPLOY_KILL_BEFORE", "").partition(":")
+    if name == path.name:
+        import signal
+
+        os.kill(os.getpid(), getattr(signal, f"SIG{sig or 'KILL'}"))
+
+
+def remove_stray_temps(folder: Path) -> list[Path]:
+    """Delete temporary files left by a killed writer (only call while holding the folder lock)."""
+    stray = [p for p in folder.glob(".*.tmp") if p.is_file()]
+    for p in stray:
+        p.unlink(missing_ok=True)
+    return stray
+
+
+def require_finite(t, stage: str) -> None:
+    """Stop with a clear error when a model's output holds NaN or Inf."""
+    import torch
+
+    if not torch.isfinite(torch.as_tensor(t)).all():
+        from amp_deploy.errors import UserError
+
+        raise UserError(f"{stage}: the model's output holds NaN or Inf; check the weights and the input images")
 
 
 def write_text(path: str | Path, text: str) -> None:

@@ -44,8 +44,6 @@ def _handled(fn):
         except KeyboardInterrupt:
             err.print("interrupted: finished stages are kept; run the same command again to resume")
             raise typer.Exit(130) from None
-        except FloatingPointError as e:
-            _fail(e, 1, "error")
         except OSError as e:
             if e.errno == 28:  # ENOSPC
                 _fail(UserError(f"no space left on the device while writing {e.filename or 'output'}"), 2, "error")

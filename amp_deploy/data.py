@@ -97,12 +97,20 @@ def to_rgb(im: Image.Image) -> Image.Image:
     return im.convert("RGB")
 
 
+def image_files(root: Path) -> list[Path]:
+    return sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+
+
+def count_image_files(path: str) -> int:
+    return len(image_files(Path(path)))
+
+
 def load_folder_data(path: str, calibration: int, validation: int, holdout: int, seed: int,
                      transform: Callable) -> Data:
     root = Path(path)
     if not root.is_dir():
         raise UserError(f"data.path: not a directory: {root}")
-    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    files = image_files(root)
     if not files:
         raise UserError(f"data.path: no image files ({', '.join(sorted(IMAGE_SUFFIXES))}) in {root}")
     files = [files[i] for i in np.random.default_rng(seed).permutation(len(files))]

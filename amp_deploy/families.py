@@ -123,6 +123,17 @@ def _site_of(block: nn.Module) -> MlpSite | None:
 # --- weights --------------------------------------------------------------------------------------
 
 
+def check_safetensors(path: str | Path) -> None:
+    """Read a safetensors header: catches truncated or corrupt files before any work starts."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            f.keys()
+    except (SafetensorError, OSError, ValueError) as e:
+        raise UserError(f"{path}: not a readable safetensors file ({str(e).splitlines()[0]})") from None
+
+
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """Read weights without unpickling anything untrusted: safetensors, or torch.load(weights_only)."""
     path = Path(path)
@@ -160,7 +171,7 @@ def load_weights(model: nn.Module, path: str | Path) -> None:
 # --- loaders --------------------------------------------------------------------------------------
 
 
-def _unknown(name: str, known: list[str], what: str) -> UserError:
+def unknown_model_error(name: str, known: list[str], what: str) -> UserError:
     close = difflib.get_close_matches(name, known, n=3, cutoff=0.6)
     hint = f"; did you mean {', '.join(close)}?" if close else ""
     return UserError(f"model.name: unknown {what} model {name!r}{hint}")
@@ -170,7 +181,7 @@ def load_timm(name: str, pretrained: bool | str, kwargs: dict[str, Any]) -> Load
     import timm
 
     if not timm.is_model(name):
-        raise _unknown(name, timm.list_models(), "timm")
+        raise unknown_model_error(name, timm.list_models(), "timm")
     try:
         model = timm.create_model(name, pretrained=pretrained is True, **kwargs)
     except TypeError as e:
@@ -195,7 +206,7 @@ def load_open_clip(name: str, pretrained: bool | str, kwargs: dict[str, Any]) ->
     import open_clip
 
     if name not in open_clip.list_models():
-        raise _unknown(name, open_clip.list_models(), "open_clip")
+        raise unknown_model_error(name, open_clip.list_models(), "open_clip")
     if pretrained is True:
         raise UserError("model.pretrained: for open_clip give a local weights file (hub tags are not fetched here)")
     model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=None, **kwargs)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -20,7 +21,7 @@ from typing import Any
 import torch
 
 from amp_deploy import __version__
-from amp_deploy._private import hash_file, hash_obj, write_json, write_text
+from amp_deploy._private import hash_file, hash_obj, remove_stray_temps, write_json, write_text
 from amp_deploy.data import Data, load_data
 from amp_deploy.errors import UserError
 from amp_deploy.families import Loaded, load_model
@@ -148,46 +149,58 @@ def record(out: Path, manifest: dict, stage: str, key: str, seconds: float) -> N
 
 
 class FolderLock:
-    """One build per output folder; a lock left by a dead process is taken over."""
+    """One build per output folder. The lock file names its owner (host, pid, process start time);
+    a lock whose owner is gone, or whose pid now belongs to another process, is taken over."""
 
     def __init__(self, out: Path) -> None:
         self.path = out / ".lock"
 
     def __enter__(self) -> FolderLock:
-        for _ in range(2):
+        for _ in range(3):
             try:
                 fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
             except FileExistsError:
-                pid = self._owner()
-                if pid is not None and _alive(pid):
-                    raise UserError(f"{self.path.parent}: another build (pid {pid}) is using this folder") from None
+                owner = self._owner()
+                if owner is not None and _alive(owner):
+                    raise UserError(f"{self.path.parent}: another build (pid {owner['pid']}) is using this "
+                                    "folder; wait for it or choose another --out") from None
                 self.path.unlink(missing_ok=True)  # stale: its process is gone
                 continue
             with os.fdopen(fd, "w") as f:
-                f.write(str(os.getpid()))
+                json.dump({"host": socket.gethostname(), "pid": os.getpid(), "start": _start_time(os.getpid())}, f)
             return self
         raise UserError(f"{self.path}: could not take the folder lock")
 
-    def _owner(self) -> int | None:
+    def _owner(self) -> dict | None:
         try:
-            return int(self.path.read_text().strip())
+            owner = json.loads(self.path.read_text())
+            return owner if isinstance(owner, dict) and isinstance(owner.get("pid"), int) else None
         except (OSError, ValueError):
-            return None
+            return None  # unreadable or half-written: its writer died
 
     def __exit__(self, *exc) -> None:
         self.path.unlink(missing_ok=True)
 
 
-def _alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return True
+def _start_time(pid: int) -> str | None:
+    try:  # field 22 of /proc/PID/stat: start time in clock ticks since boot (Linux)
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def _alive(owner: dict) -> bool:
+    if owner.get("host") not in (None, socket.gethostname()):
+        return True  # another machine's build on a shared disk: never steal it
+    pid = owner["pid"]
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
-        return True
-    return True
+        pass
+    start = _start_time(pid)
+    return start is None or owner.get("start") in (None, start)
 
 
 # --- running -------------------------------------------------------------------------------------
@@ -202,6 +215,36 @@ def prepare_out(out: Path) -> None:
         raise UserError(f"--out {out}: cannot create the folder ({e.strerror})") from None
 
 
+def preflight(recipe: Recipe) -> None:
+    """Cheap checks that need more than the recipe schema, run before anything is written."""
+    m = recipe.model
+    if m.source == "timm":
+        import timm
+
+        if not timm.is_model(m.name):
+            from amp_deploy.families import unknown_model_error
+
+            raise unknown_model_error(m.name, timm.list_models(), "timm")
+    elif m.source == "checkpoint":
+        from amp_deploy.rebuild import read_metadata
+
+        read_metadata(m.pretrained)
+    if isinstance(m.pretrained, str) and m.pretrained.endswith(".safetensors") and m.source != "checkpoint":
+        from amp_deploy.families import check_safetensors
+
+        check_safetensors(m.pretrained)
+    d = recipe.data
+    if d.source == "folder":
+        from amp_deploy.data import count_image_files
+
+        have, want = count_image_files(d.path), d.calibration + d.validation + d.holdout
+        if have == 0:
+            raise UserError(f"data.path: no image files in {d.path}")
+        if have < want:
+            raise UserError(f"data.path: {d.path} has {have} image files but the recipe asks for {want} "
+                            "(data.calibration + validation + holdout)")
+
+
 def run_stages(ctx: Context, stages: tuple[str, ...], force: bool = False) -> dict[str, str]:
     """Run `stages` in order, skipping those already done with the same inputs.
 
@@ -210,8 +253,11 @@ def run_stages(ctx: Context, stages: tuple[str, ...], force: bool = False) -> di
     from amp_deploy import stages as impl
 
     out = ctx.out
+    preflight(ctx.recipe)
     prepare_out(out)
     with FolderLock(out):
+        for p in remove_stray_temps(out):
+            ctx.log(f"[dim]removed {p.name}, left by an interrupted build[/dim]")
         write_text(out / "recipe.yaml", dump_recipe(ctx.recipe))
         keys = stage_keys(ctx.recipe)
         manifest = read_manifest(out)

@@ -98,6 +98,9 @@ def build_report(ctx: Context) -> dict[str, Any]:
             "base_loss": search.get("base_loss"), "final_loss": (search.get("losses") or [None])[-1],
         },
         "fidelity": fidelity,
+        "data": {"source": r.data.source, "calibration": len(ctx.data().calibration.images),
+                 "validation": len(ctx.data().validation.images), "holdout": len(holdout.images),
+                 "skipped_unreadable": ctx.data().skipped},
         "runtimes": runtimes,
         "environment": _environment(ctx),
     }
@@ -120,9 +123,10 @@ def parity_breaches(report: dict, max_abs_err: float, cosine_min: float) -> list
             p = (row.get("parity") or {}).get(k)
             if p is None:
                 continue
-            if p["max_abs_err"] > max_abs_err:
+            # "not <=" so that NaN counts as a breach
+            if not p["max_abs_err"] <= max_abs_err:
                 out.append(f"{name} {k}: max_abs_err {p['max_abs_err']:.3g} > {max_abs_err:g}")
-            if p["cosine_min"] < cosine_min:
+            if not p["cosine_min"] >= cosine_min:
                 out.append(f"{name} {k}: cosine_min {p['cosine_min']:.7f} < {cosine_min:g}")
     return out
 

@@ -15,6 +15,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
+from amp_deploy._private import require_finite
 from amp_deploy.families import Loaded, Output
 
 Criterion = Literal["entropy", "ce", "magnitude", "random"]
@@ -69,6 +70,7 @@ def taylor_scores(loaded: Loaded, batches: Iterable, loss: Callable, device: tor
             labels = labels.to(device) if labels is not None else None
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
                 out = model(x)
+            require_finite(out.detach(), "score")
             loss(out, labels).mean().backward()
             batches_seen += 1
     finally:

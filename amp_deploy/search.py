@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from amp_deploy._private import require_finite
 from amp_deploy.data import Split
 from amp_deploy.families import Loaded
 from amp_deploy.rebuild import keep_top, set_modules, sliced_modules
@@ -94,8 +95,7 @@ class _Evaluator:
             if replay is not None:
                 replay.value = self.inputs[start][b]
             out = self.loaded.model(x.to(self.device))
-            if not torch.isfinite(out).all():
-                raise FloatingPointError(f"non-finite model output during the width search (block {start})")
+            require_finite(out, f"search (block {start})")
             labels = labels.to(self.device) if labels is not None else None
             total += self.loss(out, labels).double().sum().item()
             count += len(x)

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from amp_deploy._private import require_finite
 from amp_deploy.data import Split
 
 
@@ -32,7 +33,9 @@ def count_flops(model: torch.nn.Module, input_size: tuple[int, int, int]) -> int
 
 @torch.no_grad()
 def predict(model: torch.nn.Module, split: Split, batch_size: int, device: torch.device) -> torch.Tensor:
-    return torch.cat([model(x.to(device)).float().cpu() for x, _ in split.batches(batch_size)])
+    out = torch.cat([model(x.to(device)).float().cpu() for x, _ in split.batches(batch_size)])
+    require_finite(out, "validate")
+    return out
 
 
 def agreement(ref: np.ndarray | torch.Tensor, out: np.ndarray | torch.Tensor) -> dict[str, float]:

@@ -43,3 +43,43 @@ def digits_model():
     from amp_deploy.families import load_timm
 
     return load_timm(digits.MODEL_NAME, str(digits.ASSET), digits.MODEL_KWARGS)
+
+
+FAST = ["validate.iterations=5", "validate.warmup=2"]
+
+
+def build(*args):
+    from typer.testing import CliRunner
+
+    from amp_deploy.cli import app
+
+    return CliRunner().invoke(app, ["build", *map(str, args)])
+
+
+@pytest.fixture(scope="session")
+def quickstart(tmp_path_factory):
+    """One uninterrupted quickstart build (fast latency settings): (folder, console output)."""
+    out = tmp_path_factory.mktemp("qs") / "out"
+    res = build(QUICKSTART, "--out", out, *FAST)
+    assert res.exit_code == 0, res.output
+    return out, res.output
+
+
+def tiny_recipe(tmp_path, **sections) -> "Path":
+    """A small recipe over timm's test_vit and synthetic images; `sections` replace recipe keys."""
+    import yaml
+
+    doc = {
+        "name": "tiny",
+        "model": {"source": "timm", "name": "test_vit", "kwargs": {"depth": 2, "img_size": 32, "num_classes": 10}},
+        "data": {"source": "synthetic", "calibration": 16, "validation": 16, "holdout": 8, "batch_size": 8},
+        "prune": {"threshold": 0.05, "steps": 3},
+        "export": {"batch": {"min": 1, "opt": 2, "max": 4}},
+        "runtimes": ["onnxruntime"],
+        "validate": {"batch_sizes": [1], "warmup": 1, "iterations": 3},
+    }
+    for key, value in sections.items():
+        doc[key] = value
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    return path

@@ -3,28 +3,14 @@
 import json
 import shutil
 
-import pytest
 import yaml
 from typer.testing import CliRunner
 
 from amp_deploy.cli import app
 
-from .conftest import QUICKSTART
+from .conftest import FAST, QUICKSTART, build as _build
 
 runner = CliRunner()
-FAST = ["validate.iterations=5", "validate.warmup=2"]
-
-
-def _build(*args):
-    return runner.invoke(app, ["build", *map(str, args)])
-
-
-@pytest.fixture(scope="module")
-def quickstart(tmp_path_factory):
-    out = tmp_path_factory.mktemp("qs") / "out"
-    res = _build(QUICKSTART, "--out", out, *FAST)
-    assert res.exit_code == 0, res.output
-    return out, res.output
 
 
 def test_quickstart_meets_the_acceptance_figures(quickstart):
