@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import json
 import sys
+from enum import Enum
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -112,6 +113,8 @@ def _stage_command(stages: tuple[str, ...], doc: str):
     @_handled
     def command(folder: Annotated[Path, typer.Argument(help="Output folder of a build (holds recipe.yaml).")],
                 device: DeviceOpt = "auto", force: ForceOpt = False) -> None:
+        if not (folder / "recipe.yaml").is_file():
+            raise UserError(f"{folder}: not an amp-deploy output folder (no recipe.yaml); run `amp-deploy build` first")
         _run(folder / "recipe.yaml", folder, device, stages, force, [])
         err.print(f"{', '.join(stages)}: done in {folder}")
 
@@ -160,6 +163,53 @@ def inspect(path: Annotated[Path, typer.Argument(help="A pruned.safetensors or a
     out.print(table)
     out.print(f"model: {json.loads(meta['base'])['name']}  parameters: {count_params(loaded.model):,}  "
               f"FLOPs/image: {count_flops(loaded.model, loaded.input_size):,}")
+
+
+class Format(str, Enum):
+    table = "table"
+    md = "md"
+    json = "json"
+
+
+@app.command("compare")
+@_handled
+def compare_cmd(reports: Annotated[list[Path], typer.Argument(help="report.json files or output folders; the first is the baseline.")],
+                fail_on_regression: Annotated[float | None, typer.Option(
+                    "--fail-on-regression", metavar="PCT", help="Exit 1 when any pruned p50 is slower than the baseline's by more than PCT percent.")] = None,
+                fmt: Annotated[Format, typer.Option("--format", help="table, md (for a pull request) or json.")] = Format.table) -> None:
+    """Compare reports side by side: latency per runtime and batch size, size, widths, fidelity."""
+    from amp_deploy.compare import compare, load_report, render_md
+
+    cmp = compare([load_report(p) for p in reports], fail_on_regression)
+    if fmt is Format.json:
+        out.print_json(data=cmp)
+    elif fmt is Format.md:
+        out.print(render_md(cmp), markup=False, soft_wrap=True)
+    else:
+        _compare_table(cmp)
+    if cmp["regressions"]:
+        raise GateFailed(f"{len(cmp['regressions'])} regression(s) over {fail_on_regression:g}%: " + "; ".join(cmp["regressions"]))
+
+
+def _compare_table(cmp: dict) -> None:
+    s = Table(title="reports")
+    for col in ("report", "params", "FLOPs", "accuracy %", "cosine mean", "path"):
+        s.add_column(col, justify="left" if col in ("report", "path") else "right")
+    for label, r in cmp["summary"].items():
+        acc = "n/a" if r["accuracy"] is None else f"{r['accuracy']:.2f}"
+        s.add_row(label, f"{r['params']:,}", f"{r['flops']:,}", acc, f"{r['cosine_mean']:.5f}", r["path"])
+    out.print(s)
+    t = Table(title="latency vs A (ms)")
+    for col in ("vs A", "runtime", "model", "batch", "p50 A", "p50", "change", "p99 A", "p99", "img/s change"):
+        t.add_column(col, justify="left" if col in ("vs A", "runtime", "model") else "right")
+    for r in cmp["rows"]:
+        color = "red" if r["p50_change_pct"] > 0 else "green"
+        t.add_row(r["report"], r["runtime"], r["model"], str(r["batch"]), f"{r['p50'][0]:.3f}", f"{r['p50'][1]:.3f}",
+                  f"[{color}]{r['p50_change_pct']:+.1f}%[/{color}]", f"{r['p99'][0]:.3f}", f"{r['p99'][1]:.3f}",
+                  f"{r['throughput_change_pct']:+.1f}%")
+    out.print(t)
+    for w in cmp["warnings"]:
+        err.print(f"[yellow]warning:[/yellow] {w}", soft_wrap=True)
 
 
 def _summary(report_path: Path) -> None:

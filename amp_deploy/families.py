@@ -171,6 +171,10 @@ def load_weights(model: nn.Module, path: str | Path) -> None:
 # --- loaders --------------------------------------------------------------------------------------
 
 
+def _first_line(e: Exception) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+
+
 def unknown_model_error(name: str, known: list[str], what: str) -> UserError:
     close = difflib.get_close_matches(name, known, n=3, cutoff=0.6)
     hint = f"; did you mean {', '.join(close)}?" if close else ""
@@ -184,8 +188,11 @@ def load_timm(name: str, pretrained: bool | str, kwargs: dict[str, Any]) -> Load
         raise unknown_model_error(name, timm.list_models(), "timm")
     try:
         model = timm.create_model(name, pretrained=pretrained is True, **kwargs)
-    except TypeError as e:
-        raise UserError(f"model.kwargs: {e}") from None
+    except (TypeError, ValueError, AssertionError, KeyError, RuntimeError) as e:
+        if pretrained is True:
+            raise UserError(f"model.pretrained: could not create {name!r} with hub weights ({_first_line(e)}); "
+                            "give a local weights file instead") from None
+        raise UserError(f"model.kwargs: timm.create_model({name!r}) refused them: {_first_line(e)}") from None
     if isinstance(pretrained, str):
         load_weights(model, pretrained)
     model.eval()
@@ -209,7 +216,10 @@ def load_open_clip(name: str, pretrained: bool | str, kwargs: dict[str, Any]) ->
         raise unknown_model_error(name, open_clip.list_models(), "open_clip")
     if pretrained is True:
         raise UserError("model.pretrained: for open_clip give a local weights file (hub tags are not fetched here)")
-    model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=None, **kwargs)
+    try:
+        model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=None, **kwargs)
+    except (TypeError, ValueError, AssertionError, KeyError, RuntimeError) as e:
+        raise UserError(f"model.kwargs: open_clip refused them for {name!r}: {_first_line(e)}") from None
     if isinstance(pretrained, str):
         load_weights(model, pretrained)
     visual = model.visual.eval()

@@ -173,6 +173,8 @@ def read_yaml(path: str | Path) -> dict:
         doc = yaml.safe_load(path.read_text())
     except UnicodeDecodeError:
         raise UserError(f"{path}: not a text file") from None
+    except OSError as e:
+        raise UserError(f"{path}: cannot read the recipe ({e.strerror})") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""

@@ -41,6 +41,10 @@ def _runtime_row(ctx: Context, name: str, torch_models: dict, holdout: torch.Ten
         for k in stats:
             row["latency_ms"][k][str(b)] = stats[k]
         advance()
+    unstable = [f"{k} batch {b}: CV {st['cv']:.1%}" for k in ("original", "pruned")
+                for b, st in row["latency_ms"][k].items() if st["cv"] > 0.025]
+    if unstable:  # trtexec's threshold: timings this noisy compare poorly across builds
+        row["warnings"] = [f"unstable timing (coefficient of variation above 2.5%): {', '.join(unstable)}"]
     row["speedup"] = {str(b): row["latency_ms"]["original"][str(b)]["p50"] / row["latency_ms"]["pruned"][str(b)]["p50"]
                       for b in v.batch_sizes}
     sizes = {"onnxruntime": lambda k: (out / f"{k}.onnx").stat().st_size,
@@ -103,6 +107,8 @@ def build_report(ctx: Context) -> dict[str, Any]:
                  "skipped_unreadable": ctx.data().skipped},
         "runtimes": runtimes,
         "environment": _environment(ctx),
+        "validate_settings": {"warmup": r.validate_.warmup, "iterations": r.validate_.iterations,
+                              "threads": r.validate_.threads, "batch_sizes": r.validate_.batch_sizes},
     }
 
 
@@ -110,10 +116,21 @@ def _environment(ctx: Context) -> dict[str, Any]:
     import onnx
     import timm
 
-    return {"device": str(ctx.device), "cpu": platform.processor() or platform.machine(),
+    return {"device": str(ctx.device), "cpu": _cpu_model(),
+            "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
             "cpu_count": __import__("os").cpu_count(), "python": platform.python_version(),
             "torch": torch.__version__, "timm": timm.__version__, "onnx": onnx.__version__,
             "torch_threads": torch.get_num_threads()}
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def parity_breaches(report: dict, max_abs_err: float, cosine_min: float) -> list[str]:
@@ -140,6 +157,9 @@ def apply_parity_gate(report: dict, max_abs_err: float, cosine_min: float) -> li
 
 
 def write_report(out: Path, report: dict) -> None:
+    from amp_deploy.plots import write_plots
+
+    report["plots"] = write_plots(report, out / "plots")
     write_json(out / "report.json", report)
     write_text(out / "report.md", render_md(report))
 
@@ -177,11 +197,14 @@ def render_md(rep: dict) -> str:
             q = row["latency_ms"]["pruned"][b]
             lines.append(f"| {b} | {o['p50']:.3f} | {q['p50']:.3f} | {o['p99']:.3f} | {q['p99']:.3f} | "
                          f"{o['p50'] / q['p50']:.2f}x |")
+        lines += [f"\n> {w}" for w in row.get("warnings", [])]
         mem = row["memory"]
         lines += ["", f"Weights: {mem['original']['weights_bytes']:,} -> {mem['pruned']['weights_bytes']:,} bytes.", ""]
     w = rep["widths"]
     lines += ["## MLP width per block", "", "| block | original | pruned | kept |", "|---:|---:|---:|---:|"]
     lines += [f"| {i} | {a} | {b} | {b / a:.0%} |" for i, (a, b) in enumerate(zip(w["original"], w["pruned"]))]
+    if rep.get("plots"):
+        lines += ["", "## Plots", ""] + [f"![{Path(p).stem}]({p})" for p in rep["plots"]]
     gate = rep.get("gates", {}).get("parity", {})
     lines += ["", f"Parity gate: {'passed' if gate.get('passed', True) else 'FAILED: ' + '; '.join(gate['breaches'])}", ""]
     return "\n".join(lines)

@@ -1,0 +1,59 @@
+"""PNG figures of a report's own data, written under OUT/plots/ and linked from report.md."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from amp_deploy._private import atomic_path
+
+
+def _save(fig, path: Path) -> None:
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
+
+
+def write_plots(report: dict[str, Any], folder: Path) -> list[str]:
+    """Draw the widths, latency and cosine figures; return their paths relative to the report."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    w = report["widths"]
+    fig, ax = plt.subplots(figsize=(max(5, 0.35 * len(w["original"]) + 2), 3.2))
+    blocks = range(len(w["original"]))
+    ax.bar(blocks, w["original"], color="#c8d3e0", label="original")
+    ax.bar(blocks, w["pruned"], color="#2b6cb0", label="pruned")
+    ax.set(xlabel="block", ylabel="MLP hidden width", title="MLP width per block")
+    ax.set_xticks(list(blocks))
+    ax.legend()
+    _save(fig, folder / "widths.png")
+    plt.close(fig)
+    written.append("plots/widths.png")
+
+    ok = {n: r for n, r in report["runtimes"].items() if r.get("status") == "ok"}
+    if ok:
+        fig, ax = plt.subplots(figsize=(5.5, 3.5))
+        for (name, row), color in zip(ok.items(), plt.rcParams["axes.prop_cycle"].by_key()["color"]):
+            for model, style in (("original", "--"), ("pruned", "-")):
+                pts = sorted((int(b), s["p50"]) for b, s in row["latency_ms"][model].items())
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], style, color=color, marker="o",
+                        label=f"{name} {model}")
+        ax.set(xlabel="batch size", ylabel="p50 latency (ms)", title="Latency vs batch size", xscale="log", yscale="log")
+        ax.legend(fontsize=8)
+        _save(fig, folder / "latency.png")
+        plt.close(fig)
+        written.append("plots/latency.png")
+
+    cos = report["fidelity"].get("cosines") or []
+    if cos:
+        fig, ax = plt.subplots(figsize=(5.5, 3.2))
+        ax.hist(cos, bins=40, color="#2b6cb0")
+        ax.set(xlabel="cosine(pruned, original) per image", ylabel="images",
+               title=f"Fidelity on {len(cos)} holdout images")
+        _save(fig, folder / "cosine.png")
+        plt.close(fig)
+        written.append("plots/cosine.png")
+    return written

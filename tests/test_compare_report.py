@@ -1,0 +1,89 @@
+"""Reports users compare: the regression gate, the parity gate, and real plots."""
+
+import json
+import shutil
+
+import onnx
+from onnx import numpy_helper
+from PIL import Image
+from typer.testing import CliRunner
+
+from amp_deploy.cli import app
+
+runner = CliRunner()
+
+
+def _slower_copy(src, dst, batch, factor):
+    rep = json.loads((src / "report.json").read_text())
+    row = rep["runtimes"]["onnxruntime"]["latency_ms"]["pruned"][batch]
+    row["p50"] *= factor
+    row["throughput"] /= factor
+    dst.mkdir()
+    (dst / "report.json").write_text(json.dumps(rep))
+    return dst
+
+
+def test_compare_gate_on_a_10_percent_slower_p50(quickstart, tmp_path):
+    a = quickstart[0]
+    b = _slower_copy(a, tmp_path / "b", "8", 1.10)
+    res = runner.invoke(app, ["compare", str(a), str(b), "--fail-on-regression", "5"])
+    assert res.exit_code == 1, res.output
+    assert "onnxruntime pruned batch 8" in res.output and "+10.0%" in res.output
+    res = runner.invoke(app, ["compare", str(a), str(b), "--fail-on-regression", "15"])
+    assert res.exit_code == 0, res.output
+
+
+def test_compare_formats(quickstart, tmp_path):
+    a = quickstart[0]
+    b = _slower_copy(a, tmp_path / "b", "1", 1.0)
+    md = runner.invoke(app, ["compare", str(a / "report.json"), str(b), "--format", "md"])
+    assert md.exit_code == 0 and md.output.startswith("| report | params |") and "| B | onnxruntime | pruned | 1 |" in md.output
+    js = runner.invoke(app, ["compare", str(a), str(b), "--format", "json"])
+    cmp = json.loads(js.output)
+    assert {r["batch"] for r in cmp["rows"]} == {1, 8} and cmp["regressions"] == []
+
+
+def test_compare_warns_when_settings_differ(quickstart, tmp_path):
+    a = quickstart[0]
+    rep = json.loads((a / "report.json").read_text())
+    rep["environment"]["cpu_count"] = 64
+    (tmp_path / "report.json").write_text(json.dumps(rep))
+    res = runner.invoke(app, ["compare", str(a), str(tmp_path), "--format", "md"])
+    assert "cpu_count differs" in res.output
+
+
+def test_compare_rejects_what_is_not_a_report(tmp_path):
+    (tmp_path / "x.json").write_text("{}")
+    res = runner.invoke(app, ["compare", str(tmp_path / "x.json"), str(tmp_path / "x.json")])
+    assert res.exit_code == 2 and "not an amp-deploy report" in res.output
+
+
+def test_parity_breach_exits_1_with_the_report_written(quickstart, tmp_path):
+    out = tmp_path / "out"
+    shutil.copytree(quickstart[0], out)
+    model = onnx.load(str(out / "pruned.onnx"))
+    init = max(model.graph.initializer, key=lambda t: numpy_helper.to_array(t).size)
+    arr = numpy_helper.to_array(init) * 1.05
+    init.CopyFrom(numpy_helper.from_array(arr.astype(arr.dtype), init.name))
+    onnx.save(model, str(out / "pruned.onnx"))
+    (out / "report.json").unlink()
+    res = runner.invoke(app, ["validate", str(out)])
+    assert res.exit_code == 1, res.output
+    assert "parity gate failed" in res.output and "onnxruntime pruned" in res.output
+    rep = json.loads((out / "report.json").read_text())
+    assert rep["gates"]["parity"]["passed"] is False
+    assert any("onnxruntime pruned: max_abs_err" in b for b in rep["gates"]["parity"]["breaches"])
+    assert rep["runtimes"]["onnxruntime"]["parity"]["original"]["max_abs_err"] <= 1e-4  # untouched file
+    assert "FAILED" in (out / "report.md").read_text()
+
+
+def test_plots_are_real_pngs_of_the_run(quickstart):
+    out = quickstart[0]
+    rep = json.loads((out / "report.json").read_text())
+    assert rep["plots"] == ["plots/widths.png", "plots/latency.png", "plots/cosine.png"]
+    md = (out / "report.md").read_text()
+    for p in rep["plots"]:
+        with Image.open(out / p) as im:
+            assert im.format == "PNG" and im.size[0] > 300
+        assert f"]({p})" in md
+    assert len(rep["fidelity"]["cosines"]) == rep["fidelity"]["images"]
