@@ -82,7 +82,8 @@ def _device(name: str):
     return torch.device(name)
 
 
-def _run(recipe_path: Path, out_dir: Path | None, device: str, stages, force: bool, overrides: list[str]):
+def _run(recipe_path: Path, out_dir: Path | None, device: str, stages, force: bool, overrides: list[str],
+         nproc: int = 1):
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from amp_deploy.pipeline import Context, run_stages
@@ -92,7 +93,9 @@ def _run(recipe_path: Path, out_dir: Path | None, device: str, stages, force: bo
     folder = out_dir or Path("out") / recipe.name
     progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                         console=err, transient=True)
-    ctx = Context(recipe, folder, _device(device), log=err.print, progress=progress)
+    if nproc < 1:
+        raise UserError(f"--nproc {nproc}: must be at least 1")
+    ctx = Context(recipe, folder, _device(device), log=err.print, progress=progress, nproc=nproc)
     with progress:
         run_stages(ctx, stages, force)
     return folder
@@ -101,11 +104,12 @@ def _run(recipe_path: Path, out_dir: Path | None, device: str, stages, force: bo
 @app.command()
 @_handled
 def build(recipe: Annotated[Path, typer.Argument(help="Recipe YAML file.")], overrides: Overrides = None,
-          out_dir: OutOpt = None, device: DeviceOpt = "auto", force: ForceOpt = False) -> None:
+          out_dir: OutOpt = None, device: DeviceOpt = "auto", force: ForceOpt = False,
+          nproc: Annotated[int, typer.Option(help="Score with N processes (torchrun; one GPU each on CUDA).")] = 1) -> None:
     """Run the whole pipeline: score, search, rebuild, export, compile, validate."""
     from amp_deploy.pipeline import STAGES
 
-    folder = _run(recipe, out_dir, device, STAGES, force, overrides or [])
+    folder = _run(recipe, out_dir, device, STAGES, force, overrides or [], nproc)
     _summary(folder / "report.json")
 
 

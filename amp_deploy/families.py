@@ -93,8 +93,37 @@ SITE_FINDERS = [_timm_swiglu, _timm_mlp, _open_clip_mlp]
 BLOCK_LISTS = ["blocks", "transformer.resblocks", "trunk.blocks"]
 
 
-def find_sites(model: nn.Module) -> tuple[str, list[MlpSite]]:
+SPEC_HINT = ("describe them in the recipe, e.g. model.mlp_sites: {blocks: encoder.layers, fc_in: mlp.fc1, "
+             "fc_out: mlp.fc2, packed: false, gate: null, norm: null}")
+
+
+def sites_from_spec(model: nn.Module, spec: dict[str, Any]) -> tuple[str, list[MlpSite]]:
+    """Sites from a recipe's `model.mlp_sites`, checked against the model."""
+    try:
+        blocks = model.get_submodule(spec["blocks"])
+    except AttributeError:
+        raise UserError(f"model.mlp_sites.blocks: {type(model).__name__} has no submodule {spec['blocks']!r}") from None
+    site = MlpSite(spec["fc_in"], spec["fc_out"], bool(spec.get("packed")), spec.get("gate"), spec.get("norm"))
+    for i, block in enumerate(blocks):
+        for key in ("fc_in", "fc_out", "gate", "norm"):
+            path = getattr(site, key)
+            if not path:
+                continue
+            try:
+                mod = block.get_submodule(path)
+            except AttributeError:
+                raise UserError(f"model.mlp_sites.{key}: block {i} has no submodule {path!r}") from None
+            want = nn.LayerNorm if key == "norm" else nn.Linear
+            if not isinstance(mod, want):
+                raise UserError(f"model.mlp_sites.{key}: {path!r} in block {i} is a {type(mod).__name__}, "
+                                f"not an nn.{want.__name__}")
+    return spec["blocks"], [site] * len(blocks)
+
+
+def find_sites(model: nn.Module, spec: dict[str, Any] | None = None) -> tuple[str, list[MlpSite]]:
     """Find the block list and each block's MLP; raise UserError when the model is unknown."""
+    if spec:
+        return sites_from_spec(model, spec)
     for path in BLOCK_LISTS:
         try:
             blocks = model.get_submodule(path)
@@ -105,7 +134,7 @@ def find_sites(model: nn.Module) -> tuple[str, list[MlpSite]]:
             return path, sites
     raise UserError(
         f"{type(model).__name__}: no transformer blocks with a known MLP found (looked for "
-        f"{', '.join(BLOCK_LISTS)} with mlp.fc1/fc2, mlp.fc1_g/fc1_x/fc2 or mlp.c_fc/c_proj)"
+        f"{', '.join(BLOCK_LISTS)} with mlp.fc1/fc2, mlp.fc1_g/fc1_x/fc2 or mlp.c_fc/c_proj); {SPEC_HINT}"
     )
 
 
@@ -181,7 +210,8 @@ def unknown_model_error(name: str, known: list[str], what: str) -> UserError:
     return UserError(f"model.name: unknown {what} model {name!r}{hint}")
 
 
-def load_timm(name: str, pretrained: bool | str, kwargs: dict[str, Any]) -> Loaded:
+def load_timm(name: str, pretrained: bool | str, kwargs: dict[str, Any],
+              mlp_sites: dict[str, Any] | None = None) -> Loaded:
     import timm
 
     if not timm.is_model(name):
@@ -203,13 +233,14 @@ def load_timm(name: str, pretrained: bool | str, kwargs: dict[str, Any]) -> Load
     if img_size is not None:
         cfg["input_size"] = (cfg["input_size"][0], *img_size)
     transform = timm.data.create_transform(**cfg, is_training=False)
-    blocks, sites = find_sites(model)
+    blocks, sites = find_sites(model, mlp_sites)
     output: Output = "logits" if getattr(model, "num_classes", 0) else "embedding"
-    spec = {"source": "timm", "name": name, "kwargs": kwargs}
+    spec = {"source": "timm", "name": name, "kwargs": kwargs, "mlp_sites": mlp_sites}
     return Loaded(model, blocks, sites, output, transform, tuple(cfg["input_size"]), spec)
 
 
-def load_open_clip(name: str, pretrained: bool | str, kwargs: dict[str, Any]) -> Loaded:
+def load_open_clip(name: str, pretrained: bool | str, kwargs: dict[str, Any],
+                   mlp_sites: dict[str, Any] | None = None) -> Loaded:
     import open_clip
 
     if name not in open_clip.list_models():
@@ -223,25 +254,26 @@ def load_open_clip(name: str, pretrained: bool | str, kwargs: dict[str, Any]) ->
     if isinstance(pretrained, str):
         load_weights(model, pretrained)
     visual = model.visual.eval()
-    blocks, sites = find_sites(visual)
+    blocks, sites = find_sites(visual, mlp_sites)
     size = visual.image_size if isinstance(visual.image_size, tuple) else (visual.image_size,) * 2
-    spec = {"source": "open_clip", "name": name, "kwargs": kwargs}
+    spec = {"source": "open_clip", "name": name, "kwargs": kwargs, "mlp_sites": mlp_sites}
     return Loaded(visual, blocks, sites, "embedding", preprocess, (3, *size), spec)
 
 
-LOADERS: dict[str, Callable[[str, bool | str, dict[str, Any]], Loaded]] = {
+LOADERS: dict[str, Callable[..., Loaded]] = {
     "timm": load_timm,
     "open_clip": load_open_clip,
 }
 
 
-def load_model(source: str, name: str | None, pretrained: bool | str, kwargs: dict[str, Any]) -> Loaded:
+def load_model(source: str, name: str | None, pretrained: bool | str, kwargs: dict[str, Any],
+               mlp_sites: dict[str, Any] | None = None) -> Loaded:
     """Build a model from a recipe's model section (plain arguments, no recipe object)."""
     if source == "checkpoint":
         from amp_deploy.rebuild import load_pruned_model
 
         return load_pruned_model(str(pretrained))
-    return LOADERS[source](name or "", pretrained, dict(kwargs))
+    return LOADERS[source](name or "", pretrained, dict(kwargs), mlp_sites)
 
 
 def site_dicts(sites: list[MlpSite]) -> list[dict[str, Any]]:

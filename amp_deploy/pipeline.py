@@ -82,6 +82,7 @@ class Context:
     device: torch.device
     log: Callable[[str], None] = print
     progress: Any = None  # a rich.progress.Progress, or None for silence
+    nproc: int = 1  # processes for the score stage (torchrun)
     _original: Loaded | None = field(default=None, repr=False)
     _data: Data | None = field(default=None, repr=False)
 
@@ -89,7 +90,11 @@ class Context:
         """A fresh copy of the original model (stages prune their copy in place)."""
         if self._original is None:
             m = self.recipe.model
-            self._original = load_model(m.source, m.name, m.pretrained, m.kwargs)
+            sites = m.mlp_sites.model_dump() if m.mlp_sites else None
+            # A random-init model (pretrained: false) must be the same model in every stage, every
+            # resumed build and every rank: seed its initialisation.
+            torch.manual_seed(self.recipe.data.seed)
+            self._original = load_model(m.source, m.name, m.pretrained, m.kwargs, sites)
         loaded = copy.deepcopy(self._original)
         loaded.model.to(self.device)
         return loaded
@@ -270,7 +275,12 @@ def run_stages(ctx: Context, stages: tuple[str, ...], force: bool = False) -> di
                 continue
             _require_previous(out, manifest, stage, keys)
             start = time.perf_counter()
-            getattr(impl, f"stage_{stage}")(ctx)
+            if stage == "score" and ctx.nproc > 1:
+                from amp_deploy.distributed import launch_score
+
+                launch_score(out, ctx.nproc, ctx.device.type)
+            else:
+                getattr(impl, f"stage_{stage}")(ctx)
             seconds = time.perf_counter() - start
             record(out, manifest, stage, keys[stage], seconds)
             ctx.log(f"{stage}: done in {seconds:.1f}s")

@@ -130,7 +130,7 @@ def load_pruned_model(path: str | Path) -> Loaded:
 
     meta = read_metadata(path)
     base = json.loads(meta["base"])
-    loaded = load_model(base["source"], base["name"], False, base["kwargs"])
+    loaded = load_model(base["source"], base["name"], False, base["kwargs"], base.get("mlp_sites"))
     apply_widths(loaded, None, json.loads(meta["widths"]))
     try:
         loaded.model.load_state_dict(load_file(str(path)), strict=True)

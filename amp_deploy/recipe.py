@@ -21,11 +21,23 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
 
 
+class MlpSitesSpec(_Strict):
+    """Where the MLPs are in a model family amp-deploy does not know (module paths)."""
+
+    blocks: str  # the block list, from the model: "encoder.layers"
+    fc_in: str  # inside a block: "mlp.fc1" (d -> h, or d -> 2h when packed)
+    fc_out: str  # inside a block: "mlp.fc2" (h -> d)
+    packed: bool = False  # fc_in holds value and gate halves
+    gate: str | None = None  # a separate gate Linear (d -> h)
+    norm: str | None = None  # a LayerNorm over the h hidden neurons
+
+
 class ModelSpec(_Strict):
     source: Literal["timm", "open_clip", "checkpoint"] = "timm"
     name: str | None = None
     pretrained: bool | str = False
     kwargs: dict[str, Any] = Field(default_factory=dict)
+    mlp_sites: MlpSitesSpec | None = None
 
     @model_validator(mode="after")
     def _check(self) -> ModelSpec:
@@ -62,6 +74,8 @@ class PruneSpec(_Strict):
     search: Literal["adaptive", "uniform"] = "adaptive"
     threshold: float = Field(0.01, ge=0)
     keep_ratio: float | None = Field(None, gt=0, le=1)
+    target_params: float | None = Field(None, gt=0, le=1)  # adaptive: a budget, as a fraction of params
+    taylor: Literal["abs", "signed"] = "abs"  # rank neurons by mean |a*g| (the paper's default) or mean a*g
     temperature: float = Field(15.0, gt=0)
     steps: int = Field(6, ge=1, le=20)
     align: int = Field(1, ge=1)
@@ -71,6 +85,8 @@ class PruneSpec(_Strict):
     def _check(self) -> PruneSpec:
         if self.search == "uniform" and self.keep_ratio is None:
             raise ValueError("prune.keep_ratio is required when prune.search is 'uniform'")
+        if self.search == "uniform" and self.target_params is not None:
+            raise ValueError("prune.target_params works with prune.search 'adaptive' (it searches the threshold)")
         return self
 
 

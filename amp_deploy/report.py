@@ -95,7 +95,9 @@ def build_report(ctx: Context) -> dict[str, Any]:
         "flops": {**flops, "ratio": flops["pruned"] / flops["original"]},
         "widths": {"original": search["original_widths"], "pruned": search["widths"]},
         "prune": {
-            "criterion": r.prune.criterion, "search": r.prune.search, "threshold": r.prune.threshold,
+            "criterion": r.prune.criterion, "search": r.prune.search, "threshold": search["threshold"],
+            "target_params": r.prune.target_params, "taylor": r.prune.taylor, "align": r.prune.align,
+            "cached_search": r.prune.cache,
             "seconds": round(score_meta["score"]["seconds"] + search["seconds"], 3),
             "block_forwards": search["block_forwards"],
             "block_forwards_naive": search["block_forwards_naive"],

@@ -161,3 +161,37 @@ def uniform_widths(widths: list[int], keep_ratio: float, align: int) -> list[int
         grid = width_grid(h, align)
         out.append(min(grid, key=lambda w: (abs(w - keep_ratio * h), -w)))
     return out
+
+
+def budget_widths(fresh: Callable[[], Loaded], target_params: int, run: Callable[[Loaded, float], SearchResult],
+                  rounds: int = 12) -> tuple[Loaded, SearchResult, float, list[tuple[float, int]]]:
+    """Outer search over the threshold for the largest model within `target_params` parameters.
+
+    `fresh()` gives an unpruned copy; `run(loaded, threshold)` prunes it adaptively. A larger
+    threshold prunes more, so the smallest threshold that meets the budget is bisected for.
+    Returns the pruned copy, its search, the threshold and every (threshold, params) tried.
+    """
+    tried: list[tuple[float, int]] = []
+
+    def attempt(t: float):
+        loaded = fresh()
+        res = run(loaded, t)
+        params = sum(p.numel() for p in loaded.model.parameters())
+        tried.append((t, params))
+        return loaded, res, params
+
+    lo, hi = 0.0, 1e-3
+    best = attempt(hi)
+    while best[2] > target_params and hi < 1e3:  # grow until the budget is met (or nothing is left)
+        lo, hi = hi, hi * 4
+        best = attempt(hi)
+    best_t = hi
+    if best[2] <= target_params:
+        for _ in range(rounds):
+            mid = (lo + hi) / 2
+            cand = attempt(mid)
+            if cand[2] <= target_params:
+                hi, best, best_t = mid, cand, mid
+            else:
+                lo = mid
+    return best[0], best[1], best_t, tried

@@ -16,16 +16,18 @@ from amp_deploy._private import atomic_path, write_json
 from amp_deploy.pipeline import Context
 from amp_deploy.rebuild import apply_widths, load_pruned_model, save_pruned
 from amp_deploy.score import loss_fn, magnitude_scores, random_scores, taylor_scores
-from amp_deploy.search import adaptive_widths, uniform_widths
+from amp_deploy.distributed import rank_world
+from amp_deploy.families import Loaded
+from amp_deploy.search import adaptive_widths, budget_widths, uniform_widths
 
 
-def read_scores(out: Path) -> tuple[list[torch.Tensor], dict[str, str]]:
+def read_scores(out: Path, kind: str = "abs") -> tuple[list[torch.Tensor], dict[str, str]]:
     from safetensors import safe_open
 
     with safe_open(str(out / "scores.safetensors"), framework="pt") as f:
         meta = f.metadata()
         n = int(meta["blocks"])
-        return [f.get_tensor(f"abs.{i}") for i in range(n)], meta
+        return [f.get_tensor(f"{kind}.{i}") for i in range(n)], meta
 
 
 def stage_score(ctx: Context) -> None:
@@ -38,20 +40,24 @@ def stage_score(ctx: Context) -> None:
 
         raise UserError("prune.criterion: 'ce' needs labelled data (data.source: digits) and a classifier head")
     start = time.perf_counter()
+    rank, world = rank_world()  # across processes, each rank takes every world-th batch
     if p.criterion in ("entropy", "ce"):
         bs = ctx.recipe.data.batch_size
         advance = ctx.task("score: Taylor importance", -(-len(data.calibration.images) // bs))
 
         def batches():
-            for b in data.calibration.batches(bs):
-                yield b
+            for j, b in enumerate(data.calibration.batches(bs)):
+                if j % world == rank:
+                    yield b
                 advance()
 
         sums = taylor_scores(loaded, batches(), loss_fn(p.criterion, loaded.output, p.temperature),
                              ctx.device, autocast=ctx.device.type == "cuda")
     else:
         s = magnitude_scores(loaded) if p.criterion == "magnitude" else random_scores(loaded, ctx.recipe.data.seed)
-        sums = {"abs": s, "signed": s}
+        sums = {"abs": s, "signed": [t.clone() for t in s]}
+    if rank != 0:
+        return  # rank 0 alone writes
     tensors = {f"{k}.{i}": t.contiguous() for k, v in sums.items() for i, t in enumerate(v)}
     meta = {"criterion": p.criterion, "blocks": str(len(loaded.sites)),
             "seconds": f"{time.perf_counter() - start:.3f}"}
@@ -61,21 +67,31 @@ def stage_score(ctx: Context) -> None:
 
 def stage_search(ctx: Context) -> None:
     p = ctx.recipe.prune
-    loaded = ctx.original()
-    scores, _ = read_scores(ctx.out)
-    original = loaded.widths()
+    scores, _ = read_scores(ctx.out, p.taylor)
     start = time.perf_counter()
-    result: dict = {"original_widths": original, "search": p.search}
+    loaded = ctx.original()
+    original = loaded.widths()
+    result: dict = {"original_widths": original, "search": p.search, "threshold": p.threshold}
     if p.search == "uniform":
         result.update(widths=uniform_widths(original, p.keep_ratio, p.align), block_forwards=0,
                       block_forwards_naive=0)
     else:
         data = ctx.data()
-        advance = ctx.task("search: widths, last block first", len(original))
-        res = adaptive_widths(loaded, scores, data.validation, ctx.recipe.data.batch_size,
-                              loss_fn("entropy" if p.criterion != "ce" else "ce", loaded.output, p.temperature),
-                              p.threshold, p.steps, p.align, ctx.device, cached=p.cache,
-                              on_block=lambda i, w: advance())
+        loss = loss_fn("ce" if p.criterion == "ce" else "entropy", loaded.output, p.temperature)
+
+        def run(target: Loaded, threshold: float, advance=lambda *_: None):
+            return adaptive_widths(target, scores, data.validation, ctx.recipe.data.batch_size, loss, threshold,
+                                   p.steps, p.align, ctx.device, cached=p.cache, on_block=advance)
+
+        if p.target_params is None:
+            advance = ctx.task("search: widths, last block first", len(original))
+            res = run(loaded, p.threshold, lambda i, w: advance())
+        else:
+            budget = int(p.target_params * sum(q.numel() for q in loaded.model.parameters()))
+            advance = ctx.task("search: threshold for the parameter budget", None)
+            _, res, threshold, tried = budget_widths(ctx.original, budget, lambda m, t: (advance(), run(m, t))[1])
+            result.update(threshold=threshold, target_params=p.target_params, budget_params=budget,
+                          thresholds_tried=tried)
         result.update(widths=res.widths, base_loss=res.base_loss, losses=res.losses,
                       block_forwards=res.block_forwards, block_forwards_naive=res.block_forwards_naive,
                       steps=res.steps)
@@ -85,7 +101,7 @@ def stage_search(ctx: Context) -> None:
 
 def stage_rebuild(ctx: Context) -> None:
     loaded = ctx.original()
-    scores, _ = read_scores(ctx.out)
+    scores, _ = read_scores(ctx.out, ctx.recipe.prune.taylor)
     search = json.loads((ctx.out / "search.json").read_text())
     apply_widths(loaded, scores, search["widths"])
     loaded.model.cpu()

@@ -1,0 +1,59 @@
+"""Scoring across processes: `torchrun --nproc_per_node N -m amp_deploy.distributed OUT`.
+
+Every rank holds the whole model and scores every N-th calibration batch; the score sums are
+all-reduced and rank 0 alone writes scores.safetensors. `amp-deploy build --nproc N` launches
+this for the score stage. NCCL on CUDA (one GPU per rank), gloo on CPU.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from amp_deploy.errors import UserError
+
+
+def rank_world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def launch_score(out: Path, nproc: int, device: str) -> None:
+    """Run the score stage in `nproc` processes with torchrun; raise if any rank fails."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           "-m", "amp_deploy.distributed", str(out), device]
+    res = subprocess.run(cmd, capture_output=True, text=True)
+    if res.returncode != 0:
+        tail = [ln for ln in (res.stderr or res.stdout).splitlines() if ln.strip()][-1:] or ["no output"]
+        raise UserError(f"score: torchrun with {nproc} processes failed (exit {res.returncode}): {tail[0][:300]}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    from amp_deploy.pipeline import Context
+    from amp_deploy.recipe import load_recipe
+    from amp_deploy.stages import stage_score
+
+    out, device = (argv or sys.argv[1:])[:2]
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if device == "cuda":
+        torch.cuda.set_device(local)
+        dev = torch.device("cuda", local)
+    else:
+        dev = torch.device("cpu")
+    dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+    try:
+        recipe = load_recipe(Path(out) / "recipe.yaml")
+        stage_score(Context(recipe, Path(out), dev, log=lambda *_: None))
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,127 @@
+"""Every model family users run: random-init, depth reduced, pruned adaptively and uniformly,
+round-tripped through safetensors and ONNX."""
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from amp_deploy import load_pruned
+from amp_deploy.data import load_synthetic_data
+from amp_deploy.errors import UserError
+from amp_deploy.export import export_onnx
+from amp_deploy.families import find_sites, load_model
+from amp_deploy.rebuild import apply_widths, keep_top, save_pruned
+from amp_deploy.runtimes import onnxruntime_runner
+from amp_deploy.score import loss_fn, taylor_scores
+from amp_deploy.search import adaptive_widths, uniform_widths
+
+FAMILIES = {
+    "vit": ("timm", "vit_small_patch16_224", {"depth": 2, "img_size": 32, "embed_dim": 64, "num_heads": 2}),
+    "deit": ("timm", "deit_tiny_patch16_224", {"depth": 2, "img_size": 32}),
+    "dinov2_reg4": ("timm", "vit_small_patch14_reg4_dinov2", {"depth": 2, "img_size": 28, "embed_dim": 64, "num_heads": 2}),
+    "dinov2_giant_swiglu_packed": ("timm", "vit_giant_patch14_dinov2", {"depth": 2, "img_size": 28, "embed_dim": 96, "num_heads": 2}),
+    "eva02_tiny_glu": ("timm", "eva02_tiny_patch14_224", {"depth": 2, "img_size": 28}),
+    "eva02_base_swiglu_norm": ("timm", "eva02_base_patch14_224", {"depth": 2, "img_size": 28, "embed_dim": 64, "num_heads": 2}),
+    "open_clip_vit": ("open_clip", "ViT-B-32", {
+        "embed_dim": 32,
+        "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "patch_size": 16, "head_width": 32},
+        "text_cfg": {"context_length": 16, "vocab_size": 1000, "width": 32, "heads": 2, "layers": 1}}),
+}
+
+
+def _load(key):
+    source, name, kwargs = FAMILIES[key]
+    loaded = load_model(source, name, False, kwargs)
+    for m in loaded.model.modules():  # non-trivial norms over hidden neurons, so slicing them shows
+        if isinstance(m, nn.LayerNorm) and m.weight is not None:
+            with torch.no_grad():
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.1, 0.1)
+    return loaded
+
+
+@pytest.mark.parametrize("key", FAMILIES)
+def test_family_prunes_round_trips_and_exports(key, tmp_path):
+    loaded = _load(key)
+    original = loaded.widths()
+    reference = copy.deepcopy(loaded)
+    data = load_synthetic_data(8, 8, 4, 0, loaded.transform, loaded.input_size[1:])
+    assert data.calibration.images.shape[1:] == loaded.input_size
+    loss = loss_fn("entropy", loaded.output, 15.0)
+    scores = taylor_scores(loaded, data.calibration.batches(4), loss, torch.device("cpu"))["abs"]
+    assert [len(s) for s in scores] == original
+
+    res = adaptive_widths(loaded, scores, data.validation, 4, loss, 0.05, 4, 1, torch.device("cpu"))
+    assert all(1 <= w <= h for w, h in zip(res.widths, original)) and loaded.widths() == res.widths
+    for w, h in zip(uniform_widths(original, 0.5, 8), original):
+        assert (w % 8 == 0 or w == h) and abs(w - h / 2) <= 4
+
+    widths = [max(1, h // 3) for h in original]  # ragged round trip on fixed widths
+    pruned = copy.deepcopy(reference)
+    apply_widths(pruned, scores, widths)
+    _check_same_neurons(reference, pruned, scores, widths)
+    save_pruned(pruned, tmp_path / "p.safetensors", original)
+    back = load_pruned(tmp_path / "p.safetensors")
+    x = data.holdout.images
+    with torch.no_grad():
+        ref_out = pruned.model(x)
+        assert torch.equal(back(x), ref_out)
+    path = export_onnx(pruned.model, tmp_path / "p.onnx", pruned.input_size, 18, 1, 2, 4)
+    out = onnxruntime_runner(path).run(x.numpy())
+    assert np.abs(out - ref_out.numpy()).max() <= 1e-4
+
+
+def _check_same_neurons(ref, pruned, scores, widths):
+    """Gate and value halves, and a norm over hidden neurons, keep the same neuron indices."""
+    for i, site in enumerate(ref.sites):
+        keep = keep_top(scores[i], widths[i])
+        old, new = ref.mlp_modules(i), pruned.mlp_modules(i)
+        h = old["fc_out"].in_features
+        rows = torch.cat([keep, keep + h]) if site.packed else keep
+        torch.testing.assert_close(new["fc_in"].weight, old["fc_in"].weight[rows], rtol=0, atol=0)
+        torch.testing.assert_close(new["fc_out"].weight, old["fc_out"].weight[:, keep], rtol=0, atol=0)
+        if site.gate:
+            torch.testing.assert_close(new["gate"].weight, old["gate"].weight[keep], rtol=0, atol=0)
+        if site.norm:
+            torch.testing.assert_close(new["norm"].weight, old["norm"].weight[keep], rtol=0, atol=0)
+
+
+def test_sites_of_the_gated_families():
+    giant = _load("dinov2_giant_swiglu_packed").sites[0]
+    assert giant.packed and giant.gate is None
+    eva = _load("eva02_base_swiglu_norm").sites[0]
+    assert eva.gate == "mlp.fc1_g" and eva.fc_in == "mlp.fc1_x" and eva.norm == "mlp.norm"
+    clip = _load("open_clip_vit")
+    assert clip.sites[0].fc_in == "mlp.c_fc" and clip.output == "embedding" and clip.blocks == "transformer.resblocks"
+
+
+class Layer(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.up, self.down = nn.Linear(8, 32), nn.Linear(32, 8)
+
+    def forward(self, x):
+        return x + self.down(torch.relu(self.up(x)))
+
+
+class Unknown(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.encoder = nn.ModuleList([Layer(), Layer()])
+
+    def forward(self, x):
+        for layer in self.encoder:
+            x = layer(x)
+        return x
+
+
+def test_unknown_model_needs_a_spec_and_the_spec_works():
+    with pytest.raises(UserError, match="model.mlp_sites"):
+        find_sites(Unknown())
+    path, sites = find_sites(Unknown(), {"blocks": "encoder", "fc_in": "up", "fc_out": "down"})
+    assert path == "encoder" and len(sites) == 2 and sites[0].fc_out == "down"
+    with pytest.raises(UserError, match="model.mlp_sites.fc_out: block 0 has no submodule 'nope'"):
+        find_sites(Unknown(), {"blocks": "encoder", "fc_in": "up", "fc_out": "nope"})

@@ -1,0 +1,83 @@
+"""Criteria, search modes, alignment and budgets on the embedded digits model; scoring across
+processes."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from amp_deploy.pipeline import PRUNE_STAGES, Context, run_stages
+from amp_deploy.recipe import load_recipe
+
+from .conftest import QUICKSTART, build, tiny_recipe
+
+
+def _prune(tmp_path, *overrides):
+    recipe = load_recipe(QUICKSTART, list(overrides))
+    out = tmp_path / "out"
+    run_stages(Context(recipe, out, torch.device("cpu"), log=lambda *_: None), PRUNE_STAGES)
+    return json.loads((out / "search.json").read_text()), out
+
+
+def _params(out):
+    from amp_deploy import load_pruned
+
+    return sum(p.numel() for p in load_pruned(out / "pruned.safetensors").parameters())
+
+
+def test_align_64_gives_multiples_of_64(tmp_path):
+    search, _ = _prune(tmp_path, "prune.align=64", "prune.threshold=0.02")
+    assert all(w % 64 == 0 and 0 < w <= 256 for w in search["widths"])
+    assert search["widths"] != search["original_widths"]
+
+
+def test_parameter_budget_is_met_as_closely_as_the_steps_allow(tmp_path):
+    search, out = _prune(tmp_path, "prune.target_params=0.6")
+    total = 202_570
+    assert _params(out) <= search["budget_params"] == int(0.6 * total)
+    assert _params(out) >= 0.57 * total  # one width step per block is ~0.4% of the model
+    assert search["threshold"] > 0 and len(search["thresholds_tried"]) > 3
+
+
+def test_uniform_keeps_the_same_fraction_everywhere(tmp_path):
+    search, _ = _prune(tmp_path, "prune.search=uniform", "prune.keep_ratio=0.5")
+    assert search["widths"] == [128, 128, 128, 128] and search["block_forwards"] == 0
+
+
+@pytest.mark.parametrize("criterion", ["ce", "magnitude", "random"])
+def test_other_criteria_score_differently(tmp_path, criterion):
+    _, out = _prune(tmp_path, f"prune.criterion={criterion}")
+    ref, _ = _prune(tmp_path / "ref")
+    scores = load_file(str(out / "scores.safetensors"))
+    entropy = load_file(str(tmp_path / "ref" / "out" / "scores.safetensors"))
+    assert scores["abs.0"].shape == (256,) and not torch.allclose(scores["abs.0"], entropy["abs.0"])
+
+
+def test_signed_taylor_ranks_differently(tmp_path):
+    a, _ = _prune(tmp_path / "a", "prune.taylor=signed")
+    b, _ = _prune(tmp_path / "b")
+    assert a["widths"] != b["widths"] or a["losses"] != b["losses"]
+
+
+def test_naive_search_gives_the_same_widths_with_more_block_forwards(tmp_path):
+    cached, _ = _prune(tmp_path / "c")
+    naive, _ = _prune(tmp_path / "n", "prune.cache=false")
+    assert cached["widths"] == naive["widths"]
+    assert cached["block_forwards_naive"] == naive["block_forwards"] > cached["block_forwards"]
+
+
+def test_two_gloo_processes_give_the_scores_of_one(tmp_path):
+    recipe = tiny_recipe(tmp_path, data={"source": "synthetic", "calibration": 32, "validation": 16, "holdout": 8,
+                                         "batch_size": 8})
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert build(recipe, "--out", one).exit_code == 0
+    res = build(recipe, "--out", two, "--nproc", "2")
+    assert res.exit_code == 0, res.output
+    a, b = load_file(str(one / "scores.safetensors")), load_file(str(two / "scores.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        rel = ((a[k] - b[k]).abs() / a[k].abs().clamp_min(1e-12)).max().item()
+        assert rel <= 1e-5, (k, rel)
+    ra, rb = (json.loads((d / "report.json").read_text()) for d in (one, two))
+    assert ra["widths"] == rb["widths"]
