@@ -113,12 +113,22 @@ class ParityGate(_Strict):
     cosine_min: float = Field(0.99999, ge=-1, le=1)
 
 
+class FidelityGate(_Strict):
+    """Optional limits on the price of pruning (pruned vs original on the holdout images)."""
+
+    cosine_mean: float | None = Field(None, ge=-1, le=1)  # at least
+    top1_agreement: float | None = Field(None, ge=0, le=1)  # at least
+    accuracy_drop: float | None = Field(None, ge=0)  # at most, in points
+
+
 class ValidateSpec(_Strict):
     batch_sizes: list[int] = Field(default_factory=lambda: [1, 8], min_length=1)
     warmup: int = Field(10, ge=0)
+    warmup_seconds: float = Field(0.0, ge=0)
     iterations: int = Field(50, ge=1)
     threads: int | None = Field(None, ge=1)
     parity: ParityGate = Field(default_factory=ParityGate)
+    fidelity: FidelityGate = Field(default_factory=FidelityGate)
 
     @model_validator(mode="after")
     def _check(self) -> ValidateSpec:

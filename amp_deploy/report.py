@@ -24,11 +24,28 @@ def _runtime_row(ctx: Context, name: str, torch_models: dict, holdout: torch.Ten
     v, out = ctx.recipe.validate_, ctx.out
     if name == "tensorrt":
         return json.loads((out / "compile.json").read_text())
+    largest = V.batch_of(holdout, max(v.batch_sizes))
+
+    def make(k: str):
+        """The runner, warmed by one run at the largest batch, and the host memory that took."""
+        def create():
+            if name == "onnxruntime":
+                r = onnxruntime_runner(out / f"{k}.onnx", v.threads)
+            else:
+                r = torch_runner(torch_models[k], v.threads, ctx.device)
+            r.run(largest)
+            return r
+        return V.host_peak(create)
+
+    runners, peaks = {}, {}
     try:
-        if name == "onnxruntime":
-            runners = {k: onnxruntime_runner(out / f"{k}.onnx", v.threads) for k in ("original", "pruned")}
-        else:
-            runners = {k: torch_runner(m, v.threads) for k, m in torch_models.items()}
+        make("pruned")  # a throwaway first session: one-time library set-up is nobody's peak
+        for k in ("original", "pruned"):
+            if ctx.device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+            runners[k], peaks[k] = make(k)
+            if ctx.device.type == "cuda" and name == "torch":
+                peaks[k] = (peaks[k], torch.cuda.max_memory_allocated())
     except Unavailable as e:
         return {"status": "skipped", "reason": str(e)}
     row: dict[str, Any] = {"status": "ok", "settings": runners["original"].info}
@@ -37,7 +54,7 @@ def _runtime_row(ctx: Context, name: str, torch_models: dict, holdout: torch.Ten
     row["latency_ms"] = {"original": {}, "pruned": {}}
     advance = ctx.task(f"validate: {name} latency", len(v.batch_sizes))
     for b in v.batch_sizes:
-        stats = V.latency({k: r.run for k, r in runners.items()}, V.batch_of(holdout, b), v.warmup, v.iterations)
+        stats = V.latency(runners, V.batch_of(holdout, b), v.warmup, v.iterations, v.warmup_seconds)
         for k in stats:
             row["latency_ms"][k][str(b)] = stats[k]
         advance()
@@ -49,7 +66,11 @@ def _runtime_row(ctx: Context, name: str, torch_models: dict, holdout: torch.Ten
                       for b in v.batch_sizes}
     sizes = {"onnxruntime": lambda k: (out / f"{k}.onnx").stat().st_size,
              "torch": lambda k: sum(p.numel() * p.element_size() for p in torch_models[k].parameters())}
-    row["memory"] = {k: {"weights_bytes": sizes[name](k)} for k in ("original", "pruned")}
+    row["memory"] = {}
+    for k in ("original", "pruned"):
+        host, dev = peaks[k] if isinstance(peaks[k], tuple) else (peaks[k], None)
+        row["memory"][k] = {"weights_bytes": sizes[name](k), "host_peak_bytes": host,
+                            "device_peak_bytes": dev, "measured_at_batch": max(v.batch_sizes)}
     return row
 
 
@@ -109,7 +130,8 @@ def build_report(ctx: Context) -> dict[str, Any]:
                  "skipped_unreadable": ctx.data().skipped},
         "runtimes": runtimes,
         "environment": _environment(ctx),
-        "validate_settings": {"warmup": r.validate_.warmup, "iterations": r.validate_.iterations,
+        "validate_settings": {"warmup": r.validate_.warmup, "warmup_seconds": r.validate_.warmup_seconds,
+                              "iterations": r.validate_.iterations,
                               "threads": r.validate_.threads, "batch_sizes": r.validate_.batch_sizes},
     }
 
@@ -150,11 +172,29 @@ def parity_breaches(report: dict, max_abs_err: float, cosine_min: float) -> list
     return out
 
 
+def apply_fidelity_gate(report: dict, cosine_mean: float | None, top1_agreement: float | None,
+                        accuracy_drop: float | None) -> list[str]:
+    """Record the optional fidelity gate; return its breaches."""
+    f, breaches = report["fidelity"], []
+    if cosine_mean is not None and not f["cosine_mean"] >= cosine_mean:
+        breaches.append(f"fidelity cosine_mean {f['cosine_mean']:.5f} < {cosine_mean:g}")
+    if top1_agreement is not None and not (f["top1_agreement"] or 0) >= top1_agreement:
+        breaches.append(f"fidelity top1_agreement {f['top1_agreement']} < {top1_agreement:g}")
+    if accuracy_drop is not None and f["accuracy_original"] is not None:
+        drop = f["accuracy_original"] - f["accuracy_pruned"]
+        if not drop <= accuracy_drop:
+            breaches.append(f"fidelity accuracy drop {drop:.2f} points > {accuracy_drop:g}")
+    report.setdefault("gates", {})["fidelity"] = {
+        "passed": not breaches, "breaches": breaches,
+        "limits": {"cosine_mean": cosine_mean, "top1_agreement": top1_agreement, "accuracy_drop": accuracy_drop}}
+    return breaches
+
+
 def apply_parity_gate(report: dict, max_abs_err: float, cosine_min: float) -> list[str]:
     """Record the parity gate in the report; return its breaches (empty when it passed)."""
     breaches = parity_breaches(report, max_abs_err, cosine_min)
-    report["gates"] = {"parity": {"passed": not breaches, "breaches": breaches,
-                                  "max_abs_err": max_abs_err, "cosine_min": cosine_min}}
+    report.setdefault("gates", {})["parity"] = {"passed": not breaches, "breaches": breaches,
+                                                "max_abs_err": max_abs_err, "cosine_min": cosine_min}
     return breaches
 
 
@@ -164,6 +204,10 @@ def write_report(out: Path, report: dict) -> None:
     report["plots"] = write_plots(report, out / "plots")
     write_json(out / "report.json", report)
     write_text(out / "report.md", render_md(report))
+
+
+def _mib(n: int | None) -> str:
+    return "n/a" if n is None else f"{n / 2**20:.1f} MiB"
 
 
 def _fmt(n: float | None, spec: str = ",.0f") -> str:
@@ -201,12 +245,17 @@ def render_md(rep: dict) -> str:
                          f"{o['p50'] / q['p50']:.2f}x |")
         lines += [f"\n> {w}" for w in row.get("warnings", [])]
         mem = row["memory"]
-        lines += ["", f"Weights: {mem['original']['weights_bytes']:,} -> {mem['pruned']['weights_bytes']:,} bytes.", ""]
+        lines += ["", f"Weights: {mem['original']['weights_bytes']:,} -> {mem['pruned']['weights_bytes']:,} bytes. "
+                  f"Peak host memory of the session (batch {mem['original']['measured_at_batch']}): "
+                  f"{_mib(mem['original']['host_peak_bytes'])} -> {_mib(mem['pruned']['host_peak_bytes'])}.", ""]
     w = rep["widths"]
     lines += ["## MLP width per block", "", "| block | original | pruned | kept |", "|---:|---:|---:|---:|"]
     lines += [f"| {i} | {a} | {b} | {b / a:.0%} |" for i, (a, b) in enumerate(zip(w["original"], w["pruned"]))]
     if rep.get("plots"):
         lines += ["", "## Plots", ""] + [f"![{Path(p).stem}]({p})" for p in rep["plots"]]
-    gate = rep.get("gates", {}).get("parity", {})
-    lines += ["", f"Parity gate: {'passed' if gate.get('passed', True) else 'FAILED: ' + '; '.join(gate['breaches'])}", ""]
+    lines.append("")
+    for name, gate in rep.get("gates", {}).items():
+        verdict = "passed" if gate.get("passed", True) else "FAILED: " + "; ".join(gate["breaches"])
+        lines.append(f"{name.capitalize()} gate: {verdict}")
+    lines.append("")
     return "\n".join(lines)

@@ -27,6 +27,8 @@ class Unavailable(Exception):
 class Runner:
     run: Run
     info: dict[str, Any] = field(default_factory=dict)  # providers, threads, versions: for the report
+    sync: Callable[[], None] | None = None  # waits for the device; part of the host latency
+    events: bool = False  # time on the device with CUDA events too
 
 
 def onnxruntime_runner(path: str | Path, threads: int | None = None,
@@ -53,18 +55,26 @@ def onnxruntime_runner(path: str | Path, threads: int | None = None,
     return Runner(run, info)
 
 
-def torch_runner(model: torch.nn.Module, threads: int | None = None) -> Runner:
-    """Eager PyTorch on the CPU: the baseline a user would otherwise deploy."""
-    model = model.eval()
+def torch_runner(model: torch.nn.Module, threads: int | None = None,
+                 device: torch.device = torch.device("cpu")) -> Runner:
+    """Eager PyTorch in fp32: the baseline a user would otherwise deploy.
+
+    On CUDA the input is copied to the device inside the timed call (as a server would) and the
+    output back; TF32 is left off so the figures are fp32 figures.
+    """
+    model = model.eval().to(device)
     if threads:
         torch.set_num_threads(threads)
 
     @torch.inference_mode()
     def run(x: np.ndarray) -> np.ndarray:
-        return model(torch.from_numpy(x)).numpy()
+        return model(torch.from_numpy(x).to(device, non_blocking=True)).float().cpu().numpy()
 
-    return Runner(run, {"version": torch.__version__, "mode": "eager", "device": "cpu",
-                        "threads": torch.get_num_threads()})
+    cuda = device.type == "cuda"
+    info = {"version": torch.__version__, "mode": "eager", "device": str(device), "threads": torch.get_num_threads()}
+    if cuda:
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return Runner(run, info, sync=torch.cuda.synchronize if cuda else None, events=cuda)
 
 
 def tensorrt_unavailable_reason() -> str | None:

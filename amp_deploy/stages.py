@@ -133,11 +133,14 @@ def stage_compile(ctx: Context) -> None:
 
 def stage_validate(ctx: Context) -> None:
     from amp_deploy.errors import GateFailed
-    from amp_deploy.report import apply_parity_gate, build_report, write_report
+    from amp_deploy.report import apply_fidelity_gate, apply_parity_gate, build_report, write_report
 
-    gate = ctx.recipe.validate_.parity
+    v = ctx.recipe.validate_
     report = build_report(ctx)
-    breaches = apply_parity_gate(report, gate.max_abs_err, gate.cosine_min)
+    parity = apply_parity_gate(report, v.parity.max_abs_err, v.parity.cosine_min)
+    fidelity = apply_fidelity_gate(report, v.fidelity.cosine_mean, v.fidelity.top1_agreement, v.fidelity.accuracy_drop)
     write_report(ctx.out, report)  # written first: a failed gate still leaves the evidence
-    if breaches:
-        raise GateFailed("parity gate failed: " + "; ".join(breaches))
+    failed = [f"parity gate failed: {'; '.join(parity)}"] * bool(parity) + \
+             [f"fidelity gate failed: {'; '.join(fidelity)}"] * bool(fidelity)
+    if failed:
+        raise GateFailed("; ".join(failed))

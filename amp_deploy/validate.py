@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -78,24 +80,73 @@ def _stats(samples_ms: list[float], batch: int) -> dict[str, float]:
     }
 
 
-def latency(runs: dict[str, Callable[[np.ndarray], np.ndarray]], x: np.ndarray, warmup: int,
-            iterations: int) -> dict[str, dict[str, float]]:
-    """Time several runners on the same input, interleaved so drift hits all of them alike.
+def latency(runners: dict, x: np.ndarray, warmup: int, iterations: int,
+            warmup_seconds: float = 0.0) -> dict[str, dict[str, Any]]:
+    """Time several runners on the same input, interleaved so that drift hits all of them alike.
 
-    Each round runs every runner once; the order rotates every round.
+    Warm-up lasts `warmup` rounds and at least `warmup_seconds`. Each timed round runs every runner
+    once, in an order that rotates every round. Host latency includes the runner's sync; a runner
+    with `events` (CUDA) also reports device time between CUDA events.
     """
-    names = list(runs)
-    for _ in range(warmup):
+    names = list(runners)
+    start = time.perf_counter()
+    done = 0
+    while done < warmup or time.perf_counter() - start < warmup_seconds:
         for n in names:
-            runs[n](x)
-    samples: dict[str, list[float]] = {n: [] for n in names}
+            runners[n].run(x)
+        done += 1
+    host: dict[str, list[float]] = {n: [] for n in names}
+    device: dict[str, list[float]] = {n: [] for n in names}
     for it in range(iterations):
         shift = it % len(names)
         for n in names[shift:] + names[:shift]:
-            t0 = time.perf_counter_ns()
-            runs[n](x)
-            samples[n].append((time.perf_counter_ns() - t0) / 1e6)
-    return {n: _stats(s, len(x)) for n, s in samples.items()}
+            r = runners[n]
+            if r.events:
+                import torch
+
+                ev = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                t0 = time.perf_counter_ns()
+                ev[0].record()
+                r.run(x)
+                ev[1].record()
+                r.sync()
+                host[n].append((time.perf_counter_ns() - t0) / 1e6)
+                device[n].append(ev[0].elapsed_time(ev[1]))
+            else:
+                t0 = time.perf_counter_ns()
+                r.run(x)
+                if r.sync:
+                    r.sync()
+                host[n].append((time.perf_counter_ns() - t0) / 1e6)
+    out = {}
+    for n in names:
+        out[n] = _stats(host[n], len(x))
+        if device[n]:
+            out[n]["device"] = _stats(device[n], len(x))
+        out[n]["warmup_rounds"] = done
+    return out
+
+
+def host_peak(fn: Callable[[], Any]) -> tuple[Any, int | None]:
+    """Run fn; return its result and the peak resident memory it added to this process (bytes).
+
+    Linux: the high-water mark is reset through /proc/self/clear_refs, then read from VmHWM. None
+    where that is not available.
+    """
+    try:
+        base = _status_kb("VmRSS")
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        return fn(), None
+    result = fn()
+    return result, max(0, _status_kb("VmHWM") - base) * 1024
+
+
+def _status_kb(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise OSError(f"{field} not in /proc/self/status")
 
 
 def batch_of(images: torch.Tensor, batch: int) -> np.ndarray:

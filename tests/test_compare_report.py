@@ -87,3 +87,46 @@ def test_plots_are_real_pngs_of_the_run(quickstart):
             assert im.format == "PNG" and im.size[0] > 300
         assert f"]({p})" in md
     assert len(rep["fidelity"]["cosines"]) == rep["fidelity"]["images"]
+
+
+def test_fidelity_gate_is_optional_and_exits_1_when_breached(quickstart, tmp_path):
+    from .conftest import FAST, QUICKSTART, build
+
+    out = tmp_path / "out"
+    shutil.copytree(quickstart[0], out)
+    res = build(QUICKSTART, "--out", out, *FAST, "validate.fidelity.cosine_mean=0.9999999")
+    assert res.exit_code == 1 and "fidelity gate failed" in res.output, res.output
+    rep = json.loads((out / "report.json").read_text())
+    assert rep["gates"]["fidelity"]["passed"] is False and rep["gates"]["parity"]["passed"] is True
+    assert "score: inputs unchanged" in res.output  # a gate is part of validation only
+    res = build(QUICKSTART, "--out", out, *FAST, "validate.fidelity.accuracy_drop=1.0")
+    assert res.exit_code == 0, res.output
+
+
+def test_report_records_memory_and_timing_settings(quickstart):
+    rep = json.loads((quickstart[0] / "report.json").read_text())
+    ort = rep["runtimes"]["onnxruntime"]
+    for k in ("original", "pruned"):
+        mem = ort["memory"][k]
+        assert mem["weights_bytes"] == (quickstart[0] / f"{k}.onnx").stat().st_size
+        assert mem["host_peak_bytes"] is None or mem["host_peak_bytes"] >= 0
+        st = ort["latency_ms"][k]["8"]
+        assert st["min"] <= st["p50"] <= st["p90"] <= st["p99"] <= st["max"] and st["iterations"] == 5
+        assert st["throughput"] > 0 and st["warmup_rounds"] >= 2
+    assert rep["validate_settings"]["iterations"] == 5 and rep["environment"]["cpu"]
+    assert ort["memory"]["pruned"]["weights_bytes"] < ort["memory"]["original"]["weights_bytes"]
+
+
+def test_warmup_by_time():
+    import time
+
+    import numpy as np
+
+    from amp_deploy.runtimes import Runner
+    from amp_deploy.validate import latency
+
+    calls = []
+    runner = Runner(lambda x: calls.append(time.perf_counter()) or x)
+    t0 = time.perf_counter()
+    stats = latency({"a": runner}, np.zeros((1, 1), np.float32), warmup=1, iterations=3, warmup_seconds=0.05)
+    assert time.perf_counter() - t0 >= 0.05 and stats["a"]["warmup_rounds"] > 1 and stats["a"]["iterations"] == 3
