@@ -44,9 +44,14 @@ def _fault_point(path: Path) -> None:
 
 def remove_stray_temps(folder: Path) -> list[Path]:
     """Delete temporary files left by a killed writer (only call while holding the folder lock)."""
-    stray = [p for p in folder.glob(".*.tmp") if p.is_file()]
+    stray = [p for p in folder.glob(".*.tmp") if p.is_file()] + [p for p in folder.glob(".*.tmpdir") if p.is_dir()]
     for p in stray:
-        p.unlink(missing_ok=True)
+        if p.is_dir():
+            import shutil
+
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
     return stray
 
 

@@ -36,8 +36,8 @@ _DEPENDS: dict[str, tuple[str, ...]] = {
     "search": ("prune",),
     "rebuild": (),
     "export": ("export",),
-    "compile": ("runtimes",),
-    "validate": ("validate", "runtimes"),
+    "compile": ("runtimes", "compile"),
+    "validate": ("validate", "runtimes", "compile"),
 }
 
 # Files each stage writes: a stage whose outputs are missing or changed is not skipped.

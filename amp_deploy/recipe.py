@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from amp_deploy.errors import UserError
 
-RuntimeName = Literal["onnxruntime", "tensorrt", "torch"]
+RuntimeName = Literal["onnxruntime", "onnxruntime-cuda", "onnxruntime-trt", "tensorrt", "torch", "torch-compile"]
 
 
 class _Strict(BaseModel):
@@ -108,9 +108,23 @@ class ExportSpec(_Strict):
     batch: BatchRange = Field(default_factory=BatchRange)
 
 
+class CompileSpec(_Strict):
+    """TensorRT engine builds (and the precision of ONNX Runtime's TensorRT provider)."""
+
+    precision: Literal["fp32", "fp16", "bf16"] = "fp16"
+    strongly_typed: bool = True  # false: fp32 ONNX plus FP16/BF16 builder flags (TensorRT 10.x only)
+    workspace_mib: int = Field(4096, ge=16)
+    optimization_level: int = Field(3, ge=0, le=5)
+    timing_cache: bool = True  # kept in OUT/timing.cache and reused by later builds
+
+
 class ParityGate(_Strict):
     max_abs_err: float = Field(1e-4, gt=0)
     cosine_min: float = Field(0.99999, ge=-1, le=1)
+
+
+def _reduced_gate() -> ParityGate:
+    return ParityGate(max_abs_err=5e-2, cosine_min=0.999)
 
 
 class FidelityGate(_Strict):
@@ -127,7 +141,8 @@ class ValidateSpec(_Strict):
     warmup_seconds: float = Field(0.0, ge=0)
     iterations: int = Field(50, ge=1)
     threads: int | None = Field(None, ge=1)
-    parity: ParityGate = Field(default_factory=ParityGate)
+    parity: ParityGate = Field(default_factory=ParityGate)  # fp32 runtimes
+    parity_reduced: ParityGate = Field(default_factory=_reduced_gate)  # fp16 / bf16 runtimes
     fidelity: FidelityGate = Field(default_factory=FidelityGate)
 
     @model_validator(mode="after")
@@ -143,6 +158,7 @@ class Recipe(_Strict):
     data: DataSpec = Field(default_factory=DataSpec)
     prune: PruneSpec = Field(default_factory=PruneSpec)
     export: ExportSpec = Field(default_factory=ExportSpec)
+    compile: CompileSpec = Field(default_factory=CompileSpec)
     runtimes: list[RuntimeName] = Field(default_factory=lambda: ["onnxruntime", "tensorrt"])
     validate_: ValidateSpec = Field(default_factory=ValidateSpec, alias="validate")
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import platform
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -13,26 +14,57 @@ import torch
 from amp_deploy import validate as V
 from amp_deploy._private import write_json, write_text
 from amp_deploy.pipeline import Context
+from amp_deploy.export import external_files
 from amp_deploy.rebuild import load_pruned_model
-from amp_deploy.runtimes import Unavailable, onnxruntime_runner, torch_runner
+from amp_deploy.errors import UserError
+from amp_deploy.runtimes import (
+    Unavailable,
+    cuda_providers,
+    onnxruntime_runner,
+    tensorrt_providers,
+    tensorrt_runner,
+    torch_runner,
+)
 
 SCHEMA = "amp-deploy.report/1"
+
+
+def _factories(ctx: Context, torch_models: dict) -> dict[str, tuple[Callable[[str], Any], str]]:
+    """Per runtime: a function that makes the runner for "original" or "pruned", and its precision."""
+    v, out, c = ctx.recipe.validate_, ctx.out, ctx.recipe.compile
+    trt_prec = c.precision
+
+    def compiled(k: str):
+        import torch as t
+
+        return torch_runner(t.compile(torch_models[k]), v.threads, ctx.device)
+
+    return {
+        "onnxruntime": (lambda k: onnxruntime_runner(out / f"{k}.onnx", v.threads), "fp32"),
+        "onnxruntime-cuda": (lambda k: onnxruntime_runner(out / f"{k}.onnx", v.threads, cuda_providers()), "fp32"),
+        "onnxruntime-trt": (lambda k: onnxruntime_runner(out / f"{k}.onnx", v.threads,
+                                                         tensorrt_providers(out / "ort_trt_cache", trt_prec == "fp16")),
+                            "fp16" if trt_prec == "fp16" else "fp32"),
+        "tensorrt": (lambda k: tensorrt_runner(out / f"{k}.plan"), trt_prec),
+        "torch": (lambda k: torch_runner(torch_models[k], v.threads, ctx.device), "fp32"),
+        "torch-compile": (compiled, "fp32"),
+    }
 
 
 def _runtime_row(ctx: Context, name: str, torch_models: dict, holdout: torch.Tensor,
                  refs: dict[str, torch.Tensor]) -> dict[str, Any]:
     v, out = ctx.recipe.validate_, ctx.out
     if name == "tensorrt":
-        return json.loads((out / "compile.json").read_text())
+        compiled = json.loads((out / "compile.json").read_text())
+        if compiled["status"] != "ok":
+            return compiled
+    factory, precision = _factories(ctx, torch_models)[name]
     largest = V.batch_of(holdout, max(v.batch_sizes))
 
     def make(k: str):
         """The runner, warmed by one run at the largest batch, and the host memory that took."""
         def create():
-            if name == "onnxruntime":
-                r = onnxruntime_runner(out / f"{k}.onnx", v.threads)
-            else:
-                r = torch_runner(torch_models[k], v.threads, ctx.device)
+            r = factory(k)
             r.run(largest)
             return r
         return V.host_peak(create)
@@ -44,12 +76,16 @@ def _runtime_row(ctx: Context, name: str, torch_models: dict, holdout: torch.Ten
             if ctx.device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats()
             runners[k], peaks[k] = make(k)
-            if ctx.device.type == "cuda" and name == "torch":
+            if ctx.device.type == "cuda" and name.startswith("torch"):
                 peaks[k] = (peaks[k], torch.cuda.max_memory_allocated())
     except Unavailable as e:
         return {"status": "skipped", "reason": str(e)}
-    row: dict[str, Any] = {"status": "ok", "settings": runners["original"].info}
-    if name != "torch":  # the torch row *is* the reference: parity with itself would prove nothing
+    except UserError as e:
+        return {"status": "failed", "reason": str(e)}
+    except Exception as e:  # noqa: BLE001 - a runtime that breaks is a report row, not a crash
+        return {"status": "failed", "reason": f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:400]}"}
+    row: dict[str, Any] = {"status": "ok", "precision": precision, "settings": runners["original"].info}
+    if name not in ("torch",):  # the eager torch row *is* the reference: parity with itself proves nothing
         row["parity"] = _parity(runners, holdout, refs, ctx.recipe.export.batch.max)
     row["latency_ms"] = {"original": {}, "pruned": {}}
     advance = ctx.task(f"validate: {name} latency", len(v.batch_sizes))
@@ -64,14 +100,22 @@ def _runtime_row(ctx: Context, name: str, torch_models: dict, holdout: torch.Ten
         row["warnings"] = [f"unstable timing (coefficient of variation above 2.5%): {', '.join(unstable)}"]
     row["speedup"] = {str(b): row["latency_ms"]["original"][str(b)]["p50"] / row["latency_ms"]["pruned"][str(b)]["p50"]
                       for b in v.batch_sizes}
-    sizes = {"onnxruntime": lambda k: (out / f"{k}.onnx").stat().st_size,
-             "torch": lambda k: sum(p.numel() * p.element_size() for p in torch_models[k].parameters())}
     row["memory"] = {}
     for k in ("original", "pruned"):
         host, dev = peaks[k] if isinstance(peaks[k], tuple) else (peaks[k], None)
-        row["memory"][k] = {"weights_bytes": sizes[name](k), "host_peak_bytes": host,
+        if name == "tensorrt":
+            dev = runners[k].info["device_memory_bytes"]
+        row["memory"][k] = {"weights_bytes": _weights_bytes(name, out, k, torch_models), "host_peak_bytes": host,
                             "device_peak_bytes": dev, "measured_at_batch": max(v.batch_sizes)}
     return row
+
+
+def _weights_bytes(name: str, out: Path, k: str, torch_models: dict) -> int:
+    if name == "tensorrt":
+        return (out / f"{k}.plan").stat().st_size
+    if name.startswith("torch"):
+        return sum(p.numel() * p.element_size() for p in torch_models[k].parameters())
+    return sum(f.stat().st_size for f in [out / f"{k}.onnx", *external_files(out / f"{k}.onnx")])
 
 
 def _parity(runners: dict, holdout: torch.Tensor, refs: dict[str, torch.Tensor], max_batch: int) -> dict:
@@ -157,18 +201,21 @@ def _cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def parity_breaches(report: dict, max_abs_err: float, cosine_min: float) -> list[str]:
+def parity_breaches(report: dict, max_abs_err: float, cosine_min: float,
+                    reduced: tuple[float, float] | None = None) -> list[str]:
+    """Runtimes whose outputs differ from torch's beyond the limits (fp16/bf16 rows: `reduced`)."""
     out = []
     for name, row in report["runtimes"].items():
+        lim_err, lim_cos = reduced if reduced and row.get("precision") in ("fp16", "bf16") else (max_abs_err, cosine_min)
         for k in ("original", "pruned"):
             p = (row.get("parity") or {}).get(k)
             if p is None:
                 continue
             # "not <=" so that NaN counts as a breach
-            if not p["max_abs_err"] <= max_abs_err:
-                out.append(f"{name} {k}: max_abs_err {p['max_abs_err']:.3g} > {max_abs_err:g}")
-            if not p["cosine_min"] >= cosine_min:
-                out.append(f"{name} {k}: cosine_min {p['cosine_min']:.7f} < {cosine_min:g}")
+            if not p["max_abs_err"] <= lim_err:
+                out.append(f"{name} {k}: max_abs_err {p['max_abs_err']:.3g} > {lim_err:g}")
+            if not p["cosine_min"] >= lim_cos:
+                out.append(f"{name} {k}: cosine_min {p['cosine_min']:.7f} < {lim_cos:g}")
     return out
 
 
@@ -190,9 +237,10 @@ def apply_fidelity_gate(report: dict, cosine_mean: float | None, top1_agreement:
     return breaches
 
 
-def apply_parity_gate(report: dict, max_abs_err: float, cosine_min: float) -> list[str]:
+def apply_parity_gate(report: dict, max_abs_err: float, cosine_min: float,
+                      reduced: tuple[float, float] | None = None) -> list[str]:
     """Record the parity gate in the report; return its breaches (empty when it passed)."""
-    breaches = parity_breaches(report, max_abs_err, cosine_min)
+    breaches = parity_breaches(report, max_abs_err, cosine_min, reduced)
     report.setdefault("gates", {})["parity"] = {"passed": not breaches, "breaches": breaches,
                                                 "max_abs_err": max_abs_err, "cosine_min": cosine_min}
     return breaches

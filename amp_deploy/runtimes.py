@@ -6,6 +6,7 @@ A runtime that cannot run here raises `Unavailable` with the reason; the report 
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,17 +43,78 @@ def onnxruntime_runner(path: str | Path, threads: int | None = None,
     if threads:
         opts.intra_op_num_threads = threads
     opts.log_severity_level = 3
-    session = ort.InferenceSession(str(path), sess_options=opts, providers=list(providers))
-    got = session.get_providers()
-    if got[0] != providers[0]:
-        raise Unavailable(f"onnxruntime gave providers {got}, not {providers[0]}")
+    wanted = providers[0] if isinstance(providers[0], str) else providers[0][0]
+    if wanted == "CPUExecutionProvider":
+        session = ort.InferenceSession(str(path), sess_options=opts, providers=list(providers))
+    else:
+        try:
+            with _quiet_native():  # a missing CUDA/TensorRT library is reported below, not on the console
+                session = ort.InferenceSession(str(path), sess_options=opts, providers=list(providers))
+        except Exception as e:  # noqa: BLE001 - onnxruntime raises plain RuntimeErrors for missing libraries
+            raise Unavailable(f"onnxruntime could not start {wanted}: {str(e).strip().splitlines()[0][:200]}") from None
+    got = session.get_providers()  # what the session really got, not what onnxruntime lists
+    if got[0] != wanted:
+        raise Unavailable(f"onnxruntime did not give {wanted} (the session got {got}): "
+                          "no usable GPU or CUDA/TensorRT libraries here")
     out_name = session.get_outputs()[0].name
+    if wanted == "CPUExecutionProvider":
+        def run(x: np.ndarray) -> np.ndarray:
+            return session.run([out_name], {INPUT_NAME: x})[0]
+    else:
+        binding = session.io_binding()  # output stays on the device until copied back
 
-    def run(x: np.ndarray) -> np.ndarray:
-        return session.run([out_name], {INPUT_NAME: x})[0]
+        def run(x: np.ndarray) -> np.ndarray:
+            binding.bind_cpu_input(INPUT_NAME, x)
+            binding.bind_output(out_name, "cuda")
+            session.run_with_iobinding(binding)
+            return binding.copy_outputs_to_cpu()[0]
 
     info = {"version": ort.__version__, "providers": got, "threads": threads or "default"}
     return Runner(run, info)
+
+
+def cuda_providers() -> tuple:
+    """ONNX Runtime's CUDA provider with TF32 off: fp32 figures and a tight parity baseline."""
+    return (("CUDAExecutionProvider", {"use_tf32": 0}), "CPUExecutionProvider")
+
+
+def tensorrt_providers(cache_dir: str | Path, fp16: bool) -> tuple:
+    """ONNX Runtime's TensorRT provider, its engine and timing caches kept in the output folder."""
+    opts = {"trt_engine_cache_enable": True, "trt_engine_cache_path": str(cache_dir),
+            "trt_timing_cache_enable": True, "trt_timing_cache_path": str(cache_dir), "trt_fp16_enable": fp16}
+    return (("TensorrtExecutionProvider", opts),) + cuda_providers()
+
+
+@contextlib.contextmanager
+def _quiet_native():
+    """Silence onnxruntime's own stderr while a session is created (C++ logging bypasses Python)."""
+    import os
+    import sys
+
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with open(os.devnull, "w") as null:
+        os.dup2(null.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+
+
+def tensorrt_runner(plan: str | Path) -> Runner:
+    from amp_deploy.tensorrt_engine import TensorRTRunner
+
+    if reason := tensorrt_unavailable_reason():
+        raise Unavailable(reason)
+    engine = TensorRTRunner(plan)
+
+    def run(x: np.ndarray) -> np.ndarray:
+        return engine(torch.from_numpy(x)).float().cpu().numpy()
+
+    info = {"tensorrt": engine.meta["tensorrt"], "gpu": engine.meta["gpu"], "precision": engine.meta["settings"]["precision"],
+            "device_memory_bytes": engine.device_memory_bytes()}
+    return Runner(run, info, sync=torch.cuda.synchronize, events=True)
 
 
 def torch_runner(model: torch.nn.Module, threads: int | None = None,

@@ -10,7 +10,9 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 QUICKSTART = REPO / "recipes" / "quickstart.yaml"
 
-requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def requires_cuda(fn):
+    """Marked `gpu`; skipped, with the reason, where no CUDA device is present."""
+    return pytest.mark.gpu(pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")(fn))
 
 
 def _has_trt() -> bool:
@@ -21,7 +23,9 @@ def _has_trt() -> bool:
     return torch.cuda.is_available()
 
 
-requires_trt = pytest.mark.skipif(not _has_trt(), reason="needs the tensorrt package and a CUDA device")
+def requires_trt(fn):
+    """Marked `trt`; skipped, with the reason, where tensorrt or a CUDA device is missing."""
+    return pytest.mark.trt(pytest.mark.skipif(not _has_trt(), reason="needs the tensorrt package and a CUDA device")(fn))
 
 
 @pytest.fixture(autouse=True)
