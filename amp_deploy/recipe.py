@@ -80,6 +80,7 @@ class PruneSpec(_Strict):
     steps: int = Field(6, ge=1, le=20)
     align: int = Field(1, ge=1)
     cache: bool = True  # reuse the hidden states entering each block during the search
+    checkpointing: bool = False  # recompute activations while scoring, so that giant models fit
 
     @model_validator(mode="after")
     def _check(self) -> PruneSpec:

@@ -44,25 +44,49 @@ def loss_fn(criterion: Criterion, output: Output, temperature: float) -> Callabl
     return lambda out, labels: entropy(out, output, temperature)
 
 
+class _Probe(torch.autograd.Function):
+    """Identity on the input of fc_out whose backward hands (a, dL/da) to a sink.
+
+    `a` is kept with save_for_backward, so under activation checkpointing it is dropped after the
+    forward and recomputed for the backward like any other saved activation; and the backward runs
+    once per batch whether checkpointing recomputes the forward or not.
+    """
+
+    @staticmethod
+    def forward(ctx, a, sink):
+        ctx.save_for_backward(a)
+        ctx.sink = sink
+        return a.view_as(a)
+
+    @staticmethod
+    def backward(ctx, g):
+        (a,) = ctx.saved_tensors
+        ctx.sink(a.detach(), g)
+        return g, None
+
+
 def taylor_scores(loaded: Loaded, batches: Iterable, loss: Callable, device: torch.device,
-                  autocast: bool = False) -> dict[str, list[torch.Tensor]]:
-    """Mean over batches of the per-batch |a*g| (and signed a*g) at each fc_out input."""
+                  autocast: bool = False, checkpointing: bool = False) -> dict[str, list[torch.Tensor]]:
+    """Mean over batches of the per-batch |a*g| (and signed a*g) at each fc_out input.
+
+    `checkpointing` recomputes block activations in the backward (timm and open_clip models) so
+    that giant models fit; the scores are the same.
+    """
     model = loaded.model
     n = len(loaded.sites)
     sums = {"abs": [None] * n, "signed": [None] * n}
-    hooks = []
 
     def pre_hook(i: int):
         def hook(_mod, args):
-            a = args[0]
-            if a.requires_grad:
-                a.register_hook(lambda g: _accumulate(sums, i, a.detach(), g))
+            if torch.is_grad_enabled() and args[0].requires_grad:
+                return (_Probe.apply(args[0], lambda a, g: _accumulate(sums, i, a, g)), *args[1:])
+            return None
         return hook
 
-    for i in range(n):
-        hooks.append(loaded.mlp_modules(i)["fc_out"].register_forward_pre_hook(pre_hook(i)))
+    hooks = [loaded.mlp_modules(i)["fc_out"].register_forward_pre_hook(pre_hook(i)) for i in range(n)]
     params = [p.requires_grad for p in model.parameters()]
     model.requires_grad_(False)
+    _set_checkpointing(model, checkpointing)
     batches_seen = 0
     try:
         for x, labels in batches:
@@ -78,7 +102,18 @@ def taylor_scores(loaded: Loaded, batches: Iterable, loss: Callable, device: tor
             h.remove()
         for p, flag in zip(model.parameters(), params):
             p.requires_grad_(flag)
+        _set_checkpointing(model, False)
     return _finish(sums, batches_seen)
+
+
+def _set_checkpointing(model: torch.nn.Module, enable: bool) -> None:
+    if not hasattr(model, "set_grad_checkpointing"):
+        if enable:
+            from amp_deploy.errors import UserError
+
+            raise UserError(f"prune.checkpointing: {type(model).__name__} has no set_grad_checkpointing()")
+        return
+    model.set_grad_checkpointing(enable)
 
 
 def _accumulate(sums: dict, i: int, a: torch.Tensor, g: torch.Tensor) -> None:

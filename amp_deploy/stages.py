@@ -52,7 +52,7 @@ def stage_score(ctx: Context) -> None:
                 advance()
 
         sums = taylor_scores(loaded, batches(), loss_fn(p.criterion, loaded.output, p.temperature),
-                             ctx.device, autocast=ctx.device.type == "cuda")
+                             ctx.device, autocast=ctx.device.type == "cuda", checkpointing=p.checkpointing)
     else:
         s = magnitude_scores(loaded) if p.criterion == "magnitude" else random_scores(loaded, ctx.recipe.data.seed)
         sums = {"abs": s, "signed": [t.clone() for t in s]}

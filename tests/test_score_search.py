@@ -122,3 +122,23 @@ def test_width_grid_and_uniform():
     assert width_grid(8, 1) == list(range(1, 9))
     assert uniform_widths([256, 100], 0.5, 64) == [128, 64]
     assert uniform_widths([256], 0.01, 64) == [64]  # never zero
+
+
+@pytest.mark.parametrize("family", ["timm", "open_clip"])
+def test_activation_checkpointing_gives_the_same_scores(family):
+    from amp_deploy.data import load_synthetic_data
+    from amp_deploy.families import load_model
+
+    if family == "timm":
+        loaded = load_model("timm", "test_vit", False, {"depth": 3, "img_size": 32, "num_classes": 10})
+    else:
+        loaded = load_model("open_clip", "ViT-B-32", False, {
+            "embed_dim": 32, "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "patch_size": 16, "head_width": 32},
+            "text_cfg": {"context_length": 16, "vocab_size": 1000, "width": 32, "heads": 2, "layers": 1}})
+    data = load_synthetic_data(8, 1, 1, 0, loaded.transform, loaded.input_size[1:])
+    loss = loss_fn("entropy", loaded.output, 15.0)
+    plain = taylor_scores(loaded, data.calibration.batches(4), loss, torch.device("cpu"))
+    ckpt = taylor_scores(loaded, data.calibration.batches(4), loss, torch.device("cpu"), checkpointing=True)
+    for key in ("abs", "signed"):
+        torch.testing.assert_close(torch.cat(ckpt[key]), torch.cat(plain[key]), rtol=1e-5, atol=1e-9)
+    assert all((s > 0).any() for s in plain["abs"])
