@@ -275,12 +275,18 @@ def render_md(rep: dict) -> str:
               f"- accuracy: {_fmt(fi['accuracy_original'], '.2f')}% -> {_fmt(fi['accuracy_pruned'], '.2f')}%",
               f"- top-1 agreement: {_fmt(fi['top1_agreement'] and fi['top1_agreement'] * 100, '.2f')}%",
               f"- cosine: mean {fi['cosine_mean']:.5f}, min {fi['cosine_min']:.5f} ({fi['images']} images)", ""]
-    lines += ["## Runtimes", ""]
+    env, vs = rep.get("environment", {}), rep.get("validate_settings", {})
+    lines += ["## Runtimes", "",
+              f"Measured on {env.get('cpu')} ({env.get('cpu_count')} CPUs)"
+              + (f", GPU {env['gpu']}" if env.get("gpu") else ", no GPU")
+              + f"; torch {env.get('torch')}; warm-up {vs.get('warmup')} rounds and {vs.get('warmup_seconds')} s, "
+              f"{vs.get('iterations')} timed iterations, original and pruned interleaved.", ""]
     for name, row in rep["runtimes"].items():
         if row["status"] != "ok":
             lines += [f"- **{name}**: {row['status']}: {row.get('reason', '')}", ""]
             continue
-        lines += [f"### {name}", ""]
+        lines += [f"### {name}", "", "Settings: " + ", ".join(f"{k} {v}" for k, v in row["settings"].items())
+                  + f"; precision {row.get('precision', 'fp32')}.", ""]
         par = row.get("parity")
         if par:
             lines += [f"Parity vs torch (same weights): max abs err {par['max_abs_err']:.2e}, "
@@ -304,6 +310,8 @@ def render_md(rep: dict) -> str:
     lines.append("")
     for name, gate in rep.get("gates", {}).items():
         verdict = "passed" if gate.get("passed", True) else "FAILED: " + "; ".join(gate["breaches"])
+        if name == "fidelity" and all(v is None for v in gate.get("limits", {}).values()):
+            verdict = "no limits set (validate.fidelity)"
         lines.append(f"{name.capitalize()} gate: {verdict}")
     lines.append("")
     return "\n".join(lines)
