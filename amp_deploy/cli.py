@@ -139,8 +139,15 @@ def check(recipe: Annotated[Path, typer.Argument(help="Recipe YAML file.")], ove
     """Validate a recipe and print every problem at once."""
     from amp_deploy.recipe import recipe_document, recipe_problems
 
+    from amp_deploy.pipeline import preflight
+
     doc = recipe_document(recipe, overrides or [])
-    _, problems = recipe_problems(doc)
+    parsed, problems = recipe_problems(doc)
+    if parsed is not None:
+        try:
+            preflight(parsed)  # what the schema cannot see: model names, weights files, image counts
+        except UserError as e:
+            problems.append(str(e))
     if problems:
         for p in problems:
             err.print(f"{recipe}: {p}", soft_wrap=True)

@@ -240,6 +240,14 @@ def preflight(recipe: Recipe) -> None:
 
         check_safetensors(m.pretrained)
     d = recipe.data
+    if d.source == "digits":
+        from amp_deploy.data import DIGITS_TEST
+
+        if d.holdout > DIGITS_TEST:
+            raise UserError(f"data.holdout: the digits test split has {DIGITS_TEST} images, the recipe asks for {d.holdout}")
+        if d.calibration + d.validation > 1797 - DIGITS_TEST:
+            raise UserError(f"data: the digits training split has {1797 - DIGITS_TEST} images, the recipe asks for "
+                            f"{d.calibration + d.validation} (data.calibration + data.validation)")
     if d.source == "folder":
         from amp_deploy.data import count_image_files
 

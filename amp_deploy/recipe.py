@@ -154,7 +154,7 @@ class ValidateSpec(_Strict):
 
 
 class Recipe(_Strict):
-    name: str
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", max_length=100)  # names the default out/NAME
     model: ModelSpec
     data: DataSpec = Field(default_factory=DataSpec)
     prune: PruneSpec = Field(default_factory=PruneSpec)

@@ -107,3 +107,14 @@ def test_check_lists_every_problem(tmp_path):
     res = runner.invoke(app, ["check", str(r)])
     assert res.exit_code == 2 and "model.colour" in res.output and "prune.steps" in res.output
     assert runner.invoke(app, ["check", str(QUICKSTART)]).exit_code == 0
+
+
+def test_check_also_runs_the_preflight(tmp_path):
+    res = runner.invoke(app, ["check", str(QUICKSTART), "model.name=vit_tiny_patch16_22", "data.holdout=999"])
+    assert res.exit_code == 2 and "did you mean vit_tiny_patch16_224" in res.output
+
+
+def test_bad_name_and_too_many_digits_fail_before_anything_is_written(tmp_path):
+    _one_line_error(_build(QUICKSTART, "--out", tmp_path / "o", "name=../x"), "name: String should match pattern")
+    _one_line_error(_build(QUICKSTART, "--out", tmp_path / "o", "data.holdout=1000"), "digits test split has 360")
+    assert not (tmp_path / "o").exists()
