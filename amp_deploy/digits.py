@@ -43,13 +43,13 @@ def _shift(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
 
 
 def train_digits_vit(epochs: int = 100, batch_size: int = 16, lr: float = 2e-3, seed: int = 0,
-                     log=print) -> tuple[torch.nn.Module, float]:
-    """Train the embedded model; return it (eval mode) and its top-1 on the fixed test split."""
+                     log=print, depth: int | None = None) -> tuple[torch.nn.Module, float]:
+    """Train the embedded model (or a deeper variant); return it (eval mode) and its test top-1."""
     from amp_deploy.data import digits_images, digits_split
     from amp_deploy.families import load_timm
 
     torch.manual_seed(seed)
-    loaded = load_timm(MODEL_NAME, False, MODEL_KWARGS)
+    loaded = load_timm(MODEL_NAME, False, {**MODEL_KWARGS, "depth": depth or MODEL_KWARGS["depth"]})
     model = loaded.model
     images, labels = digits_images()
     x = torch.stack([loaded.transform(im) for im in images])
@@ -84,15 +84,21 @@ def accuracy(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
 
 
 def main() -> None:
+    import argparse
+
     from safetensors.torch import save_file
 
     from amp_deploy._private import atomic_path
 
-    model, acc = train_digits_vit()
-    with atomic_path(ASSET) as tmp:
+    ap = argparse.ArgumentParser(description="Train the embedded digits ViT (fixed seeds).")
+    ap.add_argument("--depth", type=int, default=MODEL_KWARGS["depth"], help="blocks (4: the embedded model)")
+    ap.add_argument("--out", default=str(ASSET), help="where to write the safetensors file")
+    args = ap.parse_args()
+    model, acc = train_digits_vit(depth=args.depth)
+    with atomic_path(args.out) as tmp:
         save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp),
-                  metadata={"test_top1": f"{acc:.4f}", "model": MODEL_NAME})
-    print(f"wrote {ASSET} (test top-1 {acc:.2%})")
+                  metadata={"test_top1": f"{acc:.4f}", "model": MODEL_NAME, "depth": str(args.depth)})
+    print(f"wrote {args.out} (test top-1 {acc:.2%})")
 
 
 if __name__ == "__main__":

@@ -42,9 +42,11 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--budgets", type=float, nargs="+", default=[0.75, 0.65, 0.61])
     ap.add_argument("--json", default=None)
+    ap.add_argument("--weights", default=str(digits.ASSET), help="weights of a digits ViT (default: the embedded one)")
+    ap.add_argument("--depth", type=int, default=digits.MODEL_KWARGS["depth"], help="its depth, if retrained deeper")
     args = ap.parse_args()
     torch.manual_seed(0)
-    base = load_timm(digits.MODEL_NAME, str(digits.ASSET), digits.MODEL_KWARGS)
+    base = load_timm(digits.MODEL_NAME, args.weights, {**digits.MODEL_KWARGS, "depth": args.depth})
     data = load_digits_data(512, 256, 360, 0, base.transform)
     total = params(base.model)
     with torch.no_grad():
