@@ -81,3 +81,19 @@ def test_two_gloo_processes_give_the_scores_of_one(tmp_path):
         assert rel <= 1e-5, (k, rel)
     ra, rb = (json.loads((d / "report.json").read_text()) for d in (one, two))
     assert ra["widths"] == rb["widths"]
+
+
+def test_a_pruned_checkpoint_can_be_pruned_again(quickstart, tmp_path):
+    import yaml
+
+    first = json.loads((quickstart[0] / "report.json").read_text())["widths"]["pruned"]
+    recipe = tmp_path / "again.yaml"
+    recipe.write_text(yaml.safe_dump({
+        "name": "again", "model": {"source": "checkpoint", "pretrained": str(quickstart[0] / "pruned.safetensors")},
+        "data": {"source": "digits", "calibration": 128, "validation": 128, "holdout": 64},
+        "prune": {"threshold": 0.02}}))
+    out = tmp_path / "out"
+    run_stages(Context(load_recipe(recipe), out, torch.device("cpu"), log=lambda *_: None), PRUNE_STAGES)
+    search = json.loads((out / "search.json").read_text())
+    assert search["original_widths"] == first
+    assert all(w <= h for w, h in zip(search["widths"], first)) and search["widths"] != first
