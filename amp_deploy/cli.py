@@ -176,6 +176,35 @@ def inspect(path: Annotated[Path, typer.Argument(help="A pruned.safetensors or a
               f"FLOPs/image: {count_flops(loaded.model, loaded.input_size):,}")
 
 
+class Backend(str, Enum):
+    onnxruntime = "onnxruntime"
+    tensorrt = "tensorrt"
+
+
+@app.command()
+@_handled
+def triton(folder: Annotated[Path, typer.Argument(help="Output folder of a build.")],
+           repo: Annotated[Path, typer.Option("--repo", help="Triton model repository to write into.")],
+           name: Annotated[str | None, typer.Option(help="Model name in the repository (default: the recipe's name).")] = None,
+           backend: Annotated[Backend, typer.Option(help="onnxruntime (pruned.onnx) or tensorrt (pruned.plan).")] = Backend.onnxruntime,
+           original: Annotated[bool, typer.Option("--original", help="Serve the original model instead of the pruned one.")] = False) -> None:
+    """Write a Triton Inference Server model repository entry for a build."""
+    import re
+
+    from amp_deploy.triton import write_model_repository
+
+    if name is None:
+        import yaml
+
+        recipe = folder / "recipe.yaml"
+        name = (yaml.safe_load(recipe.read_text()) or {}).get("name") if recipe.is_file() else None
+        name = name or folder.name
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name):
+        raise UserError(f"--name {name!r}: use letters, digits, '.', '_' and '-'")
+    path = write_model_repository(folder, repo, name, backend.value, "original" if original else "pruned")
+    out.print(f"wrote {path} (config.pbtxt, 1/)")
+
+
 class Format(str, Enum):
     table = "table"
     md = "md"
