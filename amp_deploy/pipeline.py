@@ -290,6 +290,9 @@ def run_stages(ctx: Context, stages: tuple[str, ...], force: bool = False) -> di
             else:
                 getattr(impl, f"stage_{stage}")(ctx)
             seconds = time.perf_counter() - start
+            if ctx.progress is not None:  # a finished stage's bars give way to its one-line summary
+                for tid in list(ctx.progress.task_ids):
+                    ctx.progress.remove_task(tid)
             record(out, manifest, stage, keys[stage], seconds)
             ctx.log(f"{stage}: done in {seconds:.1f}s")
             status[stage] = "ran"
