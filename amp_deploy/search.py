@@ -21,6 +21,9 @@ from amp_deploy.families import Loaded
 from amp_deploy.rebuild import keep_top, set_modules, sliced_modules
 
 
+CACHE_ON_DEVICE_BYTES = 4 << 30  # cached block inputs beyond this go to host memory
+
+
 class _Skip(nn.Module):
     def forward(self, x, *args, **kwargs):
         return x
@@ -57,6 +60,7 @@ class _Evaluator:
         self.depth = len(loaded.sites)
         self.inputs: list[list[torch.Tensor]] = [[] for _ in range(self.depth)]
         self.block_forwards = 0
+        self.cached_bytes = 0
 
     @torch.no_grad()
     def first_pass(self) -> float:
@@ -66,7 +70,7 @@ class _Evaluator:
         if self.cached:
             for i in range(1, self.depth):
                 hooks.append(blocks[i].register_forward_pre_hook(
-                    lambda _m, args, i=i: self.inputs[i].append(args[0])))
+                    lambda _m, args, i=i: self.inputs[i].append(self._store(args[0]))))
         try:
             return self._run(0)
         finally:
@@ -93,7 +97,7 @@ class _Evaluator:
         total, count = 0.0, 0
         for b, (x, labels) in enumerate(self.batches):
             if replay is not None:
-                replay.value = self.inputs[start][b]
+                replay.value = self.inputs[start][b].to(self.device, non_blocking=True)
             out = self.loaded.model(x.to(self.device))
             require_finite(out, f"search (block {start})")
             labels = labels.to(self.device) if labels is not None else None
@@ -101,6 +105,20 @@ class _Evaluator:
             count += len(x)
         self.block_forwards += self.depth - start
         return total / count
+
+    def _store(self, t: torch.Tensor) -> torch.Tensor:
+        """Keep cached hidden states on the GPU while they are small; past a budget, in host memory.
+
+        The cache holds every block's input for every validation image (ViT-g/14, 256 images:
+        ~15 GB in fp32), so giant models keep it in pinned host memory and copy one block's worth
+        back per bisection step.
+        """
+        if t.device.type != "cuda":
+            return t
+        self.cached_bytes += t.numel() * t.element_size()
+        if self.cached_bytes <= CACHE_ON_DEVICE_BYTES:
+            return t
+        return t.to("cpu", non_blocking=False).pin_memory()
 
     def release(self, i: int) -> None:
         self.inputs[i] = []
