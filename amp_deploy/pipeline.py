@@ -63,13 +63,33 @@ def _section(doc: dict, dotted: str) -> Any:
     return doc
 
 
+def _machine() -> dict[str, Any]:
+    """What engines and timings depend on: the GPU, TensorRT's presence and version, the CPU."""
+    import importlib.metadata
+    import importlib.util
+    import platform
+
+    trt = None
+    if importlib.util.find_spec("tensorrt") is not None:
+        try:
+            trt = importlib.metadata.version("tensorrt")
+        except importlib.metadata.PackageNotFoundError:
+            trt = "unknown"
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else None
+    return {"tensorrt": trt, "gpu": gpu, "host": platform.node(), "cpus": os.cpu_count()}
+
+
 def stage_keys(recipe: Recipe) -> dict[str, str]:
     doc = recipe.to_dict()
     weights = doc["model"]["pretrained"]
     extra = {"weights": hash_file(weights) if isinstance(weights, str) else weights, "versions": _versions()}
     keys, prev = {}, hash_obj(extra)
+    machine = _machine()
     for stage in STAGES:
-        prev = keys[stage] = hash_obj({"prev": prev, **{d: _section(doc, d) for d in _DEPENDS[stage]}})
+        # Engines and measurements belong to the machine they were made on; moved to another
+        # (a GPU, TensorRT installed), compile and validate run again.
+        where = {"machine": machine} if stage in ("compile", "validate") else {}
+        prev = keys[stage] = hash_obj({"prev": prev, **where, **{d: _section(doc, d) for d in _DEPENDS[stage]}})
     return keys
 
 

@@ -201,3 +201,16 @@ def test_empty_folder_and_too_few_images_exit_2(tmp_path):
     data = {"source": "folder", "path": str(empty), "calibration": 4, "validation": 4, "holdout": 2, "batch_size": 4}
     _exit2(build(tiny_recipe(tmp_path, data=data), "--out", tmp_path / "o"), "no image files")
     assert not (tmp_path / "o").exists()
+
+
+def test_another_machine_recompiles_and_revalidates_but_keeps_the_pruning(monkeypatch):
+    from amp_deploy import pipeline
+    from amp_deploy.recipe import load_recipe
+
+    recipe = load_recipe(QUICKSTART)
+    here = pipeline.stage_keys(recipe)
+    monkeypatch.setattr(pipeline, "_machine", lambda: {"tensorrt": "10.13.0", "gpu": "NVIDIA H100", "host": "x", "cpus": 16})
+    there = pipeline.stage_keys(recipe)
+    for stage in ("score", "search", "rebuild", "export"):
+        assert here[stage] == there[stage]
+    assert here["compile"] != there["compile"] and here["validate"] != there["validate"]
