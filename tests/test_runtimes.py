@@ -173,3 +173,15 @@ def test_tensorrt_engine_builds_runs_and_keeps_parity(tmp_path, precision):
     limit = 1e-3 if precision == "fp32" else 5e-2
     assert row["parity"]["pruned"]["max_abs_err"] <= limit
     assert (out / "timing.cache").is_file()
+
+
+@pytest.mark.slow
+def test_torch_compile_row_runs_where_inductor_works(tmp_path):
+    out = tmp_path / "out"
+    res = build(QUICKSTART, "--out", out, *FAST, "runtimes=[torch-compile]", "validate.batch_sizes=[1]")
+    assert res.exit_code == 0, res.output
+    row = json.loads((out / "report.json").read_text())["runtimes"]["torch-compile"]
+    if row["status"] != "ok":  # inductor needs a C++ compiler; without one the row must say why
+        assert row["status"] == "failed" and row["reason"]
+        pytest.skip(f"torch.compile does not work here: {row['reason']}")
+    assert row["parity"]["pruned"]["max_abs_err"] <= 1e-4
