@@ -137,9 +137,8 @@ app.command("validate")(_stage_command(("validate",), "Measure parity, fidelity,
 @_handled
 def check(recipe: Annotated[Path, typer.Argument(help="Recipe YAML file.")], overrides: Overrides = None) -> None:
     """Validate a recipe and print every problem at once."""
-    from amp_deploy.recipe import recipe_document, recipe_problems
-
     from amp_deploy.pipeline import preflight
+    from amp_deploy.recipe import recipe_document, recipe_problems
 
     doc = recipe_document(recipe, overrides or [])
     parsed, problems = recipe_problems(doc)

@@ -50,7 +50,7 @@ def in_dtype(model: nn.Module, precision: str) -> nn.Module:
     if precision == "fp32":
         return model
     model = copy.deepcopy(model).to(DTYPES[precision])
-    for name, mod in list(model.named_modules()):
+    for _, mod in list(model.named_modules()):
         for child_name, child in list(mod.named_children()):
             if isinstance(child, nn.LayerNorm):
                 setattr(mod, child_name, Fp32LayerNorm(child))

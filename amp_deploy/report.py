@@ -13,10 +13,10 @@ import torch
 
 from amp_deploy import validate as V
 from amp_deploy._private import write_json, write_text
-from amp_deploy.pipeline import Context
-from amp_deploy.export import external_files
-from amp_deploy.rebuild import load_pruned_model
 from amp_deploy.errors import UserError
+from amp_deploy.export import external_files
+from amp_deploy.pipeline import Context
+from amp_deploy.rebuild import load_pruned_model
 from amp_deploy.runtimes import (
     Unavailable,
     cuda_providers,

@@ -20,7 +20,6 @@ from amp_deploy.data import Split
 from amp_deploy.families import Loaded
 from amp_deploy.rebuild import keep_top, set_modules, sliced_modules
 
-
 CACHE_ON_DEVICE_BYTES = 4 << 30  # cached block inputs beyond this go to host memory
 
 

@@ -13,11 +13,11 @@ from pathlib import Path
 import torch
 
 from amp_deploy._private import atomic_path, write_json
+from amp_deploy.distributed import rank_world
+from amp_deploy.families import Loaded
 from amp_deploy.pipeline import Context
 from amp_deploy.rebuild import apply_widths, load_pruned_model, save_pruned
 from amp_deploy.score import loss_fn, magnitude_scores, random_scores, taylor_scores
-from amp_deploy.distributed import rank_world
-from amp_deploy.families import Loaded
 from amp_deploy.search import adaptive_widths, budget_widths, uniform_widths
 
 

@@ -8,7 +8,8 @@ from typer.testing import CliRunner
 
 from amp_deploy.cli import app
 
-from .conftest import FAST, QUICKSTART, build as _build
+from .conftest import FAST, QUICKSTART
+from .conftest import build as _build
 
 runner = CliRunner()
 
