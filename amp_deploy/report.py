@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import platform
 import time
 from collections.abc import Callable
@@ -133,7 +134,7 @@ def build_report(ctx: Context) -> dict[str, Any]:
     original = ctx.original()
     pruned = load_pruned_model(out / "pruned.safetensors")
     search = json.loads((out / "search.json").read_text())
-    score_meta = json.loads((out / "manifest.json").read_text())["stages"]
+    stages = json.loads((out / "manifest.json").read_text())["stages"]
     holdout = ctx.data().holdout
     models = {"original": original.model.cpu().eval(), "pruned": pruned.model.cpu().eval()}
     # fp32 references on the CPU: the ONNX files were exported from exactly these models.
@@ -163,7 +164,7 @@ def build_report(ctx: Context) -> dict[str, Any]:
             "criterion": r.prune.criterion, "search": r.prune.search, "threshold": search["threshold"],
             "target_params": r.prune.target_params, "taylor": r.prune.taylor, "align": r.prune.align,
             "cached_search": r.prune.cache,
-            "seconds": round(score_meta["score"]["seconds"] + search["seconds"], 3),
+            "seconds": round(stages["score"]["seconds"] + search["seconds"], 3),  # wall time of score + search
             "block_forwards": search["block_forwards"],
             "block_forwards_naive": search["block_forwards_naive"],
             "base_loss": search.get("base_loss"), "final_loss": (search.get("losses") or [None])[-1],
@@ -186,7 +187,7 @@ def _environment(ctx: Context) -> dict[str, Any]:
 
     return {"device": str(ctx.device), "cpu": _cpu_model(),
             "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
-            "cpu_count": __import__("os").cpu_count(), "python": platform.python_version(),
+            "cpu_count": os.cpu_count(), "python": platform.python_version(),
             "torch": torch.__version__, "timm": timm.__version__, "onnx": onnx.__version__,
             "torch_threads": torch.get_num_threads()}
 
