@@ -21,13 +21,11 @@ from amp_deploy.score import loss_fn, magnitude_scores, random_scores, taylor_sc
 from amp_deploy.search import adaptive_widths, budget_widths, uniform_widths
 
 
-def read_scores(out: Path, kind: str = "abs") -> tuple[list[torch.Tensor], dict[str, str]]:
+def read_scores(out: Path, kind: str = "abs") -> list[torch.Tensor]:
     from safetensors import safe_open
 
     with safe_open(str(out / "scores.safetensors"), framework="pt") as f:
-        meta = f.metadata()
-        n = int(meta["blocks"])
-        return [f.get_tensor(f"{kind}.{i}") for i in range(n)], meta
+        return [f.get_tensor(f"{kind}.{i}") for i in range(int(f.metadata()["blocks"]))]
 
 
 def stage_score(ctx: Context) -> None:
@@ -67,7 +65,7 @@ def stage_score(ctx: Context) -> None:
 
 def stage_search(ctx: Context) -> None:
     p = ctx.recipe.prune
-    scores, _ = read_scores(ctx.out, p.taylor)
+    scores = read_scores(ctx.out, p.taylor)
     start = time.perf_counter()
     loaded = ctx.original()
     original = loaded.widths()
@@ -101,7 +99,7 @@ def stage_search(ctx: Context) -> None:
 
 def stage_rebuild(ctx: Context) -> None:
     loaded = ctx.original()
-    scores, _ = read_scores(ctx.out, ctx.recipe.prune.taylor)
+    scores = read_scores(ctx.out, ctx.recipe.prune.taylor)
     search = json.loads((ctx.out / "search.json").read_text())
     apply_widths(loaded, scores, search["widths"])
     loaded.model.cpu()
