@@ -218,11 +218,13 @@ def load_timm(name: str, pretrained: bool | str, kwargs: dict[str, Any],
         raise unknown_model_error(name, timm.list_models(), "timm")
     try:
         model = timm.create_model(name, pretrained=pretrained is True, **kwargs)
-    except (TypeError, ValueError, AssertionError, KeyError, RuntimeError) as e:
+    except Exception as e:  # noqa: BLE001 - hub and factory errors come in many types
         if pretrained is True:
-            raise UserError(f"model.pretrained: could not create {name!r} with hub weights ({_first_line(e)}); "
-                            "give a local weights file instead") from None
-        raise UserError(f"model.kwargs: timm.create_model({name!r}) refused them: {_first_line(e)}") from None
+            raise UserError(f"model.pretrained: could not create {name!r} with hub weights ({type(e).__name__}: "
+                            f"{_first_line(e)}); give a local weights file instead") from None
+        if isinstance(e, (TypeError, ValueError, AssertionError, KeyError, RuntimeError)):
+            raise UserError(f"model.kwargs: timm.create_model({name!r}) refused them: {_first_line(e)}") from None
+        raise
     if isinstance(pretrained, str):
         load_weights(model, pretrained)
     model.eval()
@@ -245,12 +247,23 @@ def load_open_clip(name: str, pretrained: bool | str, kwargs: dict[str, Any],
 
     if name not in open_clip.list_models():
         raise unknown_model_error(name, open_clip.list_models(), "open_clip")
+    kwargs = dict(kwargs)
+    tag = kwargs.pop("pretrained", None)  # an open_clip tag, e.g. laion2b_s32b_b82k (with pretrained: true)
     if pretrained is True:
-        raise UserError("model.pretrained: for open_clip give a local weights file (hub tags are not fetched here)")
+        tags = open_clip.list_pretrained_tags_by_model(name)
+        tag = tag or (tags[0] if tags else None)
+        if tag not in tags:
+            raise UserError(f"model.kwargs.pretrained: {name} has no open_clip weights {tag!r}; known: {', '.join(tags)}")
     try:
-        model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=None, **kwargs)
-    except (TypeError, ValueError, AssertionError, KeyError, RuntimeError) as e:
+        model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=tag if pretrained is True else None,
+                                                                    **kwargs)
+    except (TypeError, ValueError, AssertionError, KeyError) as e:
         raise UserError(f"model.kwargs: open_clip refused them for {name!r}: {_first_line(e)}") from None
+    except Exception as e:  # noqa: BLE001 - a download that failed (hub errors come in many types)
+        if pretrained is not True:
+            raise
+        raise UserError(f"model.pretrained: open_clip could not load {name} {tag}: {type(e).__name__}: "
+                        f"{_first_line(e)}") from None
     if isinstance(pretrained, str):
         load_weights(model, pretrained)
     visual = model.visual.eval()

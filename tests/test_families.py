@@ -125,3 +125,8 @@ def test_unknown_model_needs_a_spec_and_the_spec_works():
     assert path == "encoder" and len(sites) == 2 and sites[0].fc_out == "down"
     with pytest.raises(UserError, match="model.mlp_sites.fc_out: block 0 has no submodule 'nope'"):
         find_sites(Unknown(), {"blocks": "encoder", "fc_in": "up", "fc_out": "nope"})
+
+
+def test_open_clip_weights_tag_is_checked_before_any_download():
+    with pytest.raises(UserError, match="has no open_clip weights 'nope'; known: openai"):
+        load_model("open_clip", "ViT-B-32", True, {"pretrained": "nope"})
