@@ -94,3 +94,15 @@ json_values = st.recursive(st.none() | st.booleans() | st.integers() | st.floats
 def test_random_documents_never_crash_the_parser(doc):
     recipe, problems = recipe_problems(doc)
     assert (recipe is None) == bool(problems)
+
+
+def test_a_key_given_twice_is_an_error_with_its_line(tmp_path):
+    p = tmp_path / "r.yaml"
+    p.write_text("name: t\nmodel: {name: test_vit}\nprune:\n  threshold: 0.1\n  threshold: 0.2\n")
+    with pytest.raises(UserError, match=r"line 5, column 3: .*duplicate key 'threshold'"):
+        load_recipe(p)
+
+
+def test_a_folder_is_not_a_recipe(tmp_path):
+    with pytest.raises(UserError, match="is a folder"):
+        load_recipe(tmp_path)
