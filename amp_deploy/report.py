@@ -167,6 +167,8 @@ def build_report(ctx: Context) -> dict[str, Any]:
             "seconds": round(stages["score"]["seconds"] + search["seconds"], 3),  # wall time of score + search
             "block_forwards": search["block_forwards"],
             "block_forwards_naive": search["block_forwards_naive"],
+            # budget mode: the final search's count above; every threshold tried together here
+            "block_forwards_all_thresholds": search.get("block_forwards_all_thresholds"),
             "base_loss": search.get("base_loss"), "final_loss": (search.get("losses") or [None])[-1],
         },
         "fidelity": fidelity,

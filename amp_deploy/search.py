@@ -181,20 +181,21 @@ def uniform_widths(widths: list[int], keep_ratio: float, align: int) -> list[int
 
 
 def budget_widths(fresh: Callable[[], Loaded], target_params: int, run: Callable[[Loaded, float], SearchResult],
-                  rounds: int = 12) -> tuple[Loaded, SearchResult, float, list[tuple[float, int]]]:
+                  rounds: int = 12) -> tuple[Loaded, SearchResult, float, list[tuple[float, int, int]]]:
     """Outer search over the threshold for the largest model within `target_params` parameters.
 
     `fresh()` gives an unpruned copy; `run(loaded, threshold)` prunes it adaptively. A larger
     threshold prunes more, so the smallest threshold that meets the budget is bisected for.
-    Returns the pruned copy, its search, the threshold and every (threshold, params) tried.
+    Returns the pruned copy, its search, the threshold and every (threshold, params, block
+    forwards) tried.
     """
-    tried: list[tuple[float, int]] = []
+    tried: list[tuple[float, int, int]] = []
 
     def attempt(t: float):
         loaded = fresh()
         res = run(loaded, t)
         params = sum(p.numel() for p in loaded.model.parameters())
-        tried.append((t, params))
+        tried.append((t, params, res.block_forwards))
         return loaded, res, params
 
     lo, hi = 0.0, 1e-3

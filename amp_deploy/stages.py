@@ -89,7 +89,7 @@ def stage_search(ctx: Context) -> None:
             advance = ctx.task("search: threshold for the parameter budget", None)
             _, res, threshold, tried = budget_widths(ctx.original, budget, lambda m, t: (advance(), run(m, t))[1])
             result.update(threshold=threshold, target_params=p.target_params, budget_params=budget,
-                          thresholds_tried=tried)
+                          thresholds_tried=tried, block_forwards_all_thresholds=sum(t[2] for t in tried))
         result.update(widths=res.widths, base_loss=res.base_loss, losses=res.losses,
                       block_forwards=res.block_forwards, block_forwards_naive=res.block_forwards_naive,
                       steps=res.steps)

@@ -38,6 +38,7 @@ def test_parameter_budget_is_met_as_closely_as_the_steps_allow(tmp_path):
     assert _params(out) <= search["budget_params"] == int(0.6 * total)
     assert _params(out) >= 0.57 * total  # one width step per block is ~0.4% of the model
     assert search["threshold"] > 0 and len(search["thresholds_tried"]) > 3
+    assert search["block_forwards_all_thresholds"] == sum(t[2] for t in search["thresholds_tried"]) > search["block_forwards"]
 
 
 def test_uniform_keeps_the_same_fraction_everywhere(tmp_path):
