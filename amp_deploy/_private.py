@@ -80,6 +80,22 @@ def hash_obj(obj: Any) -> str:
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
+def hash_file_cached(path: str | Path, cache: dict) -> str:
+    """hash_file, reusing a hash recorded in `cache` while the file's size and mtime are unchanged.
+
+    Multi-GB weights and ONNX files would otherwise be read in full by every build.
+    """
+    path = Path(path)
+    st = path.stat()
+    key = str(path.resolve())
+    hit = cache.get(key)
+    if isinstance(hit, list) and hit[:2] == [st.st_size, st.st_mtime_ns]:
+        return hit[2]
+    digest = hash_file(path)
+    cache[key] = [st.st_size, st.st_mtime_ns, digest]
+    return digest
+
+
 def hash_file(path: str | Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from amp_deploy import __version__
-from amp_deploy._private import hash_file, hash_obj, remove_stray_temps, write_json, write_text
+from amp_deploy._private import hash_file_cached, hash_obj, remove_stray_temps, write_json, write_text
 from amp_deploy.data import Data, load_data
 from amp_deploy.errors import UserError
 from amp_deploy.families import Loaded, load_model
@@ -79,10 +79,13 @@ def _machine() -> dict[str, Any]:
     return {"tensorrt": trt, "gpu": gpu, "host": platform.node(), "cpus": os.cpu_count()}
 
 
-def stage_keys(recipe: Recipe) -> dict[str, str]:
+def stage_keys(recipe: Recipe, hashes: dict | None = None) -> dict[str, str]:
+    """The key of every stage; `hashes` caches file hashes by size and mtime (manifest.json's)."""
     doc = recipe.to_dict()
     weights = doc["model"]["pretrained"]
-    extra = {"weights": hash_file(weights) if isinstance(weights, str) else weights, "versions": _versions()}
+    hashes = {} if hashes is None else hashes
+    extra = {"weights": hash_file_cached(weights, hashes) if isinstance(weights, str) else weights,
+             "versions": _versions()}
     keys, prev = {}, hash_obj(extra)
     machine = _machine()
     for stage in STAGES:
@@ -156,8 +159,9 @@ def is_done(out: Path, manifest: dict, stage: str, key: str, verify: bool = True
     entry = manifest["stages"].get(stage)
     if not entry or entry.get("key") != key:
         return False
-    outputs = entry.get("outputs", {})
-    return all((out / f).is_file() and (not verify or hash_file(out / f) == outputs.get(f)) for f in OUTPUTS[stage])
+    outputs, hashes = entry.get("outputs", {}), manifest.setdefault("hashes", {})
+    return all((out / f).is_file() and (not verify or hash_file_cached(out / f, hashes) == outputs.get(f))
+               for f in OUTPUTS[stage])
 
 
 def record(out: Path, manifest: dict, stage: str, key: str, seconds: float) -> None:
@@ -165,7 +169,8 @@ def record(out: Path, manifest: dict, stage: str, key: str, seconds: float) -> N
         "key": key,
         "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "seconds": round(seconds, 3),
-        "outputs": {f: hash_file(out / f) for f in OUTPUTS[stage] if (out / f).is_file()},
+        "outputs": {f: hash_file_cached(out / f, manifest.setdefault("hashes", {}))
+                    for f in OUTPUTS[stage] if (out / f).is_file()},
         "versions": _versions(),
     }
     write_json(out / "manifest.json", manifest)
@@ -293,8 +298,8 @@ def run_stages(ctx: Context, stages: tuple[str, ...], force: bool = False) -> di
         for p in remove_stray_temps(out):
             ctx.log(f"[dim]removed {p.name}, left by an interrupted build[/dim]")
         write_text(out / "recipe.yaml", dump_recipe(ctx.recipe))
-        keys = stage_keys(ctx.recipe)
         manifest = read_manifest(out)
+        keys = stage_keys(ctx.recipe, manifest.setdefault("hashes", {}))
         status = {}
         for stage in stages:
             if not force and is_done(out, manifest, stage, keys[stage]):

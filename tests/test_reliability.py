@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -214,3 +215,20 @@ def test_another_machine_recompiles_and_revalidates_but_keeps_the_pruning(monkey
     for stage in ("score", "search", "rebuild", "export"):
         assert here[stage] == there[stage]
     assert here["compile"] != there["compile"] and here["validate"] != there["validate"]
+
+
+def test_a_resumed_build_does_not_reread_unchanged_files(tmp_path, monkeypatch):
+    import amp_deploy._private as private
+
+    recipe, out = tiny_recipe(tmp_path), tmp_path / "o"
+    assert build(recipe, "--out", out).exit_code == 0
+    calls = []
+    real = private.hash_file
+    monkeypatch.setattr(private, "hash_file", lambda p: calls.append(Path(p).name) or real(p))
+    res = build(recipe, "--out", out)
+    assert res.exit_code == 0 and res.output.count("inputs unchanged") == 6
+    assert calls == []  # sizes and mtimes match the manifest: no file was read again
+    onnx_file = out / "pruned.onnx"
+    onnx_file.write_bytes(onnx_file.read_bytes() + b"\0")  # a changed file is hashed and redone
+    res = build(recipe, "--out", out)
+    assert "pruned.onnx" in calls and "export: done" in res.output
