@@ -60,8 +60,18 @@ def _fail(e: Exception, code: int, word: str):
     raise typer.Exit(code) from None
 
 
+def _version(value: bool) -> None:
+    if value:
+        from amp_deploy import __version__
+
+        out.print(f"amp-deploy {__version__}")
+        raise typer.Exit()
+
+
 @app.callback()
-def main(debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks.")] = False) -> None:
+def main(debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks.")] = False,
+         version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                               help="Print the version and exit.")] = False) -> None:
     """Prune the MLPs of a vision transformer with AMP, export, compile and validate it."""
     _state["debug"] = debug
 

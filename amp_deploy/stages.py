@@ -175,4 +175,4 @@ def stage_validate(ctx: Context) -> None:
     failed = [f"parity gate failed: {'; '.join(parity)}"] * bool(parity) + \
              [f"fidelity gate failed: {'; '.join(fidelity)}"] * bool(fidelity)
     if failed:
-        raise GateFailed("; ".join(failed))
+        raise GateFailed("; ".join(failed) + f" (report: {ctx.out / 'report.md'})")

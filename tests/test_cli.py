@@ -119,3 +119,10 @@ def test_bad_name_and_too_many_digits_fail_before_anything_is_written(tmp_path):
     _one_line_error(_build(QUICKSTART, "--out", tmp_path / "o", "name=../x"), "name: String should match pattern")
     _one_line_error(_build(QUICKSTART, "--out", tmp_path / "o", "data.holdout=1000"), "digits test split has 360")
     assert not (tmp_path / "o").exists()
+
+
+def test_version():
+    from amp_deploy import __version__
+
+    res = runner.invoke(app, ["--version"])
+    assert res.exit_code == 0 and __version__ in res.output
