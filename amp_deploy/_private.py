@@ -74,6 +74,11 @@ def write_json(path: str | Path, obj: Any) -> None:
     write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
 
 
+def first_line(e: BaseException, limit: int = 200) -> str:
+    """The first line of an exception's message (its type name when the message is empty)."""
+    return (str(e).strip().splitlines() or [type(e).__name__])[0][:limit]
+
+
 def hash_obj(obj: Any) -> str:
     """A short, stable hash of a JSON-able object (recipe sections, stage inputs)."""
     blob = json.dumps(obj, sort_keys=True, default=str).encode()

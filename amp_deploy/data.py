@@ -98,11 +98,11 @@ def to_rgb(im: Image.Image) -> Image.Image:
 
 
 def image_files(root: Path) -> list[Path]:
-    return sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
-
-
-def count_image_files(path: str) -> int:
-    return len(image_files(Path(path)))
+    """Image files under `root`, sorted; a UserError when there are none."""
+    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    if not files:
+        raise UserError(f"data.path: no image files ({', '.join(sorted(IMAGE_SUFFIXES))}) in {root}")
+    return files
 
 
 def load_folder_data(path: str, calibration: int, validation: int, holdout: int, seed: int,
@@ -111,8 +111,6 @@ def load_folder_data(path: str, calibration: int, validation: int, holdout: int,
     if not root.is_dir():
         raise UserError(f"data.path: not a directory: {root}")
     files = image_files(root)
-    if not files:
-        raise UserError(f"data.path: no image files ({', '.join(sorted(IMAGE_SUFFIXES))}) in {root}")
     files = [files[i] for i in np.random.default_rng(seed).permutation(len(files))]
     want = calibration + validation + holdout
     images, skipped = [], 0

@@ -17,6 +17,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from amp_deploy._private import first_line
 from amp_deploy.errors import UserError
 
 Output = Literal["logits", "embedding"]
@@ -152,15 +153,15 @@ def _site_of(block: nn.Module) -> MlpSite | None:
 # --- weights --------------------------------------------------------------------------------------
 
 
-def check_safetensors(path: str | Path) -> None:
-    """Read a safetensors header: catches truncated or corrupt files before any work starts."""
+def safetensors_metadata(path: str | Path) -> dict[str, str]:
+    """Read a safetensors header (its metadata): catches truncated or corrupt files cheaply."""
     from safetensors import SafetensorError, safe_open
 
     try:
         with safe_open(str(path), framework="pt") as f:
-            f.keys()
+            return f.metadata() or {}
     except (SafetensorError, OSError, ValueError) as e:
-        raise UserError(f"{path}: not a readable safetensors file ({str(e).splitlines()[0]})") from None
+        raise UserError(f"{path}: not a readable safetensors file ({first_line(e)})") from None
 
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
@@ -175,12 +176,12 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         try:
             return load_file(path)
         except (SafetensorError, OSError, ValueError) as e:
-            raise UserError(f"{path}: not a readable safetensors file ({str(e).splitlines()[0]})") from None
+            raise UserError(f"{path}: not a readable safetensors file ({first_line(e)})") from None
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any failure here means the file is refused
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise UserError(f"{path}: refused: not a plain weights file loadable with weights_only=True ({first})") from None
+        raise UserError(f"{path}: refused: not a plain weights file loadable with weights_only=True "
+                        f"({first_line(e)})") from None
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         obj = obj["state_dict"]
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
@@ -200,10 +201,6 @@ def load_weights(model: nn.Module, path: str | Path) -> None:
 # --- loaders --------------------------------------------------------------------------------------
 
 
-def _first_line(e: Exception) -> str:
-    return (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-
-
 def unknown_model_error(name: str, known: list[str], what: str) -> UserError:
     close = difflib.get_close_matches(name, known, n=3, cutoff=0.6)
     hint = f"; did you mean {', '.join(close)}?" if close else ""
@@ -221,9 +218,9 @@ def load_timm(name: str, pretrained: bool | str, kwargs: dict[str, Any],
     except Exception as e:  # noqa: BLE001 - hub and factory errors come in many types
         if pretrained is True:
             raise UserError(f"model.pretrained: could not create {name!r} with hub weights ({type(e).__name__}: "
-                            f"{_first_line(e)}); give a local weights file instead") from None
+                            f"{first_line(e)}); give a local weights file instead") from None
         if isinstance(e, (TypeError, ValueError, AssertionError, KeyError, RuntimeError)):
-            raise UserError(f"model.kwargs: timm.create_model({name!r}) refused them: {_first_line(e)}") from None
+            raise UserError(f"model.kwargs: timm.create_model({name!r}) refused them: {first_line(e)}") from None
         raise
     if isinstance(pretrained, str):
         load_weights(model, pretrained)
@@ -258,12 +255,12 @@ def load_open_clip(name: str, pretrained: bool | str, kwargs: dict[str, Any],
         model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=tag if pretrained is True else None,
                                                                     **kwargs)
     except (TypeError, ValueError, AssertionError, KeyError) as e:
-        raise UserError(f"model.kwargs: open_clip refused them for {name!r}: {_first_line(e)}") from None
+        raise UserError(f"model.kwargs: open_clip refused them for {name!r}: {first_line(e)}") from None
     except Exception as e:  # noqa: BLE001 - a download that failed (hub errors come in many types)
         if pretrained is not True:
             raise
         raise UserError(f"model.pretrained: open_clip could not load {name} {tag}: {type(e).__name__}: "
-                        f"{_first_line(e)}") from None
+                        f"{first_line(e)}") from None
     if isinstance(pretrained, str):
         load_weights(model, pretrained)
     visual = model.visual.eval()

@@ -261,9 +261,9 @@ def preflight(recipe: Recipe) -> None:
 
         read_metadata(m.pretrained)
     if isinstance(m.pretrained, str) and m.pretrained.endswith(".safetensors") and m.source != "checkpoint":
-        from amp_deploy.families import check_safetensors
+        from amp_deploy.families import safetensors_metadata
 
-        check_safetensors(m.pretrained)
+        safetensors_metadata(m.pretrained)
     d = recipe.data
     if d.source == "digits":
         from amp_deploy.data import DIGITS_TEST
@@ -274,11 +274,9 @@ def preflight(recipe: Recipe) -> None:
             raise UserError(f"data: the digits training split has {1797 - DIGITS_TEST} images, the recipe asks for "
                             f"{d.calibration + d.validation} (data.calibration + data.validation)")
     if d.source == "folder":
-        from amp_deploy.data import count_image_files
+        from amp_deploy.data import image_files
 
-        have, want = count_image_files(d.path), d.calibration + d.validation + d.holdout
-        if have == 0:
-            raise UserError(f"data.path: no image files in {d.path}")
+        have, want = len(image_files(Path(d.path))), d.calibration + d.validation + d.holdout
         if have < want:
             raise UserError(f"data.path: {d.path} has {have} image files but the recipe asks for {want} "
                             "(data.calibration + validation + holdout)")

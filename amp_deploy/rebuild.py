@@ -15,7 +15,7 @@ from torch import nn
 
 from amp_deploy._private import atomic_path
 from amp_deploy.errors import UserError
-from amp_deploy.families import Loaded, MlpSite, load_model, site_dicts
+from amp_deploy.families import Loaded, MlpSite, load_model, safetensors_metadata, site_dicts
 
 FORMAT = "amp-deploy.pruned/1"
 
@@ -109,16 +109,10 @@ def save_pruned(loaded: Loaded, path: str | Path, original_widths: list[int]) ->
 
 
 def read_metadata(path: str | Path) -> dict[str, str]:
-    from safetensors import SafetensorError, safe_open
-
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: pruned checkpoint not found")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-    except (SafetensorError, OSError, ValueError) as e:
-        raise UserError(f"{path}: not a readable safetensors file ({str(e).splitlines()[0]})") from None
+    meta = safetensors_metadata(path)
     if meta.get("format") != FORMAT:
         raise UserError(f"{path}: not a pruned checkpoint of amp-deploy (metadata format {meta.get('format')!r})")
     return meta

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from amp_deploy import validate as V
-from amp_deploy._private import write_json, write_text
+from amp_deploy._private import first_line, write_json, write_text
 from amp_deploy.errors import UserError
 from amp_deploy.export import external_files
 from amp_deploy.pipeline import Context
@@ -70,21 +70,23 @@ def _runtime_row(ctx: Context, name: str, torch_models: dict, holdout: torch.Ten
             return r
         return V.host_peak(create)
 
-    runners, peaks = {}, {}
+    runners, host_peak, device_peak = {}, {}, {}
     try:
         make("pruned")  # a throwaway first session: one-time library set-up is nobody's peak
         for k in ("original", "pruned"):
             if ctx.device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats()
-            runners[k], peaks[k] = make(k)
-            if ctx.device.type == "cuda" and name.startswith("torch"):
-                peaks[k] = (peaks[k], torch.cuda.max_memory_allocated())
+            runners[k], host_peak[k] = make(k)
+            if name == "tensorrt":
+                device_peak[k] = runners[k].info["device_memory_bytes"]
+            elif ctx.device.type == "cuda" and name.startswith("torch"):
+                device_peak[k] = torch.cuda.max_memory_allocated()
     except Unavailable as e:
         return {"status": "skipped", "reason": str(e)}
     except UserError as e:
         return {"status": "failed", "reason": str(e)}
     except Exception as e:  # noqa: BLE001 - a runtime that breaks is a report row, not a crash
-        return {"status": "failed", "reason": f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:400]}"}
+        return {"status": "failed", "reason": f"{type(e).__name__}: {first_line(e, 400)}"}
     row: dict[str, Any] = {"status": "ok", "precision": precision, "settings": runners["original"].info}
     if name not in ("torch",):  # the eager torch row *is* the reference: parity with itself proves nothing
         row["parity"] = _parity(runners, holdout, refs, ctx.recipe.export.batch.max)
@@ -101,13 +103,9 @@ def _runtime_row(ctx: Context, name: str, torch_models: dict, holdout: torch.Ten
         row["warnings"] = [f"unstable timing (coefficient of variation above 2.5%): {', '.join(unstable)}"]
     row["speedup"] = {str(b): row["latency_ms"]["original"][str(b)]["p50"] / row["latency_ms"]["pruned"][str(b)]["p50"]
                       for b in v.batch_sizes}
-    row["memory"] = {}
-    for k in ("original", "pruned"):
-        host, dev = peaks[k] if isinstance(peaks[k], tuple) else (peaks[k], None)
-        if name == "tensorrt":
-            dev = runners[k].info["device_memory_bytes"]
-        row["memory"][k] = {"weights_bytes": _weights_bytes(name, out, k, torch_models), "host_peak_bytes": host,
-                            "device_peak_bytes": dev, "measured_at_batch": max(v.batch_sizes)}
+    row["memory"] = {k: {"weights_bytes": _weights_bytes(name, out, k, torch_models), "host_peak_bytes": host_peak[k],
+                         "device_peak_bytes": device_peak.get(k), "measured_at_batch": max(v.batch_sizes)}
+                     for k in ("original", "pruned")}
     return row
 
 

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from amp_deploy._private import first_line
 from amp_deploy.export import INPUT_NAME
 
 Run = Callable[[np.ndarray], np.ndarray]
@@ -51,7 +52,7 @@ def onnxruntime_runner(path: str | Path, threads: int | None = None,
             with _quiet_native():  # a missing CUDA/TensorRT library is reported below, not on the console
                 session = ort.InferenceSession(str(path), sess_options=opts, providers=list(providers))
         except Exception as e:  # noqa: BLE001 - onnxruntime raises plain RuntimeErrors for missing libraries
-            raise Unavailable(f"onnxruntime could not start {wanted}: {str(e).strip().splitlines()[0][:200]}") from None
+            raise Unavailable(f"onnxruntime could not start {wanted}: {first_line(e)}") from None
     got = session.get_providers()  # what the session really got, not what onnxruntime lists
     if got[0] != wanted:
         raise Unavailable(f"onnxruntime did not give {wanted} (the session got {got}): "

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from amp_deploy._private import atomic_path, write_json
+from amp_deploy._private import atomic_path, first_line, write_json
 from amp_deploy.distributed import rank_world
 from amp_deploy.families import Loaded
 from amp_deploy.pipeline import Context
@@ -158,7 +158,7 @@ def _build_engines(ctx: Context) -> dict:
                                          out / "timing.cache" if c.timing_cache else None)
             advance()
     except Exception as err:  # noqa: BLE001 - a failed build is a report row, not a crash
-        return {"status": "failed", "reason": f"{type(err).__name__}: {str(err).strip().splitlines()[0][:400]}"}
+        return {"status": "failed", "reason": f"{type(err).__name__}: {first_line(err, 400)}"}
     return {"status": "ok", "precision": c.precision, "engines": engines}
 
 
