@@ -198,18 +198,8 @@ def triton(folder: Annotated[Path, typer.Argument(help="Output folder of a build
            backend: Annotated[Backend, typer.Option(help="onnxruntime (pruned.onnx) or tensorrt (pruned.plan).")] = Backend.onnxruntime,
            original: Annotated[bool, typer.Option("--original", help="Serve the original model instead of the pruned one.")] = False) -> None:
     """Write a Triton Inference Server model repository entry for a build."""
-    import re
-
     from amp_deploy.triton import write_model_repository
 
-    if name is None:
-        import yaml
-
-        recipe = folder / "recipe.yaml"
-        name = (yaml.safe_load(recipe.read_text()) or {}).get("name") if recipe.is_file() else None
-        name = name or folder.name
-    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name):
-        raise UserError(f"--name {name!r}: use letters, digits, '.', '_' and '-'")
     path = write_model_repository(folder, repo, name, backend.value, "original" if original else "pruned")
     out.print(f"wrote {path} (config.pbtxt, 1/)")
 

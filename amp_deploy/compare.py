@@ -12,8 +12,8 @@ from pathlib import Path
 from typing import Any
 
 from amp_deploy.errors import UserError
+from amp_deploy.report import SCHEMA
 
-SCHEMA = "amp-deploy.report/1"
 # Settings that make latencies incomparable when they differ.
 _SETTINGS = ("device", "cpu", "cpu_count", "torch", "onnx", "torch_threads")
 

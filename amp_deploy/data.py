@@ -17,7 +17,8 @@ from PIL import Image
 
 from amp_deploy.errors import UserError
 
-DIGITS_TEST = 360  # images in the fixed test split of sklearn's 1,797 digits
+DIGITS_TOTAL = 1797  # images in sklearn's digits
+DIGITS_TEST = 360  # images in its fixed test split
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
 
 
@@ -42,7 +43,7 @@ class Data:
 
 def digits_split() -> tuple[np.ndarray, np.ndarray]:
     """The fixed train/test split of sklearn's digits: (train indices, test indices)."""
-    perm = np.random.default_rng(0).permutation(1797)
+    perm = np.random.default_rng(0).permutation(DIGITS_TOTAL)
     return perm[DIGITS_TEST:], perm[:DIGITS_TEST]
 
 

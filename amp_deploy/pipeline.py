@@ -30,6 +30,8 @@ from amp_deploy.recipe import Recipe, dump_recipe
 STAGES = ("score", "search", "rebuild", "export", "compile", "validate")
 PRUNE_STAGES = ("score", "search", "rebuild")
 
+MANIFEST_SCHEMA = "amp-deploy.manifest/1"
+
 # Recipe sections (dotted) that each stage depends on, beyond the key of the stage before it.
 _DEPENDS: dict[str, tuple[str, ...]] = {
     "score": ("model", "data", "prune.criterion", "prune.temperature"),
@@ -144,14 +146,14 @@ class Context:
 def read_manifest(out: Path) -> dict:
     path = out / "manifest.json"
     if not path.is_file():
-        return {"schema": "amp-deploy.manifest/1", "stages": {}}
+        return {"schema": MANIFEST_SCHEMA, "stages": {}}
     try:
         doc = json.loads(path.read_text())
         if not isinstance(doc.get("stages"), dict):
             raise ValueError("no stages")
         return doc
     except (ValueError, AttributeError):
-        return {"schema": "amp-deploy.manifest/1", "stages": {}}  # unreadable: redo every stage
+        return {"schema": MANIFEST_SCHEMA, "stages": {}}  # unreadable: redo every stage
 
 
 def is_done(out: Path, manifest: dict, stage: str, key: str, verify: bool = True) -> bool:
@@ -266,12 +268,12 @@ def preflight(recipe: Recipe) -> None:
         safetensors_metadata(m.pretrained)
     d = recipe.data
     if d.source == "digits":
-        from amp_deploy.data import DIGITS_TEST
+        from amp_deploy.data import DIGITS_TEST, DIGITS_TOTAL
 
         if d.holdout > DIGITS_TEST:
             raise UserError(f"data.holdout: the digits test split has {DIGITS_TEST} images, the recipe asks for {d.holdout}")
-        if d.calibration + d.validation > 1797 - DIGITS_TEST:
-            raise UserError(f"data: the digits training split has {1797 - DIGITS_TEST} images, the recipe asks for "
+        if d.calibration + d.validation > DIGITS_TOTAL - DIGITS_TEST:
+            raise UserError(f"data: the digits training split has {DIGITS_TOTAL - DIGITS_TEST} images, the recipe asks for "
                             f"{d.calibration + d.validation} (data.calibration + data.validation)")
     if d.source == "folder":
         from amp_deploy.data import image_files

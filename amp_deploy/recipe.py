@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from amp_deploy.errors import UserError
 
+NAME_PATTERN = r"[A-Za-z0-9][A-Za-z0-9._-]*"  # a recipe name: names out/NAME and Triton entries
 RuntimeName = Literal["onnxruntime", "onnxruntime-cuda", "onnxruntime-trt", "tensorrt", "torch", "torch-compile"]
 
 
@@ -154,7 +155,7 @@ class ValidateSpec(_Strict):
 
 
 class Recipe(_Strict):
-    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", max_length=100)  # names the default out/NAME
+    name: str = Field(pattern=f"^{NAME_PATTERN}$", max_length=100)  # names the default out/NAME
     model: ModelSpec
     data: DataSpec = Field(default_factory=DataSpec)
     prune: PruneSpec = Field(default_factory=PruneSpec)

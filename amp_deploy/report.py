@@ -88,7 +88,7 @@ def _runtime_row(ctx: Context, name: str, torch_models: dict, holdout: torch.Ten
     except Exception as e:  # noqa: BLE001 - a runtime that breaks is a report row, not a crash
         return {"status": "failed", "reason": f"{type(e).__name__}: {first_line(e, 400)}"}
     row: dict[str, Any] = {"status": "ok", "precision": precision, "settings": runners["original"].info}
-    if name not in ("torch",):  # the eager torch row *is* the reference: parity with itself proves nothing
+    if name != "torch":  # the eager torch row *is* the reference: parity with itself proves nothing
         row["parity"] = _parity(runners, holdout, refs, ctx.recipe.export.batch.max)
     row["latency_ms"] = {"original": {}, "pruned": {}}
     advance = ctx.task(f"validate: {name} latency", len(v.batch_sizes))

@@ -19,6 +19,7 @@ from amp_deploy._private import require_finite
 from amp_deploy.data import Split
 from amp_deploy.families import Loaded
 from amp_deploy.rebuild import keep_top, set_modules, sliced_modules
+from amp_deploy.validate import count_params
 
 CACHE_ON_DEVICE_BYTES = 4 << 30  # cached block inputs beyond this go to host memory
 
@@ -194,7 +195,7 @@ def budget_widths(fresh: Callable[[], Loaded], target_params: int, run: Callable
     def attempt(t: float):
         loaded = fresh()
         res = run(loaded, t)
-        params = sum(p.numel() for p in loaded.model.parameters())
+        params = count_params(loaded.model)
         tried.append((t, params, res.block_forwards))
         return loaded, res, params
 

@@ -19,6 +19,7 @@ from amp_deploy.pipeline import Context
 from amp_deploy.rebuild import apply_widths, load_pruned_model, save_pruned
 from amp_deploy.score import loss_fn, magnitude_scores, random_scores, taylor_scores
 from amp_deploy.search import adaptive_widths, budget_widths, uniform_widths
+from amp_deploy.validate import count_params
 
 
 def read_scores(out: Path, kind: str = "abs") -> list[torch.Tensor]:
@@ -85,9 +86,14 @@ def stage_search(ctx: Context) -> None:
             advance = ctx.task("search: widths, last block first", len(original))
             res = run(loaded, p.threshold, lambda i, w: advance())
         else:
-            budget = int(p.target_params * sum(q.numel() for q in loaded.model.parameters()))
+            budget = int(p.target_params * count_params(loaded.model))
             advance = ctx.task("search: threshold for the parameter budget", None)
-            _, res, threshold, tried = budget_widths(ctx.original, budget, lambda m, t: (advance(), run(m, t))[1])
+
+            def run_counted(target: Loaded, threshold: float):
+                advance()
+                return run(target, threshold)
+
+            _, res, threshold, tried = budget_widths(ctx.original, budget, run_counted)
             result.update(threshold=threshold, target_params=p.target_params, budget_params=budget,
                           thresholds_tried=tried, block_forwards_all_thresholds=sum(t[2] for t in tried))
         result.update(widths=res.widths, base_loss=res.base_loss, losses=res.losses,
@@ -172,7 +178,7 @@ def stage_validate(ctx: Context) -> None:
                                (v.parity_reduced.max_abs_err, v.parity_reduced.cosine_min))
     fidelity = apply_fidelity_gate(report, v.fidelity.cosine_mean, v.fidelity.top1_agreement, v.fidelity.accuracy_drop)
     write_report(ctx.out, report)  # written first: a failed gate still leaves the evidence
-    failed = [f"parity gate failed: {'; '.join(parity)}"] * bool(parity) + \
-             [f"fidelity gate failed: {'; '.join(fidelity)}"] * bool(fidelity)
+    failed = [f"{gate} gate failed: {'; '.join(breaches)}"
+              for gate, breaches in (("parity", parity), ("fidelity", fidelity)) if breaches]
     if failed:
         raise GateFailed("; ".join(failed) + f" (report: {ctx.out / 'report.md'})")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -19,6 +20,7 @@ from typing import Literal
 
 from amp_deploy.errors import UserError
 from amp_deploy.export import INPUT_NAME, OUTPUT_NAME
+from amp_deploy.recipe import NAME_PATTERN
 
 _ONNX_TYPES = {1: "TYPE_FP32", 10: "TYPE_FP16", 16: "TYPE_BF16"}
 
@@ -52,15 +54,22 @@ def config_text(name: str, platform: Literal["onnxruntime", "tensorrt"], input_d
     return "\n".join(lines) + "\n"
 
 
-def write_model_repository(out: Path, repo: Path, name: str, backend: Literal["onnxruntime", "tensorrt"] = "onnxruntime",
+def write_model_repository(out: Path, repo: Path, name: str | None = None,
+                           backend: Literal["onnxruntime", "tensorrt"] = "onnxruntime",
                            which: Literal["pruned", "original"] = "pruned") -> Path:
-    """Write REPO/NAME from the build in `out`; the entry appears whole or not at all."""
+    """Write REPO/NAME from the build in `out` (NAME: the recipe's name by default); the entry
+    appears whole or not at all."""
     out, repo = Path(out), Path(repo)
+    recipe = _saved_recipe(out)
+    if name is None:
+        name = recipe.get("name") or out.name
+    if not re.fullmatch(NAME_PATTERN, name):
+        raise UserError(f"--name {name!r}: use letters, digits, '.', '_' and '-'")
     onnx_path = out / f"{which}.onnx"
     if not onnx_path.is_file():
         raise UserError(f"{out}: no {which}.onnx; run `amp-deploy build` (or `export`) first")
     manifest = json.loads((out / "manifest.json").read_text()) if (out / "manifest.json").is_file() else {}
-    max_batch = _max_batch(out)
+    max_batch = int(((recipe.get("export") or {}).get("batch") or {}).get("max", 8))
     files: dict[str, Path] = {}
     plans = None
     if backend == "onnxruntime":
@@ -97,8 +106,9 @@ def write_model_repository(out: Path, repo: Path, name: str, backend: Literal["o
     return repo / name
 
 
-def _max_batch(out: Path) -> int:
+def _saved_recipe(out: Path) -> dict:
+    """The recipe a build saved into its folder, as a plain document ({} when there is none)."""
     import yaml
 
-    doc = yaml.safe_load((out / "recipe.yaml").read_text()) if (out / "recipe.yaml").is_file() else {}
-    return int(((doc or {}).get("export") or {}).get("batch", {}).get("max", 8))
+    path = out / "recipe.yaml"
+    return (yaml.safe_load(path.read_text()) or {}) if path.is_file() else {}

@@ -101,23 +101,18 @@ def latency(runners: dict, x: np.ndarray, warmup: int, iterations: int,
         shift = it % len(names)
         for n in names[shift:] + names[:shift]:
             r = runners[n]
-            if r.events:
-                import torch
-
-                ev = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                t0 = time.perf_counter_ns()
+            ev = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) if r.events else None
+            t0 = time.perf_counter_ns()
+            if ev:
                 ev[0].record()
-                r.run(x)
+            r.run(x)
+            if ev:
                 ev[1].record()
+            if r.sync:
                 r.sync()
-                host[n].append((time.perf_counter_ns() - t0) / 1e6)
+            host[n].append((time.perf_counter_ns() - t0) / 1e6)
+            if ev:
                 device[n].append(ev[0].elapsed_time(ev[1]))
-            else:
-                t0 = time.perf_counter_ns()
-                r.run(x)
-                if r.sync:
-                    r.sync()
-                host[n].append((time.perf_counter_ns() - t0) / 1e6)
     out = {}
     for n in names:
         out[n] = _stats(host[n], len(x))

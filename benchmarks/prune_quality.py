@@ -30,10 +30,7 @@ from amp_deploy.families import load_timm  # noqa: E402
 from amp_deploy.rebuild import apply_widths  # noqa: E402
 from amp_deploy.score import loss_fn, magnitude_scores, random_scores, taylor_scores  # noqa: E402
 from amp_deploy.search import adaptive_widths, budget_widths, uniform_widths  # noqa: E402
-
-
-def params(m) -> int:
-    return sum(p.numel() for p in m.parameters())
+from amp_deploy.validate import count_params as params  # noqa: E402
 
 
 @torch.no_grad()

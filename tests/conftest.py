@@ -15,7 +15,8 @@ def requires_cuda(fn):
     return pytest.mark.gpu(pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")(fn))
 
 
-def _has_trt() -> bool:
+def has_trt() -> bool:
+    """The tensorrt package imports and a CUDA device is present."""
     try:
         import tensorrt  # noqa: F401
     except ImportError:
@@ -25,7 +26,7 @@ def _has_trt() -> bool:
 
 def requires_trt(fn):
     """Marked `trt`; skipped, with the reason, where tensorrt or a CUDA device is missing."""
-    return pytest.mark.trt(pytest.mark.skipif(not _has_trt(), reason="needs the tensorrt package and a CUDA device")(fn))
+    return pytest.mark.trt(pytest.mark.skipif(not has_trt(), reason="needs the tensorrt package and a CUDA device")(fn))
 
 
 @pytest.fixture(autouse=True)
@@ -50,6 +51,14 @@ def digits_model():
 
 
 FAST = ["validate.iterations=5", "validate.warmup=2"]
+
+
+def assert_one_line_error(res, needle):
+    """Exit 2 with one line that says what is wrong, and no traceback."""
+    assert res.exit_code == 2, res.output
+    lines = [ln for ln in res.output.splitlines() if ln.strip()]
+    assert len(lines) == 1 and needle in lines[0], res.output
+    assert "Traceback" not in res.output
 
 
 def build(*args):

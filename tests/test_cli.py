@@ -8,7 +8,7 @@ from typer.testing import CliRunner
 
 from amp_deploy.cli import app
 
-from .conftest import FAST, QUICKSTART
+from .conftest import FAST, QUICKSTART, assert_one_line_error
 from .conftest import build as _build
 
 runner = CliRunner()
@@ -74,31 +74,24 @@ def test_inspect_shows_widths(quickstart):
     assert all(str(w) in res.output for w in widths) and "parameters" in res.output
 
 
-def _one_line_error(res, needle):
-    assert res.exit_code == 2, res.output
-    lines = [ln for ln in res.output.splitlines() if ln.strip()]
-    assert len(lines) == 1 and needle in lines[0], res.output
-    assert "Traceback" not in res.output
-
-
 def test_unknown_key_exits_2_with_one_line(tmp_path):
     r = tmp_path / "r.yaml"
     r.write_text(QUICKSTART.read_text().replace("  steps: 6", "  stepz: 6"))
-    _one_line_error(_build(r, "--out", tmp_path / "o"), "prune.stepz: unknown key")
+    assert_one_line_error(_build(r, "--out", tmp_path / "o"), "prune.stepz: unknown key")
     assert not (tmp_path / "o").exists()
 
 
 def test_wrong_type_exits_2(tmp_path):
-    _one_line_error(_build(QUICKSTART, "--out", tmp_path / "o", "prune.threshold=abc"), "prune.threshold")
+    assert_one_line_error(_build(QUICKSTART, "--out", tmp_path / "o", "prune.threshold=abc"), "prune.threshold")
 
 
 def test_missing_weights_exits_2(tmp_path):
-    _one_line_error(_build(QUICKSTART, "--out", tmp_path / "o", "model.pretrained=nope.safetensors"),
+    assert_one_line_error(_build(QUICKSTART, "--out", tmp_path / "o", "model.pretrained=nope.safetensors"),
                     "weights file not found")
 
 
 def test_unknown_model_name_suggests_close_matches(tmp_path):
-    _one_line_error(_build(QUICKSTART, "--out", tmp_path / "o", "model.name=vit_tiny_patch16_22"),
+    assert_one_line_error(_build(QUICKSTART, "--out", tmp_path / "o", "model.name=vit_tiny_patch16_22"),
                     "did you mean vit_tiny_patch16_224")
 
 
@@ -116,8 +109,8 @@ def test_check_also_runs_the_preflight(tmp_path):
 
 
 def test_bad_name_and_too_many_digits_fail_before_anything_is_written(tmp_path):
-    _one_line_error(_build(QUICKSTART, "--out", tmp_path / "o", "name=../x"), "name: String should match pattern")
-    _one_line_error(_build(QUICKSTART, "--out", tmp_path / "o", "data.holdout=1000"), "digits test split has 360")
+    assert_one_line_error(_build(QUICKSTART, "--out", tmp_path / "o", "name=../x"), "name: String should match pattern")
+    assert_one_line_error(_build(QUICKSTART, "--out", tmp_path / "o", "data.holdout=1000"), "digits test split has 360")
     assert not (tmp_path / "o").exists()
 
 

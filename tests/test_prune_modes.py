@@ -22,8 +22,9 @@ def _prune(tmp_path, *overrides):
 
 def _params(out):
     from amp_deploy import load_pruned
+    from amp_deploy.validate import count_params
 
-    return sum(p.numel() for p in load_pruned(out / "pruned.safetensors").parameters())
+    return count_params(load_pruned(out / "pruned.safetensors"))
 
 
 def test_align_64_gives_multiples_of_64(tmp_path):

@@ -20,7 +20,7 @@ from amp_deploy.errors import UserError
 from amp_deploy.families import read_state_dict
 from amp_deploy.pipeline import FolderLock
 
-from .conftest import FAST, QUICKSTART, build, tiny_recipe
+from .conftest import FAST, QUICKSTART, assert_one_line_error, build, tiny_recipe
 
 
 def _cli(out, *extra, env=None):
@@ -92,18 +92,12 @@ def test_a_dead_owners_lock_is_taken_over(tmp_path):
         pass
 
 
-def _exit2(res, needle):
-    assert res.exit_code == 2, res.output
-    lines = [ln for ln in res.output.splitlines() if ln.strip()]
-    assert len(lines) == 1 and needle in lines[0] and "Traceback" not in res.output, res.output
-
-
 def test_truncated_safetensors_is_refused(tmp_path):
     good = tmp_path / "w.safetensors"
     save_file({"a": torch.ones(100)}, str(good))
     bad = tmp_path / "bad.safetensors"
     bad.write_bytes(good.read_bytes()[:-50])
-    _exit2(build(tiny_recipe(tmp_path, model={"source": "timm", "name": "test_vit", "pretrained": str(bad)}),
+    assert_one_line_error(build(tiny_recipe(tmp_path, model={"source": "timm", "name": "test_vit", "pretrained": str(bad)}),
                  "--out", tmp_path / "o"), "not a readable safetensors file")
     assert not (tmp_path / "o").exists()
 
@@ -127,7 +121,7 @@ def test_a_pickle_with_code_is_refused_and_never_run(tmp_path):
 def test_weights_for_another_model_are_refused(tmp_path):
     path = tmp_path / "other.safetensors"
     save_file({"foo": torch.zeros(3)}, str(path))
-    _exit2(build(tiny_recipe(tmp_path, model={"source": "timm", "name": "test_vit", "pretrained": str(path)}),
+    assert_one_line_error(build(tiny_recipe(tmp_path, model={"source": "timm", "name": "test_vit", "pretrained": str(path)}),
                  "--out", tmp_path / "o"), "weights do not fit the model")
 
 
@@ -140,7 +134,7 @@ def test_nan_output_stops_at_the_stage_that_saw_it(tmp_path):
     path = tmp_path / "nan.safetensors"
     save_file(state, str(path))
     kwargs = {"depth": 2, "img_size": 32, "num_classes": 10}
-    _exit2(build(tiny_recipe(tmp_path, model={"source": "timm", "name": "test_vit", "pretrained": str(path),
+    assert_one_line_error(build(tiny_recipe(tmp_path, model={"source": "timm", "name": "test_vit", "pretrained": str(path),
                                               "kwargs": kwargs}), "--out", tmp_path / "o"),
            "score: the model's output holds NaN or Inf")
 
@@ -148,7 +142,7 @@ def test_nan_output_stops_at_the_stage_that_saw_it(tmp_path):
 def test_output_path_that_is_a_file(tmp_path):
     f = tmp_path / "file"
     f.write_text("x")
-    _exit2(build(tiny_recipe(tmp_path), "--out", f), "is not a folder")
+    assert_one_line_error(build(tiny_recipe(tmp_path), "--out", f), "is not a folder")
 
 
 def test_no_space_left_is_a_clear_error(tmp_path, monkeypatch):
@@ -158,7 +152,7 @@ def test_no_space_left_is_a_clear_error(tmp_path, monkeypatch):
         raise OSError(28, "No space left on device", "scores.safetensors")
 
     monkeypatch.setattr(stages, "stage_score", full)
-    _exit2(build(tiny_recipe(tmp_path), "--out", tmp_path / "o"), "no space left on the device")
+    assert_one_line_error(build(tiny_recipe(tmp_path), "--out", tmp_path / "o"), "no space left on the device")
 
 
 def test_debug_shows_the_traceback(tmp_path):
@@ -200,7 +194,7 @@ def test_empty_folder_and_too_few_images_exit_2(tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()
     data = {"source": "folder", "path": str(empty), "calibration": 4, "validation": 4, "holdout": 2, "batch_size": 4}
-    _exit2(build(tiny_recipe(tmp_path, data=data), "--out", tmp_path / "o"), "no image files")
+    assert_one_line_error(build(tiny_recipe(tmp_path, data=data), "--out", tmp_path / "o"), "no image files")
     assert not (tmp_path / "o").exists()
 
 

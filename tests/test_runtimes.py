@@ -21,18 +21,10 @@ from amp_deploy.runtimes import (
 )
 from amp_deploy.tensorrt_engine import BuildSettings, check_sidecar
 
-from .conftest import FAST, QUICKSTART, build, requires_cuda, requires_trt
+from .conftest import FAST, QUICKSTART, build, has_trt, requires_cuda, requires_trt
 
 
-def _has_trt_module() -> bool:
-    try:
-        import tensorrt  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-@pytest.mark.skipif(_has_trt_module() and torch.cuda.is_available(), reason="TensorRT can run here")
+@pytest.mark.skipif(has_trt(), reason="TensorRT can run here")
 def test_without_tensorrt_the_report_says_skipped_and_why(quickstart):
     reason = tensorrt_unavailable_reason()
     assert reason and ("tensorrt" in reason or "CUDA" in reason)
