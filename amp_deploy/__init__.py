@@ -1,16 +1,24 @@
-"""amp-deploy: prune the MLPs of vision transformers with AMP and ship them as ONNX / TensorRT."""
+"""amp-deploy: prune the MLPs of vision transformers with AMP and ship them as ONNX / TensorRT.
 
-__version__ = "0.1.0"
+The package is laid out as the pipeline runs: `prune/` (AMP itself: model families, scores, width
+search, ragged rebuild), `deploy/` (ONNX export, TensorRT engines, runtimes, Triton), `measure/`
+(metrics, the validate stage's measuring, report, compare, plots) and `build/` (the stage table,
+the output folder, manifest, lock, preflight, torchrun). `recipe.py`, `checkpoint.py`, `data.py`
+and `cli.py` sit on top; `errors.py`, `files.py` and `numerics.py` at the bottom.
+"""
 
-from amp_deploy.errors import GateFailed, UserError  # noqa: E402
-from amp_deploy.families import MlpSite, find_sites, load_model  # noqa: E402
-from amp_deploy.rebuild import load_pruned, prune_block, save_pruned  # noqa: E402
-from amp_deploy.recipe import Recipe, load_recipe  # noqa: E402
-from amp_deploy.score import entropy, taylor_scores  # noqa: E402
-from amp_deploy.search import adaptive_widths, uniform_widths, width_grid  # noqa: E402
+from amp_deploy._version import __version__
+from amp_deploy.checkpoint import load_pruned, load_pruned_model, save_pruned
+from amp_deploy.data import Data, Split
+from amp_deploy.errors import GateFailed, UserError
+from amp_deploy.prune.families import Loaded, MlpSite, find_sites, load_model
+from amp_deploy.prune.rebuild import apply_widths, prune_block
+from amp_deploy.prune.score import entropy, loss_fn, taylor_scores
+from amp_deploy.prune.search import SearchResult, adaptive_widths, uniform_widths, width_grid
+from amp_deploy.recipe import Recipe, load_recipe
 
 __all__ = [
-    "GateFailed", "MlpSite", "Recipe", "UserError", "adaptive_widths", "entropy", "find_sites",
-    "load_model", "load_pruned", "load_recipe", "prune_block", "save_pruned", "taylor_scores",
-    "uniform_widths", "width_grid",
+    "Data", "GateFailed", "Loaded", "MlpSite", "Recipe", "SearchResult", "Split", "UserError", "__version__",
+    "adaptive_widths", "apply_widths", "entropy", "find_sites", "load_model", "load_pruned", "load_pruned_model",
+    "load_recipe", "loss_fn", "prune_block", "save_pruned", "taylor_scores", "uniform_widths", "width_grid",
 ]

@@ -1,4 +1,4 @@
-"""The `amp-deploy` command line: thin commands over the library (see DESIGN.md)."""
+"""The `amp-deploy` command line: thin commands over the library; errors become exit codes."""
 
 from __future__ import annotations
 
@@ -62,7 +62,7 @@ def _fail(e: Exception, code: int, word: str):
 
 def _version(value: bool) -> None:
     if value:
-        from amp_deploy import __version__
+        from amp_deploy._version import __version__
 
         out.print(f"amp-deploy {__version__}")
         raise typer.Exit()
@@ -76,27 +76,33 @@ def main(debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks.")
     _state["debug"] = debug
 
 
-def _device(name: str):
-    import torch
+class RichReporter:
+    """The build's Reporter on the terminal: plain lines on stderr, secondary ones dimmed, Rich bars."""
 
-    if name not in ("auto", "cpu", "cuda"):
-        raise UserError(f"--device {name!r}: expected auto, cpu or cuda")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda: no CUDA device is available")
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda":
-        # fp32 references: TF32 would blur parity and fidelity figures.
-        torch.backends.cuda.matmul.allow_tf32 = False
-        torch.backends.cudnn.allow_tf32 = False
-    return torch.device(name)
+    def __init__(self, console: Console, progress) -> None:
+        self.console, self.progress = console, progress
+
+    def log(self, message: str) -> None:
+        self.console.print(message, markup=False, soft_wrap=True)
+
+    def note(self, message: str) -> None:
+        self.console.print(message, style="dim", markup=False, soft_wrap=True)
+
+    def task(self, description: str, total: int | None):
+        tid = self.progress.add_task(description, total=total)
+        return lambda n=1: self.progress.advance(tid, n)
+
+    def clear_tasks(self) -> None:
+        for tid in list(self.progress.task_ids):
+            self.progress.remove_task(tid)
 
 
 def _run(recipe_path: Path, out_dir: Path | None, device: str, stages, force: bool, overrides: list[str],
          nproc: int = 1):
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from amp_deploy.pipeline import Context, run_stages
+    from amp_deploy.build.context import Context
+    from amp_deploy.build.run import run_stages
     from amp_deploy.recipe import load_recipe
 
     recipe = load_recipe(recipe_path, overrides)
@@ -105,7 +111,7 @@ def _run(recipe_path: Path, out_dir: Path | None, device: str, stages, force: bo
                         console=err, transient=True)
     if nproc < 1:
         raise UserError(f"--nproc {nproc}: must be at least 1")
-    ctx = Context(recipe, folder, _device(device), log=err.print, progress=progress, nproc=nproc)
+    ctx = Context.create(recipe, folder, device, reporter=RichReporter(err, progress), nproc=nproc)
     with progress:
         run_stages(ctx, stages, force)
     return folder
@@ -117,9 +123,9 @@ def build(recipe: Annotated[Path, typer.Argument(help="Recipe YAML file.")], ove
           out_dir: OutOpt = None, device: DeviceOpt = "auto", force: ForceOpt = False,
           nproc: Annotated[int, typer.Option(help="Score with N processes (torchrun; one GPU each on CUDA).")] = 1) -> None:
     """Run the whole pipeline: score, search, rebuild, export, compile, validate."""
-    from amp_deploy.pipeline import STAGES
+    from amp_deploy.build.stages import STAGE_NAMES
 
-    folder = _run(recipe, out_dir, device, STAGES, force, overrides or [], nproc)
+    folder = _run(recipe, out_dir, device, STAGE_NAMES, force, overrides or [], nproc)
     _summary(folder / "report.json")
 
 
@@ -145,11 +151,24 @@ app.command("validate")(_stage_command(("validate",), "Measure parity, fidelity,
 
 @app.command()
 @_handled
-def check(recipe: Annotated[Path, typer.Argument(help="Recipe YAML file.")], overrides: Overrides = None) -> None:
-    """Validate a recipe and print every problem at once."""
-    from amp_deploy.pipeline import preflight
-    from amp_deploy.recipe import recipe_document, recipe_problems
+def check(recipe: Annotated[Path | None, typer.Argument(help="Recipe YAML file.", show_default=False)] = None,
+          overrides: Overrides = None,
+          keys: Annotated[bool, typer.Option("--keys", help="List every recipe key with its default and meaning.")] = False,
+          ) -> None:
+    """Validate a recipe and print every problem at once (or, with --keys, document every key)."""
+    from amp_deploy.build.preflight import preflight
+    from amp_deploy.recipe import key_docs, recipe_document, recipe_problems
 
+    if keys:
+        table = Table(title="recipe keys")
+        for col in ("key", "default", "meaning"):
+            table.add_column(col, overflow="fold")
+        for row in key_docs():
+            table.add_row(*row)
+        out.print(table)
+        return
+    if recipe is None:
+        raise UserError("check: give a recipe file (or --keys)")
     doc = recipe_document(recipe, overrides or [])
     parsed, problems = recipe_problems(doc)
     if parsed is not None:
@@ -159,7 +178,7 @@ def check(recipe: Annotated[Path, typer.Argument(help="Recipe YAML file.")], ove
             problems.append(str(e))
     if problems:
         for p in problems:
-            err.print(f"{recipe}: {p}", soft_wrap=True)
+            err.print(f"{recipe}: {p}", soft_wrap=True, markup=False)
         raise typer.Exit(2)
     out.print(f"{recipe}: ok")
 
@@ -168,8 +187,9 @@ def check(recipe: Annotated[Path, typer.Argument(help="Recipe YAML file.")], ove
 @_handled
 def inspect(path: Annotated[Path, typer.Argument(help="A pruned.safetensors or an output folder.")]) -> None:
     """Show widths, parameters and FLOPs of a pruned checkpoint or an output folder."""
-    from amp_deploy.rebuild import load_pruned_model, read_metadata
-    from amp_deploy.validate import count_flops, count_params
+    from amp_deploy.checkpoint import load_pruned_model, read_metadata
+    from amp_deploy.measure.metrics import count_flops
+    from amp_deploy.prune.families import count_params
 
     ckpt = path / "pruned.safetensors" if path.is_dir() else path
     meta = read_metadata(ckpt)
@@ -198,9 +218,9 @@ def triton(folder: Annotated[Path, typer.Argument(help="Output folder of a build
            backend: Annotated[Backend, typer.Option(help="onnxruntime (pruned.onnx) or tensorrt (pruned.plan).")] = Backend.onnxruntime,
            original: Annotated[bool, typer.Option("--original", help="Serve the original model instead of the pruned one.")] = False) -> None:
     """Write a Triton Inference Server model repository entry for a build."""
-    from amp_deploy.triton import write_model_repository
+    from amp_deploy.build.serving import triton_entry
 
-    path = write_model_repository(folder, repo, name, backend.value, "original" if original else "pruned")
+    path = triton_entry(folder, repo, name, backend.value, "original" if original else "pruned")
     out.print(f"wrote {path} (config.pbtxt, 1/)")
 
 
@@ -217,7 +237,7 @@ def compare_cmd(reports: Annotated[list[Path], typer.Argument(help="report.json 
                     "--fail-on-regression", metavar="PCT", help="Exit 1 when any pruned p50 is slower than the baseline's by more than PCT percent.")] = None,
                 fmt: Annotated[Format, typer.Option("--format", help="table, md (for a pull request) or json.")] = Format.table) -> None:
     """Compare reports side by side: latency per runtime and batch size, size, widths, fidelity."""
-    from amp_deploy.compare import compare, load_report, render_md
+    from amp_deploy.measure.compare import compare, load_report, render_md
 
     cmp = compare([load_report(p) for p in reports], fail_on_regression)
     if fmt is Format.json:

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
@@ -19,15 +20,19 @@ from amp_deploy.errors import UserError
 
 DIGITS_TOTAL = 1797  # images in sklearn's digits
 DIGITS_TEST = 360  # images in its fixed test split
+DataSource = Literal["digits", "folder", "synthetic"]
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
 
 
 @dataclass
 class Split:
+    """One set of images (already transformed) and their labels, when the data has labels."""
+
     images: torch.Tensor
     labels: torch.Tensor | None
 
     def batches(self, batch_size: int):
+        """(images, labels or None) in order, `batch_size` at a time."""
         for i in range(0, len(self.images), batch_size):
             labels = self.labels[i : i + batch_size] if self.labels is not None else None
             yield self.images[i : i + batch_size], labels
@@ -35,6 +40,8 @@ class Split:
 
 @dataclass
 class Data:
+    """Calibration (scores), validation (width search) and holdout (the report) images."""
+
     calibration: Split
     validation: Split
     holdout: Split
@@ -65,7 +72,8 @@ def _need(what: str, have: int, want: int, hint: str) -> None:
         raise UserError(f"data: {what} has {have} images but the recipe asks for {want}; {hint}")
 
 
-def load_digits_data(calibration: int, validation: int, holdout: int, seed: int, transform: Callable) -> Data:
+def load_digits_data(*, calibration: int, validation: int, holdout: int, seed: int, transform: Callable) -> Data:
+    """Calibration and validation from the embedded model's training split, holdout from its test split."""
     images, labels = digits_images()
     train, test = digits_split()
     train = np.random.default_rng(seed).permutation(train)
@@ -106,8 +114,9 @@ def image_files(root: Path) -> list[Path]:
     return files
 
 
-def load_folder_data(path: str, calibration: int, validation: int, holdout: int, seed: int,
+def load_folder_data(path: str, *, calibration: int, validation: int, holdout: int, seed: int,
                      transform: Callable) -> Data:
+    """Images under `path` in a seeded order; unreadable files are skipped and counted."""
     root = Path(path)
     if not root.is_dir():
         raise UserError(f"data.path: not a directory: {root}")
@@ -129,7 +138,7 @@ def load_folder_data(path: str, calibration: int, validation: int, holdout: int,
     return Data(*[_to_split(c, None, transform) for c in cuts], skipped=skipped)
 
 
-def load_synthetic_data(calibration: int, validation: int, holdout: int, seed: int,
+def load_synthetic_data(*, calibration: int, validation: int, holdout: int, seed: int,
                         transform: Callable, size: tuple[int, int]) -> Data:
     """Seeded random images: for smoke tests and speed, never for judging accuracy."""
     rng = np.random.default_rng(seed)
@@ -141,10 +150,12 @@ def load_synthetic_data(calibration: int, validation: int, holdout: int, seed: i
     return Data(make(calibration), make(validation), make(holdout))
 
 
-def load_data(source: str, path: str | None, calibration: int, validation: int, holdout: int, seed: int,
+def load_data(source: DataSource, path: str | None, *, calibration: int, validation: int, holdout: int, seed: int,
               transform: Callable, input_size: tuple[int, int, int]) -> Data:
+    """The three disjoint image sets of a recipe's data section, through `transform`."""
+    sets = dict(calibration=calibration, validation=validation, holdout=holdout, seed=seed)
     if source == "digits":
-        return load_digits_data(calibration, validation, holdout, seed, transform)
+        return load_digits_data(**sets, transform=transform)
     if source == "folder":
-        return load_folder_data(path or "", calibration, validation, holdout, seed, transform)
-    return load_synthetic_data(calibration, validation, holdout, seed, transform, input_size[1:])
+        return load_folder_data(path or "", **sets, transform=transform)
+    return load_synthetic_data(**sets, transform=transform, size=input_size[1:])

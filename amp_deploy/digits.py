@@ -46,7 +46,7 @@ def train_digits_vit(epochs: int = 100, batch_size: int = 16, lr: float = 2e-3, 
                      log=print, depth: int | None = None) -> tuple[torch.nn.Module, float]:
     """Train the embedded model (or a deeper variant); return it (eval mode) and its test top-1."""
     from amp_deploy.data import digits_images, digits_split
-    from amp_deploy.families import load_timm
+    from amp_deploy.prune.families import load_timm
 
     torch.manual_seed(seed)
     loaded = load_timm(MODEL_NAME, False, {**MODEL_KWARGS, "depth": depth or MODEL_KWARGS["depth"]})
@@ -88,7 +88,7 @@ def main() -> None:
 
     from safetensors.torch import save_file
 
-    from amp_deploy._private import atomic_path
+    from amp_deploy.files import atomic_path
 
     ap = argparse.ArgumentParser(description="Train the embedded digits ViT (fixed seeds).")
     ap.add_argument("--depth", type=int, default=MODEL_KWARGS["depth"], help="blocks (4: the embedded model)")

@@ -1,4 +1,6 @@
-"""Exceptions that the CLI maps to exit codes."""
+"""Exceptions that the CLI maps to exit codes, and the checks that raise them from anywhere."""
+
+from __future__ import annotations
 
 
 class UserError(Exception):
@@ -7,3 +9,16 @@ class UserError(Exception):
 
 class GateFailed(Exception):
     """A validation gate (parity, fidelity, regression) failed. The CLI exits 1."""
+
+
+def first_line(e: BaseException, limit: int = 200) -> str:
+    """The first line of an exception's message (its type name when the message is empty)."""
+    return (str(e).strip().splitlines() or [type(e).__name__])[0][:limit]
+
+
+def require_finite(t, stage: str) -> None:
+    """Stop with a clear error when a model's output holds NaN or Inf."""
+    import torch
+
+    if not torch.isfinite(torch.as_tensor(t)).all():
+        raise UserError(f"{stage}: the model's output holds NaN or Inf; check the weights and the input images")

@@ -6,39 +6,53 @@ path; an unknown key is an error, and so is a wrong type (no silent coercion of 
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from amp_deploy.checkpoint import ModelSource
+from amp_deploy.data import DataSource
+from amp_deploy.deploy.export import Exporter, Precision
+from amp_deploy.deploy.runtimes import RuntimeName
 from amp_deploy.errors import UserError
+from amp_deploy.files import SAFE_NAME
+from amp_deploy.prune.score import Criterion, Taylor
 
-NAME_PATTERN = r"[A-Za-z0-9][A-Za-z0-9._-]*"  # a recipe name: names out/NAME and Triton entries
-RuntimeName = Literal["onnxruntime", "onnxruntime-cuda", "onnxruntime-trt", "tensorrt", "torch", "torch-compile"]
+NAME_PATTERN = SAFE_NAME  # a recipe name: names out/NAME and Triton entries
 
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
 
 
+def _f(default: Any = ..., description: str = "", *, factory: Any = None, **kw) -> Any:
+    """A field with its documentation (`amp-deploy check --keys` lists it)."""
+    if factory is not None:
+        return Field(default_factory=factory, description=description, **kw)
+    return Field(default, description=description, **kw)
+
+
 class MlpSitesSpec(_Strict):
     """Where the MLPs are in a model family amp-deploy does not know (module paths)."""
 
-    blocks: str  # the block list, from the model: "encoder.layers"
-    fc_in: str  # inside a block: "mlp.fc1" (d -> h, or d -> 2h when packed)
-    fc_out: str  # inside a block: "mlp.fc2" (h -> d)
-    packed: bool = False  # fc_in holds value and gate halves
-    gate: str | None = None  # a separate gate Linear (d -> h)
-    norm: str | None = None  # a LayerNorm over the h hidden neurons
+    blocks: str = _f(description="the block list, from the model, e.g. encoder.layers")
+    fc_in: str = _f(description="inside a block: the d -> h Linear (d -> 2h when packed), e.g. mlp.fc1")
+    fc_out: str = _f(description="inside a block: the h -> d Linear, e.g. mlp.fc2")
+    packed: bool = _f(False, "fc_in holds value and gate halves")
+    gate: str | None = _f(None, "a separate gate Linear (d -> h)")
+    norm: str | None = _f(None, "a LayerNorm over the h hidden neurons")
 
 
 class ModelSpec(_Strict):
-    source: Literal["timm", "open_clip", "checkpoint"] = "timm"
-    name: str | None = None
-    pretrained: bool | str = False
-    kwargs: dict[str, Any] = Field(default_factory=dict)
-    mlp_sites: MlpSitesSpec | None = None
+    source: ModelSource = _f("timm", "timm | open_clip | checkpoint (a pruned.safetensors of ours)")
+    name: str | None = _f(None, "the factory's model name (timm.list_models(), open_clip.list_models())")
+    pretrained: bool | str = _f(False, "true (hub weights), false (seeded random init), or a local weights file")
+    kwargs: dict[str, Any] = _f(description="passed to the factory (depth, img_size, num_classes, ...); open_clip: "
+                                      "pretrained names the weights tag", factory=dict)
+    mlp_sites: MlpSitesSpec | None = _f(None, "where the MLPs are, for a model family not found automatically")
 
     @model_validator(mode="after")
     def _check(self) -> ModelSpec:
@@ -52,13 +66,13 @@ class ModelSpec(_Strict):
 
 
 class DataSpec(_Strict):
-    source: Literal["digits", "folder", "synthetic"] = "digits"
-    path: str | None = None
-    calibration: int = Field(512, ge=1)
-    validation: int = Field(256, ge=1)
-    holdout: int = Field(256, ge=1)
-    batch_size: int = Field(64, ge=1)
-    seed: int = 0
+    source: DataSource = _f("digits", "digits (bundled real images) | folder (image files) | synthetic")
+    path: str | None = _f(None, "the image folder, with data.source: folder")
+    calibration: int = _f(512, "images for the importance scores", ge=1)
+    validation: int = _f(256, "images for the width search", ge=1)
+    holdout: int = _f(256, "images for fidelity and accuracy in the report (never used to prune)", ge=1)
+    batch_size: int = _f(64, "batch size for scoring, the search and references", ge=1)
+    seed: int = _f(0, "seeds the split, synthetic images and a random-init model")
 
     @model_validator(mode="after")
     def _check(self) -> DataSpec:
@@ -71,17 +85,19 @@ class DataSpec(_Strict):
 
 
 class PruneSpec(_Strict):
-    criterion: Literal["entropy", "ce", "magnitude", "random"] = "entropy"
-    search: Literal["adaptive", "uniform"] = "adaptive"
-    threshold: float = Field(0.01, ge=0)
-    keep_ratio: float | None = Field(None, gt=0, le=1)
-    target_params: float | None = Field(None, gt=0, le=1)  # adaptive: a budget, as a fraction of params
-    taylor: Literal["abs", "signed"] = "abs"  # rank neurons by mean |a*g| (the paper's default) or mean a*g
-    temperature: float = Field(15.0, gt=0)
-    steps: int = Field(6, ge=1, le=20)
-    align: int = Field(1, ge=1)
-    cache: bool = True  # reuse the hidden states entering each block during the search
-    checkpointing: bool = False  # recompute activations while scoring, so that giant models fit
+    criterion: Criterion = _f("entropy", "entropy (label-free) | ce (labels) | magnitude | random")
+    search: Literal["adaptive", "uniform"] = _f("adaptive", "adaptive (per-block binary search) | uniform")
+    threshold: float = _f(0.01, "adaptive: the validation loss (nats) each block may add", ge=0)
+    keep_ratio: float | None = _f(None, "uniform: fraction of hidden neurons kept", gt=0, le=1)
+    target_params: float | None = _f(None, "adaptive: a parameter budget as a fraction of the original "
+                                           "(an outer search over the threshold)", gt=0, le=1)
+    taylor: Taylor = _f("abs", "rank neurons by mean |a*g| (abs, the paper's) or mean a*g (signed)")
+    temperature: float = _f(15.0, "inverse temperature of the entropy over embeddings (15 CLIP, 20 DINOv2)", gt=0)
+    steps: int = _f(6, "bisection steps per block", ge=1, le=20)
+    align: int = _f(1, "kept widths are multiples of this (e.g. 64 for tensor cores)", ge=1)
+    cache: bool = _f(True, "replay the hidden states entering each block during the search (false: the "
+                           "reference scheme, the whole model every step)")
+    checkpointing: bool = _f(False, "recompute block activations while scoring, so giant models fit; same scores")
 
     @model_validator(mode="after")
     def _check(self) -> PruneSpec:
@@ -93,9 +109,9 @@ class PruneSpec(_Strict):
 
 
 class BatchRange(_Strict):
-    min: int = Field(1, ge=1)
-    opt: int = Field(8, ge=1)
-    max: int = Field(32, ge=1)
+    min: int = _f(1, "smallest batch the exported models and engines accept", ge=1)
+    opt: int = _f(8, "the batch TensorRT tunes for", ge=1)
+    max: int = _f(32, "largest batch", ge=1)
 
     @model_validator(mode="after")
     def _check(self) -> BatchRange:
@@ -105,24 +121,25 @@ class BatchRange(_Strict):
 
 
 class ExportSpec(_Strict):
-    opset: int = Field(18, ge=17, le=23)  # >= 17: LayerNorm is one LayerNormalization node
-    exporter: Literal["dynamo", "torchscript"] = "dynamo"
-    batch: BatchRange = Field(default_factory=BatchRange)
+    opset: int = _f(18, "ONNX opset (>= 17: LayerNorm is one LayerNormalization node)", ge=17, le=23)
+    exporter: Exporter = _f("dynamo", "torch.onnx exporter: dynamo | torchscript")
+    batch: BatchRange = _f(description="the dynamic batch axis (and the TensorRT optimization profile)", factory=BatchRange)
 
 
 class CompileSpec(_Strict):
     """TensorRT engine builds (and the precision of ONNX Runtime's TensorRT provider)."""
 
-    precision: Literal["fp32", "fp16", "bf16"] = "fp16"
-    strongly_typed: bool = True  # false: fp32 ONNX plus FP16/BF16 builder flags (TensorRT 10.x only)
-    workspace_mib: int = Field(4096, ge=16)
-    optimization_level: int = Field(3, ge=0, le=5)
-    timing_cache: bool = True  # kept in OUT/timing.cache and reused by later builds
+    precision: Precision = _f("fp16", "engine precision: fp16 | bf16 | fp32")
+    strongly_typed: bool = _f(True, "precision from the graph (false: fp32 ONNX plus FP16/BF16 builder flags, "
+                                    "TensorRT 10.x only)")
+    workspace_mib: int = _f(4096, "TensorRT builder workspace", ge=16)
+    optimization_level: int = _f(3, "TensorRT builder optimization level", ge=0, le=5)
+    timing_cache: bool = _f(True, "keep OUT/timing.cache and reuse it in later builds on the same GPU")
 
 
 class ParityGate(_Strict):
-    max_abs_err: float = Field(1e-4, gt=0)
-    cosine_min: float = Field(0.99999, ge=-1, le=1)
+    max_abs_err: float = _f(1e-4, "largest absolute difference from the torch model", gt=0)
+    cosine_min: float = _f(0.99999, "smallest per-image cosine with the torch model", ge=-1, le=1)
 
 
 def _reduced_gate() -> ParityGate:
@@ -132,47 +149,76 @@ def _reduced_gate() -> ParityGate:
 class FidelityGate(_Strict):
     """Optional limits on the price of pruning (pruned vs original on the holdout images)."""
 
-    cosine_mean: float | None = Field(None, ge=-1, le=1)  # at least
-    top1_agreement: float | None = Field(None, ge=0, le=1)  # at least
-    accuracy_drop: float | None = Field(None, ge=0)  # at most, in points
+    cosine_mean: float | None = _f(None, "at least this mean cosine", ge=-1, le=1)
+    top1_agreement: float | None = _f(None, "at least this top-1 agreement (0..1)", ge=0, le=1)
+    accuracy_drop: float | None = _f(None, "at most this accuracy drop, in points", ge=0)
 
 
 class ValidateSpec(_Strict):
-    batch_sizes: list[int] = Field(default_factory=lambda: [1, 8], min_length=1)
-    warmup: int = Field(10, ge=0)
-    warmup_seconds: float = Field(0.0, ge=0)
-    iterations: int = Field(50, ge=1)
-    threads: int | None = Field(None, ge=1)
-    parity: ParityGate = Field(default_factory=ParityGate)  # fp32 runtimes
-    parity_reduced: ParityGate = Field(default_factory=_reduced_gate)  # fp16 / bf16 runtimes
-    fidelity: FidelityGate = Field(default_factory=FidelityGate)
-
-    @model_validator(mode="after")
-    def _check(self) -> ValidateSpec:
-        if any(b < 1 for b in self.batch_sizes):
-            raise ValueError("validate.batch_sizes must all be >= 1")
-        return self
+    batch_sizes: list[int] = _f(description="timed batch sizes (inside export.batch)", factory=lambda: [1, 8], min_length=1)
+    warmup: int = _f(10, "warm-up rounds before timing", ge=0)
+    warmup_seconds: float = _f(0.0, "warm up for at least this long as well", ge=0)
+    iterations: int = _f(50, "timed rounds (original and pruned interleaved)", ge=1)
+    threads: int | None = _f(None, "CPU threads for the runtimes (default: theirs)", ge=1)
+    parity: ParityGate = _f(description="parity limits for fp32 runtimes (breach: exit 1)", factory=ParityGate)
+    parity_reduced: ParityGate = _f(description="parity limits for fp16/bf16/tf32 runtimes (breach: exit 1)", factory=_reduced_gate)
+    fidelity: FidelityGate = _f(description="optional limits on pruned vs original (breach: exit 1)", factory=FidelityGate)
 
 
 class Recipe(_Strict):
-    name: str = Field(pattern=f"^{NAME_PATTERN}$", max_length=100)  # names the default out/NAME
-    model: ModelSpec
-    data: DataSpec = Field(default_factory=DataSpec)
-    prune: PruneSpec = Field(default_factory=PruneSpec)
-    export: ExportSpec = Field(default_factory=ExportSpec)
-    compile: CompileSpec = Field(default_factory=CompileSpec)
-    runtimes: list[RuntimeName] = Field(default_factory=lambda: ["onnxruntime", "tensorrt"])
-    validate_: ValidateSpec = Field(default_factory=ValidateSpec, alias="validate")
+    """A whole recipe: what to prune, on which images, how, and how to ship and validate it."""
+
+    name: str = _f(description="names the default output folder out/NAME", pattern=f"^{NAME_PATTERN}$", max_length=100)
+    model: ModelSpec = _f(description="the model to prune")
+    data: DataSpec = _f(description="calibration, validation and holdout images", factory=DataSpec)
+    prune: PruneSpec = _f(description="how AMP scores and searches", factory=PruneSpec)
+    export: ExportSpec = _f(description="ONNX export", factory=ExportSpec)
+    compile: CompileSpec = _f(description="TensorRT engines", factory=CompileSpec)
+    runtimes: list[RuntimeName] = _f(description="runtimes to validate: " + " | ".join(RuntimeName.__args__),
+                                     factory=lambda: ["onnxruntime", "tensorrt"])
+    validate_: ValidateSpec = _f(description="latency, parity and fidelity measurement", factory=ValidateSpec, alias="validate")
 
     @model_validator(mode="after")
     def _check(self) -> Recipe:
-        over = [b for b in self.validate_.batch_sizes if b > self.export.batch.max]
-        if over:
-            raise ValueError(f"validate.batch_sizes {over} exceed export.batch.max {self.export.batch.max}")
+        b = self.export.batch
+        outside = [n for n in self.validate_.batch_sizes if not b.min <= n <= b.max]
+        if outside:
+            raise ValueError(f"validate.batch_sizes {outside} are outside export.batch [{b.min}, {b.max}]: "
+                             "engines and exported models accept only that range")
+        if self.compile.precision == "bf16" and self.export.opset < 22:
+            raise ValueError(f"compile.precision bf16 needs export.opset >= 22 (ONNX allows bfloat16 Conv from "
+                             f"opset 22), got {self.export.opset}")
         return self
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json", by_alias=True)
+
+
+def key_docs(model: type[BaseModel] = Recipe, prefix: str = "", defaults: BaseModel | None = None
+             ) -> list[tuple[str, str, str]]:
+    """(dotted key, default, description) of every recipe key, for `amp-deploy check --keys`."""
+    rows = []
+    for name, f in model.model_fields.items():
+        key = prefix + (f.alias or name)
+        value = getattr(defaults, name) if defaults is not None else (
+            None if f.is_required() else f.get_default(call_default_factory=True))
+        sub = _submodel(f.annotation)
+        if sub is not None:
+            rows.append((key, "", f.description or ""))
+            rows += key_docs(sub, key + ".", value if isinstance(value, sub) else None)
+            continue
+        default = "required" if f.is_required() and defaults is None else json.dumps(value)
+        rows.append((key, default, f.description or ""))
+    return rows
+
+
+def _submodel(annotation: Any) -> type[BaseModel] | None:
+    import typing
+
+    for t in (annotation, *typing.get_args(annotation)):
+        if isinstance(t, type) and issubclass(t, BaseModel):
+            return t
+    return None
 
 
 # Keys holding paths: relative paths are resolved against the recipe's folder (in the file) or
@@ -292,4 +338,5 @@ def _get(doc: dict, keys: list[str]) -> Any:
 
 
 def dump_recipe(recipe: Recipe) -> str:
+    """The resolved recipe as YAML (saved beside the report)."""
     return yaml.safe_dump(recipe.to_dict(), sort_keys=False)

@@ -22,12 +22,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from _common import print_table, write_json  # noqa: E402
 
-from amp_deploy.export import export_onnx  # noqa: E402
-from amp_deploy.families import load_timm  # noqa: E402
-from amp_deploy.rebuild import apply_widths  # noqa: E402
-from amp_deploy.report import _cpu_model  # noqa: E402
-from amp_deploy.runtimes import onnxruntime_runner, torch_runner  # noqa: E402
-from amp_deploy.validate import count_flops, latency  # noqa: E402
+from amp_deploy.deploy.export import export_onnx  # noqa: E402
+from amp_deploy.deploy.runtimes import onnxruntime_runner, torch_runner  # noqa: E402
+from amp_deploy.measure.metrics import count_flops, latency  # noqa: E402
+from amp_deploy.measure.report import cpu_model  # noqa: E402
+from amp_deploy.prune.families import load_timm  # noqa: E402
+from amp_deploy.prune.rebuild import apply_widths  # noqa: E402
 
 PROFILE = [0.75, 0.6, 0.5, 0.45, 0.4, 0.4, 0.35, 0.35, 0.3, 0.3, 0.35, 0.5]  # kept fraction per block
 
@@ -54,7 +54,7 @@ def main() -> None:
     ap.add_argument("--runtimes", nargs="+", default=["onnxruntime", "torch"])
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
-    print(f"CPU: {_cpu_model()}, {torch.get_num_threads()} threads; torch {torch.__version__}\n", flush=True)
+    print(f"CPU: {cpu_model()}, {torch.get_num_threads()} threads; torch {torch.__version__}\n", flush=True)
     rows, records = [], []
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.models:
@@ -65,8 +65,9 @@ def main() -> None:
             print(f"{name}: aligned widths {widths['aligned']}", flush=True)
             for rt in args.runtimes:
                 if rt == "onnxruntime":
-                    runners = {k: onnxruntime_runner(export_onnx(m.model, Path(tmp) / f"{name}_{k}.onnx", size, 18, 1,
-                                                                 max(args.batches), max(args.batches)))
+                    runners = {k: onnxruntime_runner(export_onnx(
+                        m.model, Path(tmp) / f"{name}_{k}.onnx", size, opset=18, batch_min=1,
+                        batch_opt=max(args.batches), batch_max=max(args.batches)))
                                for k, m in models.items()}
                 else:
                     runners = {k: torch_runner(m.model) for k, m in models.items()}
@@ -86,7 +87,7 @@ def main() -> None:
     print()
     print_table(["model", "runtime", "batch", "variant", "original p50 ms", "pruned p50 ms", "realised speedup",
                  "FLOP speedup", "realised / FLOP", "CV"], rows, "Realised vs FLOP speedup")
-    write_json(args.json, {"cpu": _cpu_model(), "threads": torch.get_num_threads(), "profile": PROFILE, "rows": records})
+    write_json(args.json, {"cpu": cpu_model(), "threads": torch.get_num_threads(), "profile": PROFILE, "rows": records})
 
 
 if __name__ == "__main__":

@@ -21,9 +21,9 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _common import print_table, write_json  # noqa: E402
 
 from amp_deploy.data import load_synthetic_data  # noqa: E402
-from amp_deploy.families import load_timm  # noqa: E402
-from amp_deploy.score import loss_fn, taylor_scores  # noqa: E402
-from amp_deploy.search import adaptive_widths  # noqa: E402
+from amp_deploy.prune.families import load_timm  # noqa: E402
+from amp_deploy.prune.score import loss_fn, taylor_scores  # noqa: E402
+from amp_deploy.prune.search import adaptive_widths  # noqa: E402
 
 
 def main() -> None:
@@ -37,14 +37,15 @@ def main() -> None:
     cpu = torch.device("cpu")
     base = load_timm("vit_small_patch16_224", False,
                      {"depth": args.depth, "img_size": 32, "patch_size": 4, "embed_dim": 192, "num_heads": 3})
-    data = load_synthetic_data(64, args.images, 1, 0, base.transform, base.input_size[1:])
+    data = load_synthetic_data(calibration=64, validation=args.images, holdout=1, seed=0, transform=base.transform, size=base.input_size[1:])
     loss = loss_fn("entropy", base.output, 15.0)
     scores = taylor_scores(base, data.calibration.batches(32), loss, cpu)["abs"]
     results = {}
     for mode in ("cached", "naive"):
         model = copy.deepcopy(base)
         t0 = time.perf_counter()
-        res = adaptive_widths(model, scores, data.validation, 32, loss, args.threshold, 6, 1, cpu, cached=mode == "cached")
+        res = adaptive_widths(model, scores, data.validation, batch_size=32, loss=loss, threshold=args.threshold,
+                              cached=mode == "cached")
         results[mode] = (res, time.perf_counter() - t0)
     (c, tc), (n, tn) = results["cached"], results["naive"]
     assert c.widths == n.widths, (c.widths, n.widths)

@@ -26,11 +26,11 @@ from _common import print_table, write_json  # noqa: E402
 
 from amp_deploy import digits  # noqa: E402
 from amp_deploy.data import load_digits_data  # noqa: E402
-from amp_deploy.families import load_timm  # noqa: E402
-from amp_deploy.rebuild import apply_widths  # noqa: E402
-from amp_deploy.score import loss_fn, magnitude_scores, random_scores, taylor_scores  # noqa: E402
-from amp_deploy.search import adaptive_widths, budget_widths, uniform_widths  # noqa: E402
-from amp_deploy.validate import count_params as params  # noqa: E402
+from amp_deploy.prune.families import count_params as params  # noqa: E402
+from amp_deploy.prune.families import load_timm  # noqa: E402
+from amp_deploy.prune.rebuild import apply_widths  # noqa: E402
+from amp_deploy.prune.score import loss_fn, magnitude_scores, random_scores, taylor_scores  # noqa: E402
+from amp_deploy.prune.search import adaptive_widths, budget_widths, uniform_widths  # noqa: E402
 
 
 @torch.no_grad()
@@ -49,7 +49,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.manual_seed(0)
     base = load_timm(digits.MODEL_NAME, args.weights, {**digits.MODEL_KWARGS, "depth": args.depth})
-    data = load_digits_data(512, 256, 360, 0, base.transform)
+    data = load_digits_data(calibration=512, validation=256, holdout=360, seed=0, transform=base.transform)
     total = params(base.model)
     with torch.no_grad():
         ref_pred = base.model(data.holdout.images).argmax(-1)
@@ -75,7 +75,7 @@ def main() -> None:
                 val = data.holdout if label.startswith("oracle") else data.validation
 
                 def run(m, t, s=scores[crit], loss=loss, val=val):
-                    return adaptive_widths(m, s, val, 64, loss, t, 6, 1, cpu)
+                    return adaptive_widths(m, s, val, batch_size=64, loss=loss, threshold=t)
                 pruned, _, _, _ = budget_widths(lambda: copy.deepcopy(base), limit, run)
             else:
                 pruned = None

@@ -37,7 +37,7 @@ def _seed():
 @pytest.fixture
 def tiny_vit():
     """timm's own test ViT, shrunk: 3 blocks, 32x32 images, 10 classes."""
-    from amp_deploy.families import load_timm
+    from amp_deploy.prune.families import load_timm
 
     return load_timm("test_vit", False, {"depth": 3, "img_size": 32, "num_classes": 10})
 
@@ -45,7 +45,7 @@ def tiny_vit():
 @pytest.fixture
 def digits_model():
     from amp_deploy import digits
-    from amp_deploy.families import load_timm
+    from amp_deploy.prune.families import load_timm
 
     return load_timm(digits.MODEL_NAME, str(digits.ASSET), digits.MODEL_KWARGS)
 

@@ -122,8 +122,8 @@ def test_warmup_by_time():
 
     import numpy as np
 
-    from amp_deploy.runtimes import Runner
-    from amp_deploy.validate import latency
+    from amp_deploy.deploy.runtimes import Runner
+    from amp_deploy.measure.metrics import latency
 
     calls = []
     runner = Runner(lambda x: calls.append(time.perf_counter()) or x)

@@ -9,14 +9,15 @@ import torch
 from torch import nn
 
 from amp_deploy import load_pruned
+from amp_deploy.checkpoint import save_pruned
 from amp_deploy.data import load_synthetic_data
+from amp_deploy.deploy.export import export_onnx
+from amp_deploy.deploy.runtimes import onnxruntime_runner
 from amp_deploy.errors import UserError
-from amp_deploy.export import export_onnx
-from amp_deploy.families import find_sites, load_model
-from amp_deploy.rebuild import apply_widths, keep_top, save_pruned
-from amp_deploy.runtimes import onnxruntime_runner
-from amp_deploy.score import loss_fn, taylor_scores
-from amp_deploy.search import adaptive_widths, uniform_widths
+from amp_deploy.prune.families import find_sites, load_model
+from amp_deploy.prune.rebuild import apply_widths, keep_top
+from amp_deploy.prune.score import loss_fn, taylor_scores
+from amp_deploy.prune.search import adaptive_widths, uniform_widths
 
 FAMILIES = {
     "vit": ("timm", "vit_small_patch16_224", {"depth": 2, "img_size": 32, "embed_dim": 64, "num_heads": 2}),
@@ -48,13 +49,13 @@ def test_family_prunes_round_trips_and_exports(key, tmp_path):
     loaded = _load(key)
     original = loaded.widths()
     reference = copy.deepcopy(loaded)
-    data = load_synthetic_data(8, 8, 4, 0, loaded.transform, loaded.input_size[1:])
+    data = load_synthetic_data(calibration=8, validation=8, holdout=4, seed=0, transform=loaded.transform, size=loaded.input_size[1:])
     assert data.calibration.images.shape[1:] == loaded.input_size
     loss = loss_fn("entropy", loaded.output, 15.0)
     scores = taylor_scores(loaded, data.calibration.batches(4), loss, torch.device("cpu"))["abs"]
     assert [len(s) for s in scores] == original
 
-    res = adaptive_widths(loaded, scores, data.validation, 4, loss, 0.05, 4, 1, torch.device("cpu"))
+    res = adaptive_widths(loaded, scores, data.validation, batch_size=4, loss=loss, threshold=0.05, steps=4)
     assert all(1 <= w <= h for w, h in zip(res.widths, original)) and loaded.widths() == res.widths
     for w, h in zip(uniform_widths(original, 0.5, 8), original):
         assert (w % 8 == 0 or w == h) and abs(w - h / 2) <= 4
@@ -69,7 +70,7 @@ def test_family_prunes_round_trips_and_exports(key, tmp_path):
     with torch.no_grad():
         ref_out = pruned.model(x)
         assert torch.equal(back(x), ref_out)
-    path = export_onnx(pruned.model, tmp_path / "p.onnx", pruned.input_size, 18, 1, 2, 4)
+    path = export_onnx(pruned.model, tmp_path / "p.onnx", pruned.input_size, opset=18, batch_min=1, batch_opt=2, batch_max=4)
     out = onnxruntime_runner(path).run(x.numpy())
     assert np.abs(out - ref_out.numpy()).max() <= 1e-4
 

@@ -7,7 +7,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from amp_deploy.pipeline import PRUNE_STAGES, Context, run_stages
+from amp_deploy.build.context import Context
+from amp_deploy.build.run import run_stages
+from amp_deploy.build.stages import PRUNE_STAGES
 from amp_deploy.recipe import load_recipe
 
 from .conftest import QUICKSTART, build, tiny_recipe
@@ -16,13 +18,13 @@ from .conftest import QUICKSTART, build, tiny_recipe
 def _prune(tmp_path, *overrides):
     recipe = load_recipe(QUICKSTART, list(overrides))
     out = tmp_path / "out"
-    run_stages(Context(recipe, out, torch.device("cpu"), log=lambda *_: None), PRUNE_STAGES)
+    run_stages(Context.create(recipe, out, "cpu"), PRUNE_STAGES)
     return json.loads((out / "search.json").read_text()), out
 
 
 def _params(out):
     from amp_deploy import load_pruned
-    from amp_deploy.validate import count_params
+    from amp_deploy.prune.families import count_params
 
     return count_params(load_pruned(out / "pruned.safetensors"))
 
@@ -95,7 +97,7 @@ def test_a_pruned_checkpoint_can_be_pruned_again(quickstart, tmp_path):
         "data": {"source": "digits", "calibration": 128, "validation": 128, "holdout": 64},
         "prune": {"threshold": 0.02}}))
     out = tmp_path / "out"
-    run_stages(Context(load_recipe(recipe), out, torch.device("cpu"), log=lambda *_: None), PRUNE_STAGES)
+    run_stages(Context.create(load_recipe(recipe), out, "cpu"), PRUNE_STAGES)
     search = json.loads((out / "search.json").read_text())
     assert search["original_widths"] == first
     assert all(w <= h for w, h in zip(search["widths"], first)) and search["widths"] != first

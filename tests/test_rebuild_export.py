@@ -5,9 +5,10 @@ import pytest
 import torch
 
 from amp_deploy import load_pruned
-from amp_deploy.export import export_onnx
-from amp_deploy.rebuild import apply_widths, keep_top, save_pruned
-from amp_deploy.runtimes import onnxruntime_runner
+from amp_deploy.checkpoint import save_pruned
+from amp_deploy.deploy.export import export_onnx
+from amp_deploy.deploy.runtimes import onnxruntime_runner
+from amp_deploy.prune.rebuild import apply_widths, keep_top
 
 
 def _prune_randomly(loaded, seed=0):
@@ -53,7 +54,7 @@ def test_ragged_round_trip_is_bit_identical(tiny_vit, tmp_path):
 def test_onnx_parity_of_a_pruned_model(tiny_vit, tmp_path):
     original, scores, widths = _prune_randomly(tiny_vit, seed=2)
     apply_widths(tiny_vit, scores, widths)
-    path = export_onnx(tiny_vit.model, tmp_path / "p.onnx", tiny_vit.input_size, 18, 1, 4, 8)
+    path = export_onnx(tiny_vit.model, tmp_path / "p.onnx", tiny_vit.input_size, opset=18, batch_min=1, batch_opt=4, batch_max=8)
     runner = onnxruntime_runner(path)
     assert runner.info["providers"][0] == "CPUExecutionProvider"
     for batch in (1, 5):  # the batch axis is dynamic
@@ -68,7 +69,7 @@ def test_onnx_parity_of_a_pruned_model(tiny_vit, tmp_path):
 def test_onnx_has_one_layernorm_node_per_norm(tiny_vit, tmp_path):
     import onnx
 
-    path = export_onnx(tiny_vit.model, tmp_path / "o.onnx", tiny_vit.input_size, 18, 1, 2, 4)
+    path = export_onnx(tiny_vit.model, tmp_path / "o.onnx", tiny_vit.input_size, opset=18, batch_min=1, batch_opt=2, batch_max=4)
     ops = [n.op_type for n in onnx.load(str(path)).graph.node]
     assert ops.count("LayerNormalization") == 2 * len(tiny_vit.sites) + 1
     assert "ReduceMean" not in ops or ops.count("LayerNormalization") > 0
@@ -76,7 +77,7 @@ def test_onnx_has_one_layernorm_node_per_norm(tiny_vit, tmp_path):
 
 @pytest.mark.parametrize("exporter", ["torchscript"])
 def test_other_exporter_is_selectable(tiny_vit, tmp_path, exporter):
-    path = export_onnx(tiny_vit.model, tmp_path / "t.onnx", tiny_vit.input_size, 17, 1, 2, 4, exporter)
+    path = export_onnx(tiny_vit.model, tmp_path / "t.onnx", tiny_vit.input_size, opset=17, batch_min=1, batch_opt=2, batch_max=4, exporter=exporter)
     x = torch.randn(2, *tiny_vit.input_size)
     with torch.no_grad():
         ref = tiny_vit.model(x).numpy()

@@ -106,3 +106,29 @@ def test_a_key_given_twice_is_an_error_with_its_line(tmp_path):
 def test_a_folder_is_not_a_recipe(tmp_path):
     with pytest.raises(UserError, match="is a folder"):
         load_recipe(tmp_path)
+
+
+def test_check_keys_documents_every_key():
+    from typer.testing import CliRunner
+
+    from amp_deploy.cli import app
+    from amp_deploy.recipe import key_docs
+
+    rows = key_docs()
+    assert all(desc for _, _, desc in rows), [k for k, _, d in rows if not d]
+    keys = {k for k, _, _ in rows}
+    assert {"prune.threshold", "validate.parity_reduced.max_abs_err", "export.batch.min"} <= keys
+    assert dict((k, d) for k, d, _ in rows)["validate.parity_reduced.max_abs_err"] == "0.05"
+    res = CliRunner().invoke(app, ["check", "--keys"], terminal_width=200)
+    assert res.exit_code == 0 and "prune.threshold" in res.output
+
+
+def test_batch_sizes_outside_the_export_range_and_bf16_before_opset_22_are_refused():
+    _, problems = recipe_problems({"name": "x", "model": {"name": "test_vit"}, "export": {"batch": {"min": 2, "opt": 4,
+                                  "max": 8}}, "validate": {"batch_sizes": [1, 8]}})
+    assert any("[1] are outside export.batch [2, 8]" in p for p in problems), problems
+    _, problems = recipe_problems({"name": "x", "model": {"name": "test_vit"}, "compile": {"precision": "bf16"}})
+    assert any("bf16 needs export.opset >= 22" in p for p in problems), problems
+    recipe, problems = recipe_problems({"name": "x", "model": {"name": "test_vit"}, "compile": {"precision": "bf16"},
+                                        "export": {"opset": 22}})
+    assert recipe is not None, problems

@@ -15,10 +15,10 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
+from amp_deploy.build.lock import FolderLock
 from amp_deploy.data import load_folder_data, to_rgb
 from amp_deploy.errors import UserError
-from amp_deploy.families import read_state_dict
-from amp_deploy.pipeline import FolderLock
+from amp_deploy.prune.families import read_state_dict
 
 from .conftest import FAST, QUICKSTART, assert_one_line_error, build, tiny_recipe
 
@@ -69,7 +69,7 @@ def test_a_live_lock_refuses_a_second_build(tmp_path):
     holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
         time.sleep(0.2)
-        from amp_deploy.pipeline import _start_time
+        from amp_deploy.build.lock import _start_time
 
         (out / ".lock").write_text(json.dumps({"host": os.uname().nodename, "pid": holder.pid,
                                                 "start": _start_time(holder.pid)}))
@@ -146,12 +146,12 @@ def test_output_path_that_is_a_file(tmp_path):
 
 
 def test_no_space_left_is_a_clear_error(tmp_path, monkeypatch):
-    import amp_deploy.stages as stages
+    from amp_deploy.build.folder import BuildFolder
 
     def full(*_a, **_k):
         raise OSError(28, "No space left on device", "scores.safetensors")
 
-    monkeypatch.setattr(stages, "stage_score", full)
+    monkeypatch.setattr(BuildFolder, "write_scores", full)
     assert_one_line_error(build(tiny_recipe(tmp_path), "--out", tmp_path / "o"), "no space left on the device")
 
 
@@ -181,13 +181,13 @@ def test_folder_images_of_every_mode_are_converted_and_bad_ones_skipped(tmp_path
     (root / "trunc.jpg").write_bytes((root / "sub" / "rgb.jpg").read_bytes()[:60])
     import torchvision.transforms as T
 
-    data = load_folder_data(str(root), 2, 2, 1, 0, T.Compose([T.Resize((8, 8)), T.ToTensor()]))
+    data = load_folder_data(str(root), calibration=2, validation=2, holdout=1, seed=0, transform=T.Compose([T.Resize((8, 8)), T.ToTensor()]))
     assert data.skipped == 2
     assert data.calibration.images.shape == (2, 3, 8, 8) and data.holdout.images.shape == (1, 3, 8, 8)
     deep = to_rgb(Image.open(root / "deep.png"))
     assert deep.mode == "RGB" and np.asarray(deep).max() > 100  # 16-bit scaled, not clipped to white
     with pytest.raises(UserError, match="has 5 images but the recipe asks for 6"):
-        load_folder_data(str(root), 3, 2, 1, 0, T.ToTensor())
+        load_folder_data(str(root), calibration=3, validation=2, holdout=1, seed=0, transform=T.ToTensor())
 
 
 def test_empty_folder_and_too_few_images_exit_2(tmp_path):
@@ -199,20 +199,21 @@ def test_empty_folder_and_too_few_images_exit_2(tmp_path):
 
 
 def test_another_machine_recompiles_and_revalidates_but_keeps_the_pruning(monkeypatch):
-    from amp_deploy import pipeline
+    from amp_deploy.build import manifest
+    from amp_deploy.build.stages import STAGES
     from amp_deploy.recipe import load_recipe
 
     recipe = load_recipe(QUICKSTART)
-    here = pipeline.stage_keys(recipe)
-    monkeypatch.setattr(pipeline, "_machine", lambda: {"tensorrt": "10.13.0", "gpu": "NVIDIA H100", "host": "x", "cpus": 16})
-    there = pipeline.stage_keys(recipe)
+    here = manifest.stage_keys(recipe, STAGES)
+    monkeypatch.setattr(manifest, "machine", lambda: {"tensorrt": "10.13.0", "gpu": "NVIDIA H100", "host": "x", "cpus": 16})
+    there = manifest.stage_keys(recipe, STAGES)
     for stage in ("score", "search", "rebuild", "export"):
         assert here[stage] == there[stage]
     assert here["compile"] != there["compile"] and here["validate"] != there["validate"]
 
 
 def test_a_resumed_build_does_not_reread_unchanged_files(tmp_path, monkeypatch):
-    import amp_deploy._private as private
+    import amp_deploy.files as private
 
     recipe, out = tiny_recipe(tmp_path), tmp_path / "o"
     assert build(recipe, "--out", out).exit_code == 0

@@ -9,9 +9,8 @@ import onnx
 import pytest
 import torch
 
-from amp_deploy.errors import UserError
-from amp_deploy.export import export_onnx, external_files
-from amp_deploy.runtimes import (
+from amp_deploy.deploy.export import export_onnx, external_files
+from amp_deploy.deploy.runtimes import (
     Unavailable,
     cuda_providers,
     onnxruntime_runner,
@@ -19,7 +18,8 @@ from amp_deploy.runtimes import (
     tensorrt_unavailable_reason,
     torch_runner,
 )
-from amp_deploy.tensorrt_engine import BuildSettings, check_sidecar
+from amp_deploy.deploy.tensorrt_engine import BuildSettings, check_sidecar
+from amp_deploy.errors import UserError
 
 from .conftest import FAST, QUICKSTART, build, has_trt, requires_cuda, requires_trt
 
@@ -45,12 +45,13 @@ def test_build_settings_follow_the_recipe():
 
 
 def test_compile_settings_come_from_the_recipe_sections(tmp_path):
-    from amp_deploy.pipeline import Context
+    from amp_deploy.build.context import Context
+    from amp_deploy.build.stages import compile_settings
     from amp_deploy.recipe import load_recipe
-    from amp_deploy.stages import compile_settings
 
-    r = load_recipe(QUICKSTART, ["compile.precision=bf16", "compile.workspace_mib=512", "export.batch.max=16"])
-    s = compile_settings(Context(r, tmp_path, torch.device("cpu")), (3, 8, 8))
+    r = load_recipe(QUICKSTART, ["compile.precision=bf16", "export.opset=22", "compile.workspace_mib=512",
+                               "export.batch.max=16"])
+    s = compile_settings(Context.create(r, tmp_path, "cpu"), (3, 8, 8))
     assert (s.precision, s.workspace_mib, s.batch_max, s.input_shape) == ("bf16", 512, 16, (3, 8, 8))
 
 
@@ -64,9 +65,11 @@ def test_sidecar_mismatch_is_a_clear_error_not_a_crash():
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is present: the CUDA provider may really run")
-@pytest.mark.parametrize("providers", [cuda_providers(), tensorrt_providers("/tmp/x", True)], ids=["cuda", "trt"])
-def test_gpu_providers_listed_but_not_got_are_skipped(tiny_vit, tmp_path, providers):
-    path = export_onnx(tiny_vit.model, tmp_path / "m.onnx", tiny_vit.input_size, 18, 1, 2, 4)
+@pytest.mark.parametrize("kind", ["cuda", "trt"])
+def test_gpu_providers_listed_but_not_got_are_skipped(tiny_vit, tmp_path, kind):
+    path = export_onnx(tiny_vit.model, tmp_path / "m.onnx", tiny_vit.input_size, opset=18, batch_min=1, batch_opt=2,
+                       batch_max=4)
+    providers = cuda_providers() if kind == "cuda" else tensorrt_providers(tmp_path / "cache", path, True)
     with pytest.raises(Unavailable, match="did not give|could not start"):
         onnxruntime_runner(path, providers=providers)
 
@@ -89,7 +92,7 @@ def test_torch_and_onnxruntime_rows_compare_original_and_pruned(tmp_path):
 
 
 def test_half_precision_export_keeps_layernorm_in_fp32(tiny_vit, tmp_path):
-    path = export_onnx(tiny_vit.model, tmp_path / "h.onnx", tiny_vit.input_size, 18, 1, 2, 4, precision="fp16")
+    path = export_onnx(tiny_vit.model, tmp_path / "h.onnx", tiny_vit.input_size, opset=18, batch_min=1, batch_opt=2, batch_max=4, precision="fp16")
     model = onnx.load(str(path))
     inits = {t.name: t.data_type for t in model.graph.initializer}
     ln = [n for n in model.graph.node if n.op_type == "LayerNormalization"]
@@ -117,7 +120,7 @@ def test_a_model_over_2gb_exports_with_external_data_and_keeps_parity(tmp_path):
                               num_classes=10).eval()
     size = sum(p.numel() * 4 for p in model.parameters())
     assert size > 2**31
-    path = export_onnx(model, tmp_path / "big.onnx", (3, 32, 32), 18, 1, 2, 4)
+    path = export_onnx(model, tmp_path / "big.onnx", (3, 32, 32), opset=18, batch_min=1, batch_opt=2, batch_max=4)
     data = external_files(path)
     assert data and all(f.is_file() for f in data) and path.stat().st_size < 2**31
     assert sum(f.stat().st_size for f in data) >= size * 0.99
@@ -130,7 +133,7 @@ def test_a_model_over_2gb_exports_with_external_data_and_keeps_parity(tmp_path):
 
 @requires_cuda
 def test_torch_runner_on_cuda_times_with_events(tiny_vit):
-    from amp_deploy.validate import latency
+    from amp_deploy.measure.metrics import latency
 
     r = torch_runner(tiny_vit.model, device=torch.device("cuda"))
     x = torch.randn(4, *tiny_vit.input_size).numpy()
@@ -140,7 +143,7 @@ def test_torch_runner_on_cuda_times_with_events(tiny_vit):
 
 @requires_cuda
 def test_onnxruntime_cuda_provider_parity(tiny_vit, tmp_path):
-    path = export_onnx(tiny_vit.model, tmp_path / "m.onnx", tiny_vit.input_size, 18, 1, 2, 4)
+    path = export_onnx(tiny_vit.model, tmp_path / "m.onnx", tiny_vit.input_size, opset=18, batch_min=1, batch_opt=2, batch_max=4)
     try:
         r = onnxruntime_runner(path, providers=cuda_providers())
     except Unavailable as e:

@@ -8,9 +8,9 @@ from timm.layers import Mlp
 from torch import nn
 
 from amp_deploy.data import Split
-from amp_deploy.families import Loaded, find_sites
-from amp_deploy.score import entropy, loss_fn, taylor_scores
-from amp_deploy.search import adaptive_widths, uniform_widths, width_grid
+from amp_deploy.prune.families import Loaded, find_sites
+from amp_deploy.prune.score import entropy, loss_fn, taylor_scores
+from amp_deploy.prune.search import adaptive_widths, uniform_widths, width_grid
 
 
 class Block(nn.Module):
@@ -93,7 +93,7 @@ def test_binary_search_finds_the_known_widths(cached):
 
     scores = [torch.linspace(1, 0, 16) for _ in keep]  # neurons ranked in index order
     loaded = _loaded(net)
-    res = adaptive_widths(loaded, scores, Split(x, None), 32, mse, threshold=1e-10, steps=8, align=1,
+    res = adaptive_widths(loaded, scores, Split(x, None), batch_size=32, loss=mse, threshold=1e-10, steps=8, align=1,
                           device=torch.device("cpu"), cached=cached)
     assert res.widths == keep
     assert loaded.widths() == keep  # the model is pruned in place
@@ -109,7 +109,7 @@ def test_cached_search_equals_naive_and_runs_fewer_blocks():
     runs = {}
     for cached in (True, False):
         loaded = _loaded(copy.deepcopy(net))
-        runs[cached] = adaptive_widths(loaded, scores, val, 16, loss, 0.02, 6, 1, torch.device("cpu"), cached=cached)
+        runs[cached] = adaptive_widths(loaded, scores, val, batch_size=16, loss=loss, threshold=0.02, cached=cached)
     assert runs[True].widths == runs[False].widths
     assert runs[True].losses == pytest.approx(runs[False].losses, rel=1e-6)
     steps = [len(s) for s in runs[True].steps]
@@ -127,7 +127,7 @@ def test_width_grid_and_uniform():
 @pytest.mark.parametrize("family", ["timm", "open_clip"])
 def test_activation_checkpointing_gives_the_same_scores(family):
     from amp_deploy.data import load_synthetic_data
-    from amp_deploy.families import load_model
+    from amp_deploy.prune.families import load_model
 
     if family == "timm":
         loaded = load_model("timm", "test_vit", False, {"depth": 3, "img_size": 32, "num_classes": 10})
@@ -135,7 +135,7 @@ def test_activation_checkpointing_gives_the_same_scores(family):
         loaded = load_model("open_clip", "ViT-B-32", False, {
             "embed_dim": 32, "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "patch_size": 16, "head_width": 32},
             "text_cfg": {"context_length": 16, "vocab_size": 1000, "width": 32, "heads": 2, "layers": 1}})
-    data = load_synthetic_data(8, 1, 1, 0, loaded.transform, loaded.input_size[1:])
+    data = load_synthetic_data(calibration=8, validation=1, holdout=1, seed=0, transform=loaded.transform, size=loaded.input_size[1:])
     loss = loss_fn("entropy", loaded.output, 15.0)
     plain = taylor_scores(loaded, data.calibration.batches(4), loss, torch.device("cpu"))
     ckpt = taylor_scores(loaded, data.calibration.batches(4), loss, torch.device("cpu"), checkpointing=True)

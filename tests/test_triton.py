@@ -7,8 +7,8 @@ from tritonclient.grpc import model_config_pb2 as mc
 from typer.testing import CliRunner
 
 from amp_deploy.cli import app
-from amp_deploy.runtimes import onnxruntime_runner
-from amp_deploy.triton import config_text
+from amp_deploy.deploy.runtimes import onnxruntime_runner
+from amp_deploy.deploy.triton import config_text
 
 runner = CliRunner()
 

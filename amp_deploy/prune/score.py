@@ -15,10 +15,19 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from amp_deploy._private import require_finite
-from amp_deploy.families import Loaded, Output
+from amp_deploy.errors import UserError, require_finite
+from amp_deploy.numerics import fp32_reference
+from amp_deploy.prune.families import Loaded, Output
 
 Criterion = Literal["entropy", "ce", "magnitude", "random"]
+Taylor = Literal["abs", "signed"]  # rank neurons by mean |a*g| (the paper's default) or mean a*g
+
+
+def rank_world() -> tuple[int, int]:
+    """(rank, world size) of this process in torch.distributed, or (0, 1) outside it."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
 
 
 def entropy(out: torch.Tensor, output: Output, temperature: float) -> torch.Tensor:
@@ -65,12 +74,22 @@ class _Probe(torch.autograd.Function):
         return g, None
 
 
-def taylor_scores(loaded: Loaded, batches: Iterable, loss: Callable, device: torch.device,
+def taylor_scores(loaded: Loaded, batches: Iterable, loss: Callable, device: torch.device, *,
                   autocast: bool = False, checkpointing: bool = False) -> dict[str, list[torch.Tensor]]:
     """Mean over batches of the per-batch |a*g| (and signed a*g) at each fc_out input.
 
-    `checkpointing` recomputes block activations in the backward (timm and open_clip models) so
-    that giant models fit; the scores are the same.
+    Args:
+        loaded: the model; its parameters are frozen while scoring and restored after.
+        batches: (images, labels or None) pairs; across processes, this rank's share.
+        loss: `fn(out, labels) -> per-image loss`, from `loss_fn`.
+        device: where to run.
+        autocast: bf16 autocast (CUDA), as the reference code scores.
+        checkpointing: recompute block activations in the backward (timm and open_clip models) so
+            that giant models fit; the scores are the same.
+
+    Returns:
+        {"abs": [...], "signed": [...]}: one tensor of h scores per block, all-reduced across
+        processes when torch.distributed is initialised.
     """
     model = loaded.model
     n = len(loaded.sites)
@@ -89,14 +108,15 @@ def taylor_scores(loaded: Loaded, batches: Iterable, loss: Callable, device: tor
     _set_checkpointing(model, checkpointing)
     batches_seen = 0
     try:
-        for x, labels in batches:
-            x = x.to(device).requires_grad_(True)
-            labels = labels.to(device) if labels is not None else None
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-                out = model(x)
-            require_finite(out.detach(), "score")
-            loss(out, labels).mean().backward()
-            batches_seen += 1
+        with fp32_reference():  # without autocast the scores are fp32 figures
+            for x, labels in batches:
+                x = x.to(device).requires_grad_(True)
+                labels = labels.to(device) if labels is not None else None
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+                    out = model(x)
+                require_finite(out.detach(), "score")
+                loss(out, labels).mean().backward()
+                batches_seen += 1
     finally:
         for h in hooks:
             h.remove()
@@ -109,8 +129,6 @@ def taylor_scores(loaded: Loaded, batches: Iterable, loss: Callable, device: tor
 def _set_checkpointing(model: torch.nn.Module, enable: bool) -> None:
     if not hasattr(model, "set_grad_checkpointing"):
         if enable:
-            from amp_deploy.errors import UserError
-
             raise UserError(f"prune.checkpointing: {type(model).__name__} has no set_grad_checkpointing()")
         return
     model.set_grad_checkpointing(enable)
@@ -150,5 +168,6 @@ def magnitude_scores(loaded: Loaded) -> list[torch.Tensor]:
 
 
 def random_scores(loaded: Loaded, seed: int) -> list[torch.Tensor]:
+    """Random-ranking baseline: seeded uniform scores."""
     gen = torch.Generator().manual_seed(seed)
     return [torch.rand(w, generator=gen) for w in loaded.widths()]

@@ -1,11 +1,11 @@
-"""PNG figures of a report's own data, written under OUT/plots/ and linked from report.md."""
+"""PNG figures of a report's own data, written into a folder beside the report and linked from report.md."""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
 
-from amp_deploy._private import atomic_path
+from amp_deploy.files import atomic_path
 
 
 def _save(fig, path: Path) -> None:
@@ -14,7 +14,7 @@ def _save(fig, path: Path) -> None:
 
 
 def write_plots(report: dict[str, Any], folder: Path) -> list[str]:
-    """Draw the widths, latency and cosine figures; return their paths relative to the report."""
+    """Draw the widths, latency and cosine figures into `folder`; return their file names."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -31,7 +31,7 @@ def write_plots(report: dict[str, Any], folder: Path) -> list[str]:
     ax.legend()
     _save(fig, folder / "widths.png")
     plt.close(fig)
-    written.append("plots/widths.png")
+    written.append("widths.png")
 
     ok = {n: r for n, r in report["runtimes"].items() if r.get("status") == "ok"}
     if ok:
@@ -45,7 +45,7 @@ def write_plots(report: dict[str, Any], folder: Path) -> list[str]:
         ax.legend(fontsize=8)
         _save(fig, folder / "latency.png")
         plt.close(fig)
-        written.append("plots/latency.png")
+        written.append("latency.png")
 
     cos = report["fidelity"].get("cosines") or []
     if cos:
@@ -55,5 +55,5 @@ def write_plots(report: dict[str, Any], folder: Path) -> list[str]:
                title=f"Fidelity on {len(cos)} holdout images")
         _save(fig, folder / "cosine.png")
         plt.close(fig)
-        written.append("plots/cosine.png")
+        written.append("cosine.png")
     return written

@@ -15,11 +15,11 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from amp_deploy._private import require_finite
 from amp_deploy.data import Split
-from amp_deploy.families import Loaded
-from amp_deploy.rebuild import keep_top, set_modules, sliced_modules
-from amp_deploy.validate import count_params
+from amp_deploy.errors import require_finite
+from amp_deploy.numerics import fp32_reference
+from amp_deploy.prune.families import Loaded, count_params
+from amp_deploy.prune.rebuild import keep_top, set_modules, sliced_modules
 
 CACHE_ON_DEVICE_BYTES = 4 << 30  # cached block inputs beyond this go to host memory
 
@@ -42,6 +42,8 @@ class _Replay(nn.Module):
 
 @dataclass
 class SearchResult:
+    """What an adaptive search chose, and what it cost (block forwards per validation batch)."""
+
     widths: list[int]
     losses: list[float]  # accepted validation loss after each block (last block first)
     base_loss: float
@@ -129,47 +131,66 @@ def width_grid(h: int, align: int) -> list[int]:
     return sorted({min(k * align, h) for k in range(1, -(-h // align) + 1)})
 
 
-def adaptive_widths(loaded: Loaded, scores: list[torch.Tensor], val: Split, batch_size: int, loss: Callable,
-                    threshold: float, steps: int, align: int, device: torch.device, cached: bool = True,
-                    on_block: Callable[[int, int], None] | None = None) -> SearchResult:
-    """Binary-search each block's width (last block first) and prune `loaded` in place."""
-    ev = _Evaluator(loaded, val, batch_size, loss, device, cached)
-    depth = ev.depth
-    prev = ev.first_pass()
-    result = SearchResult(widths=loaded.widths(), losses=[], base_loss=prev)
-    naive = depth
-    for i in reversed(range(depth)):
-        original = loaded.mlp_modules(i)
-        grid = width_grid(original["fc_out"].in_features, align)
-        left, right, best, best_loss, trace = -1, len(grid) - 1, None, prev, []
-        for _ in range(steps):
-            mid = (left + right) // 2
-            if mid <= left:
-                break
-            w = grid[mid]
-            set_modules(loaded, i, sliced_modules(original, loaded.sites[i], keep_top(scores[i], w)))
-            cand = ev(i)
-            naive += depth
-            ok = cand - prev <= threshold
-            trace.append((w, cand, ok))
-            if ok:
-                right, best, best_loss = mid, w, cand
-            else:
-                left = mid
-        if best is None:
-            set_modules(loaded, i, original)
+def adaptive_widths(loaded: Loaded, scores: list[torch.Tensor], val: Split, *, loss: Callable, threshold: float,
+                    batch_size: int = 64, steps: int = 6, align: int = 1, device: torch.device | None = None,
+                    cached: bool = True, on_block: Callable[[int, int], None] | None = None) -> SearchResult:
+    """Binary-search each block's width (last block first) and prune `loaded` in place.
+
+    Args:
+        loaded: the unpruned model; pruned in place.
+        scores: per block, the importance of each hidden neuron (higher is kept first).
+        val: validation images (and labels, for the ce criterion).
+        loss: `fn(out, labels) -> per-image loss`, from `loss_fn`.
+        threshold: the validation loss a block may add over the last accepted loss.
+        batch_size: validation batch size.
+        steps: bisection steps per block.
+        align: kept widths are multiples of this (and the full width).
+        device: where to run (CPU by default).
+        cached: replay the hidden states entering each block instead of running the whole model.
+        on_block: called with (block, width) as each block is settled.
+    """
+    with fp32_reference():  # the losses are fp32 references
+        ev = _Evaluator(loaded, val, batch_size, loss, device or torch.device("cpu"), cached)
+        prev = ev.first_pass()
+        result = SearchResult(widths=loaded.widths(), losses=[], base_loss=prev)
+        naive = ev.depth  # the reference scheme: the whole model for the first pass and every step
+        for i in reversed(range(ev.depth)):
+            result.widths[i], prev, trace = _bisect_block(loaded, i, scores[i], ev, prev, threshold, steps, align)
+            naive += ev.depth * len(trace)
+            result.losses.append(prev)
+            result.steps.append(trace)
+            ev.release(i)
+            if on_block:
+                on_block(i, result.widths[i])
+        result.steps.reverse()
+        result.block_forwards, result.block_forwards_naive = ev.block_forwards, naive
+        return result
+
+
+def _bisect_block(loaded: Loaded, i: int, scores: torch.Tensor, ev: _Evaluator, prev: float, threshold: float,
+                  steps: int, align: int) -> tuple[int, float, list[tuple[int, float, bool]]]:
+    """Settle block i: the smallest accepted width (or the whole block), the loss it leaves, the trace."""
+    original = loaded.mlp_modules(i)
+    grid = width_grid(original["fc_out"].in_features, align)
+    left, right, best, best_loss, trace = -1, len(grid) - 1, None, prev, []
+    for _ in range(steps):
+        mid = (left + right) // 2
+        if mid <= left:
+            break
+        w = grid[mid]
+        set_modules(loaded, i, sliced_modules(original, loaded.sites[i], keep_top(scores, w)))
+        cand = ev(i)
+        ok = cand - prev <= threshold
+        trace.append((w, cand, ok))
+        if ok:
+            right, best, best_loss = mid, w, cand
         else:
-            set_modules(loaded, i, sliced_modules(original, loaded.sites[i], keep_top(scores[i], best)))
-            prev = best_loss
-        result.widths[i] = best if best is not None else grid[-1]
-        result.losses.append(prev)
-        result.steps.append(trace)
-        ev.release(i)
-        if on_block:
-            on_block(i, result.widths[i])
-    result.steps.reverse()
-    result.block_forwards, result.block_forwards_naive = ev.block_forwards, naive
-    return result
+            left = mid
+    if best is None:
+        set_modules(loaded, i, original)
+        return grid[-1], prev, trace
+    set_modules(loaded, i, sliced_modules(original, loaded.sites[i], keep_top(scores, best)))
+    return best, best_loss, trace
 
 
 def uniform_widths(widths: list[int], keep_ratio: float, align: int) -> list[int]:

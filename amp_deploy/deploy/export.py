@@ -26,12 +26,14 @@ from typing import Literal
 import torch
 from torch import nn
 
-from amp_deploy._private import _fault_point
+from amp_deploy.files import fault_point
 
 INPUT_NAME = "pixel_values"
 OUTPUT_NAME = "output"
 EXTERNAL_DATA_LIMIT = 1 << 31  # protobuf's 2 GB cap on one file
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+Precision = Literal["fp32", "fp16", "bf16"]  # of an export, an engine, a runtime row
+Exporter = Literal["dynamo", "torchscript"]
 
 
 class Fp32LayerNorm(nn.Module):
@@ -57,10 +59,23 @@ def in_dtype(model: nn.Module, precision: str) -> nn.Module:
     return model
 
 
-def export_onnx(model: nn.Module, path: str | Path, input_size: tuple[int, int, int], opset: int,
-                batch_min: int, batch_opt: int, batch_max: int,
-                exporter: Literal["dynamo", "torchscript"] = "dynamo", precision: str = "fp32") -> Path:
-    """Export `model` (eval, on CPU) to `path` atomically and run onnx.checker on the result."""
+def export_onnx(model: nn.Module, path: str | Path, input_size: tuple[int, int, int], *, opset: int = 18,
+                batch_min: int = 1, batch_opt: int = 8, batch_max: int = 32, exporter: Exporter = "dynamo",
+                precision: Precision = "fp32") -> Path:
+    """Export `model` (eval, on CPU) to `path` atomically and run onnx.checker on the result.
+
+    Args:
+        model: the module to export; left as it is (a half-precision export works on a copy).
+        path: the .onnx file; an external data file goes beside it for models over 2 GB.
+        input_size: (channels, height, width) of one image.
+        opset: ONNX opset (>= 17 keeps LayerNorm one node).
+        batch_min, batch_opt, batch_max: the dynamic batch axis' range (opt: the example's batch).
+        exporter: torch.onnx's dynamo exporter or the TorchScript one, always named explicitly.
+        precision: fp32, or fp16/bf16 with every LayerNorm kept in fp32.
+
+    Returns:
+        `path`.
+    """
     import onnx
 
     path = Path(path)
@@ -88,7 +103,7 @@ def export_onnx(model: nn.Module, path: str | Path, input_size: tuple[int, int, 
         data_files = [p for p in work.iterdir() if p.name != path.name]
         for p in data_files:  # data first: the .onnx appears only when everything it needs is there
             os.replace(p, path.parent / p.name)
-        _fault_point(path)
+        fault_point(path)
         os.replace(target, path)
     finally:
         shutil.rmtree(work, ignore_errors=True)

@@ -15,13 +15,11 @@ import json
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-from amp_deploy._private import atomic_path, hash_file, write_json
+from amp_deploy.deploy.export import INPUT_NAME, Precision
 from amp_deploy.errors import UserError
-from amp_deploy.export import INPUT_NAME
-
-Precision = Literal["fp32", "fp16", "bf16"]
+from amp_deploy.files import atomic_path, hash_file, write_json
 
 
 @dataclass(frozen=True)
@@ -57,6 +55,40 @@ def sidecar(settings: BuildSettings, onnx_path: Path, trt_version: str, gpu: str
             "compute_capability": f"{capability[0]}.{capability[1]}", "onnx": onnx_path.name,
             "onnx_sha256_16": hash_file(onnx_path), "settings": asdict(settings), "profile": settings.profile(),
             "build_seconds": round(seconds, 2)}
+
+
+def installed_version() -> str | None:
+    """TensorRT's version as installed, without importing it (None when it is not installed).
+
+    The README's `tensorrt-cu13` install names its distributions tensorrt_cu13*, not "tensorrt", so
+    the version is looked up through whichever distribution provides the `tensorrt` module.
+    """
+    import importlib.metadata
+    import importlib.util
+
+    if importlib.util.find_spec("tensorrt") is None:
+        return None
+    for dist in importlib.metadata.packages_distributions().get("tensorrt", []):
+        try:
+            return importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return "unknown"
+
+
+def sidecar_path(plan_path: str | Path) -> Path:
+    """Where a plan's sidecar lives: NAME.plan.json beside NAME.plan."""
+    plan_path = Path(plan_path)
+    return plan_path.with_name(plan_path.name + ".json")
+
+
+def read_sidecar(plan_path: str | Path) -> dict[str, Any]:
+    """What a plan was built for and from; a UserError when the sidecar is missing or unreadable."""
+    path = sidecar_path(plan_path)
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise UserError(f"{path}: the plan's sidecar is missing or unreadable ({e})") from None
 
 
 def check_sidecar(meta: dict[str, Any], trt_version: str, gpu: str, capability: tuple[int, int]) -> None:
@@ -119,7 +151,7 @@ def build_engine(onnx_path: str | Path, plan_path: str | Path, settings: BuildSe
             tmp.write_bytes(bytes(config.get_timing_cache().serialize()))
     meta = sidecar(settings, onnx_path, trt.__version__, torch.cuda.get_device_name(),
                    torch.cuda.get_device_capability(), time.perf_counter() - start)
-    write_json(plan_path.with_name(plan_path.name + ".json"), meta)
+    write_json(sidecar_path(plan_path), meta)
     return meta
 
 
@@ -131,7 +163,7 @@ class TensorRTRunner:
         import torch
 
         plan_path = Path(plan_path)
-        meta = json.loads(plan_path.with_name(plan_path.name + ".json").read_text())
+        meta = read_sidecar(plan_path)
         check_sidecar(meta, trt.__version__, torch.cuda.get_device_name(), torch.cuda.get_device_capability())
         self.runtime = trt.Runtime(_logger())
         self.engine = self.runtime.deserialize_cuda_engine(plan_path.read_bytes())

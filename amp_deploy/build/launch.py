@@ -1,4 +1,4 @@
-"""Scoring across processes: `torchrun --nproc_per_node N -m amp_deploy.distributed OUT`.
+"""Scoring across processes: `torchrun --nproc_per_node N -m amp_deploy.build.launch OUT DEVICE`.
 
 Every rank holds the whole model and scores every N-th calibration batch; the score sums are
 all-reduced and rank 0 alone writes scores.safetensors. `amp-deploy build --nproc N` launches
@@ -18,16 +18,10 @@ import torch.distributed as dist
 from amp_deploy.errors import UserError
 
 
-def rank_world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
 def launch_score(out: Path, nproc: int, device: str) -> None:
     """Run the score stage in `nproc` processes with torchrun; raise if any rank fails."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           "-m", "amp_deploy.distributed", str(out), device]
+           "-m", "amp_deploy.build.launch", str(out), device]
     res = subprocess.run(cmd, capture_output=True, text=True)
     if res.returncode != 0:
         tail = [ln for ln in (res.stderr or res.stdout).splitlines() if ln.strip()][-1:] or ["no output"]
@@ -35,9 +29,10 @@ def launch_score(out: Path, nproc: int, device: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from amp_deploy.pipeline import Context
+    """One rank of the score stage over the output folder `OUT` (its saved recipe.yaml)."""
+    from amp_deploy.build.context import Context
+    from amp_deploy.build.stages import stage_score
     from amp_deploy.recipe import load_recipe
-    from amp_deploy.stages import stage_score
 
     out, device = (argv or sys.argv[1:])[:2]
     local = int(os.environ.get("LOCAL_RANK", "0"))
@@ -49,7 +44,7 @@ def main(argv: list[str] | None = None) -> None:
     dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
     try:
         recipe = load_recipe(Path(out) / "recipe.yaml")
-        stage_score(Context(recipe, Path(out), dev, log=lambda *_: None))
+        stage_score(Context.create(recipe, out, dev))
         dist.barrier()
     finally:
         dist.destroy_process_group()

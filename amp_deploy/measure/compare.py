@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from amp_deploy.errors import UserError
-from amp_deploy.report import SCHEMA
+from amp_deploy.measure.report import SCHEMA
 
 # Settings that make latencies incomparable when they differ.
 _SETTINGS = ("device", "cpu", "cpu_count", "torch", "onnx", "torch_threads")

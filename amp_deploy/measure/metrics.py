@@ -1,4 +1,4 @@
-"""Measurements for the report: size, FLOPs, fidelity, parity and latency.
+"""Measuring helpers: FLOPs, predictions, agreement, accuracy, latency statistics, host memory.
 
 Two kinds of agreement are kept apart: parity (same weights, another runtime; must be tight) and
 fidelity (pruned vs original; the price of pruning).
@@ -15,12 +15,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from amp_deploy._private import require_finite
 from amp_deploy.data import Split
-
-
-def count_params(model: torch.nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
+from amp_deploy.errors import require_finite
+from amp_deploy.numerics import fp32_reference
 
 
 def count_flops(model: torch.nn.Module, input_size: tuple[int, int, int]) -> int:
@@ -35,7 +32,9 @@ def count_flops(model: torch.nn.Module, input_size: tuple[int, int, int]) -> int
 
 @torch.no_grad()
 def predict(model: torch.nn.Module, split: Split, batch_size: int, device: torch.device) -> torch.Tensor:
-    out = torch.cat([model(x.to(device)).float().cpu() for x, _ in split.batches(batch_size)])
+    """The model's fp32 outputs for every image of `split`, on the CPU."""
+    with fp32_reference():
+        out = torch.cat([model(x.to(device)).float().cpu() for x, _ in split.batches(batch_size)])
     require_finite(out, "validate")
     return out
 
@@ -58,10 +57,12 @@ def agreement(ref: np.ndarray | torch.Tensor, out: np.ndarray | torch.Tensor) ->
 
 
 def cosines(ref: torch.Tensor, out: torch.Tensor) -> list[float]:
+    """Cosine similarity of each image's outputs."""
     return F.cosine_similarity(ref.float().flatten(1), out.float().flatten(1), dim=1).tolist()
 
 
 def accuracy(logits: torch.Tensor, labels: torch.Tensor | None) -> float | None:
+    """Top-1 in percent; None without labels or when the outputs are no class logits for them."""
     if labels is None or logits.shape[-1] <= int(labels.max()):
         return None
     return (logits.argmax(-1) == labels).float().mean().item() * 100

@@ -1,23 +1,16 @@
-"""Ragged rebuild: slice each block's MLP to its kept neurons, save and load with no pickle.
+"""Ragged rebuild: slice each block's MLP to its kept hidden neurons (AMP, step 3).
 
-A pruned checkpoint is one safetensors file. Its metadata holds the base model spec (source, name,
-factory kwargs), the MLP sites and the kept width of every block: `load_pruned` builds the base
-architecture with random weights, slices every MLP to those widths, then loads the tensors.
+fc_in loses rows (both halves of a packed gated Linear, at the same neuron index), fc_out the
+matching columns; a separate gate Linear and a LayerNorm over the hidden neurons are sliced alike.
+Only the MLP widths change, so the result still loads from the base architecture plus its widths.
 """
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import torch
 from torch import nn
 
-from amp_deploy._private import atomic_path
-from amp_deploy.errors import UserError
-from amp_deploy.families import Loaded, MlpSite, load_model, safetensors_metadata, site_dicts
-
-FORMAT = "amp-deploy.pruned/1"
+from amp_deploy.prune.families import Loaded, MlpSite
 
 
 def _rows(linear: nn.Linear, keep: torch.Tensor) -> nn.Linear:
@@ -65,6 +58,7 @@ def sliced_modules(mods: dict[str, nn.Module], site: MlpSite, keep: torch.Tensor
 
 
 def set_modules(loaded: Loaded, i: int, mods: dict[str, nn.Module]) -> None:
+    """Put `mods` (from `sliced_modules`, or the originals back) into block i."""
     block = loaded.block_list()[i]
     site = loaded.sites[i]
     for key, mod in mods.items():
@@ -84,57 +78,9 @@ def keep_top(scores: torch.Tensor, width: int) -> torch.Tensor:
 
 
 def apply_widths(loaded: Loaded, scores: list[torch.Tensor] | None, widths: list[int]) -> None:
-    """Prune every block to its width, keeping the top-scored neurons (or the first ones)."""
+    """Prune every block to its width in place, keeping the top-scored neurons (or, with no
+    scores, the first ones: the layout of a checkpoint being rebuilt)."""
     for i, w in enumerate(widths):
         if w != loaded.widths()[i]:
             keep = keep_top(scores[i], w) if scores is not None else torch.arange(w)
             prune_block(loaded, i, keep)
-
-
-def save_pruned(loaded: Loaded, path: str | Path, original_widths: list[int]) -> None:
-    from safetensors.torch import save_file
-
-    meta = {
-        "format": FORMAT,
-        "base": json.dumps(loaded.spec),
-        "blocks": loaded.blocks,
-        "sites": json.dumps(site_dicts(loaded.sites)),
-        "widths": json.dumps(loaded.widths()),
-        "original_widths": json.dumps(original_widths),
-        "output": loaded.output,
-    }
-    state = {k: v.detach().contiguous().cpu() for k, v in loaded.model.state_dict().items()}
-    with atomic_path(path) as tmp:
-        save_file(state, str(tmp), metadata=meta)
-
-
-def read_metadata(path: str | Path) -> dict[str, str]:
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{path}: pruned checkpoint not found")
-    meta = safetensors_metadata(path)
-    if meta.get("format") != FORMAT:
-        raise UserError(f"{path}: not a pruned checkpoint of amp-deploy (metadata format {meta.get('format')!r})")
-    return meta
-
-
-def load_pruned_model(path: str | Path) -> Loaded:
-    """Rebuild the exact pruned architecture from the checkpoint's metadata and load its weights."""
-    from safetensors.torch import load_file
-
-    meta = read_metadata(path)
-    base = json.loads(meta["base"])
-    loaded = load_model(base["source"], base["name"], False, base["kwargs"], base.get("mlp_sites"))
-    apply_widths(loaded, None, json.loads(meta["widths"]))
-    try:
-        loaded.model.load_state_dict(load_file(str(path)), strict=True)
-    except RuntimeError as e:
-        raise UserError(f"{path}: weights do not fit the recorded architecture: {' '.join(str(e).split())[:200]}") from None
-    loaded.model.eval()
-    loaded.spec = base
-    return loaded
-
-
-def load_pruned(path: str | Path) -> nn.Module:
-    """Load a pruned.safetensors written by amp-deploy as a ready-to-run module (eval mode)."""
-    return load_pruned_model(path).model

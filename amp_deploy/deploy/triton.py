@@ -1,4 +1,4 @@
-"""A Triton Inference Server model repository entry for a build's pruned (or original) model.
+"""A Triton Inference Server model repository entry for an ONNX model or a TensorRT plan.
 
     REPO/NAME/config.pbtxt
     REPO/NAME/1/model.onnx                    backend onnxruntime
@@ -18,9 +18,9 @@ import tempfile
 from pathlib import Path
 from typing import Literal
 
+from amp_deploy.deploy.export import INPUT_NAME, OUTPUT_NAME
 from amp_deploy.errors import UserError
-from amp_deploy.export import INPUT_NAME, OUTPUT_NAME
-from amp_deploy.recipe import NAME_PATTERN
+from amp_deploy.files import SAFE_NAME
 
 _ONNX_TYPES = {1: "TYPE_FP32", 10: "TYPE_FP16", 16: "TYPE_BF16"}
 
@@ -40,6 +40,7 @@ def _io(onnx_path: Path) -> tuple[list[int], list[int], str]:
 
 def config_text(name: str, platform: Literal["onnxruntime", "tensorrt"], input_dims: list[int],
                 output_dims: list[int], dtype: str, max_batch: int, plans: dict[str, str] | None = None) -> str:
+    """Triton's config.pbtxt for one model (dynamic batching, one instance)."""
     kind = "KIND_GPU" if platform == "tensorrt" else "KIND_AUTO"
     lines = [f'name: "{name}"',
              'platform: "tensorrt_plan"' if platform == "tensorrt" else 'backend: "onnxruntime"',
@@ -54,49 +55,41 @@ def config_text(name: str, platform: Literal["onnxruntime", "tensorrt"], input_d
     return "\n".join(lines) + "\n"
 
 
-def write_model_repository(out: Path, repo: Path, name: str | None = None,
-                           backend: Literal["onnxruntime", "tensorrt"] = "onnxruntime",
-                           which: Literal["pruned", "original"] = "pruned") -> Path:
-    """Write REPO/NAME from the build in `out` (NAME: the recipe's name by default); the entry
-    appears whole or not at all."""
-    out, repo = Path(out), Path(repo)
-    recipe = _saved_recipe(out)
-    if name is None:
-        name = recipe.get("name") or out.name
-    if not re.fullmatch(NAME_PATTERN, name):
-        raise UserError(f"--name {name!r}: use letters, digits, '.', '_' and '-'")
-    onnx_path = out / f"{which}.onnx"
-    if not onnx_path.is_file():
-        raise UserError(f"{out}: no {which}.onnx; run `amp-deploy build` (or `export`) first")
-    manifest = json.loads((out / "manifest.json").read_text()) if (out / "manifest.json").is_file() else {}
-    max_batch = int(((recipe.get("export") or {}).get("batch") or {}).get("max", 8))
-    files: dict[str, Path] = {}
-    plans = None
-    if backend == "onnxruntime":
-        in_dims, out_dims, dtype = _io(onnx_path)
-        from amp_deploy.export import external_files
+def write_model_repository(repo: Path, name: str, *, onnx_path: Path, max_batch: int, plan_path: Path | None = None,
+                           provenance: dict | None = None) -> Path:
+    """Write REPO/NAME serving `onnx_path` (backend onnxruntime) or, given `plan_path`, that TensorRT
+    plan (platform tensorrt_plan, keyed by the compute capability in its sidecar). The entry appears
+    whole or not at all; `provenance` is written beside config.pbtxt as amp-deploy.json."""
+    from amp_deploy.deploy.export import external_files
+    from amp_deploy.deploy.tensorrt_engine import read_sidecar
 
+    if not re.fullmatch(SAFE_NAME, name):
+        raise UserError(f"--name {name!r}: use letters, digits, '.', '_' and '-'")
+    plans = None
+    if plan_path is None:
+        in_dims, out_dims, dtype = _io(onnx_path)
         files = {"model.onnx": onnx_path, **{f.name: f for f in external_files(onnx_path)}}
     else:
-        plan = out / f"{which}.plan"
-        if not plan.is_file():
-            raise UserError(f"{out}: no {which}.plan; build engines with `amp-deploy compile` on a GPU with TensorRT")
-        meta = json.loads(plan.with_name(plan.name + ".json").read_text())
+        meta = read_sidecar(plan_path)
         cc = meta["compute_capability"]
-        src = out / meta["onnx"]
+        src = plan_path.parent / meta["onnx"]  # the half-precision ONNX the plan was built from, if kept
         in_dims, out_dims, dtype = _io(src if src.is_file() else onnx_path)
         plans = {cc: f"model_{cc}.plan"}
-        files = {plans[cc]: plan}
-    text = config_text(name, backend, in_dims, out_dims, dtype, max_batch, plans)
+        files = {plans[cc]: plan_path}
+    text = config_text(name, "onnxruntime" if plan_path is None else "tensorrt", in_dims, out_dims, dtype,
+                       max_batch, plans)
+    return _write_entry(Path(repo), name, files, text, provenance or {})
+
+
+def _write_entry(repo: Path, name: str, files: dict[str, Path], config: str, provenance: dict) -> Path:
     repo.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{name}.", suffix=".tmpdir", dir=repo))
     try:
         (work / "1").mkdir()
         for fname, src in files.items():
             shutil.copy2(src, work / "1" / fname)
-        (work / "config.pbtxt").write_text(text)
-        (work / "amp-deploy.json").write_text(json.dumps({"source": str(out), "model": which, "backend": backend,
-                                                          "stages": list(manifest.get("stages", {}))}, indent=2))
+        (work / "config.pbtxt").write_text(config)
+        (work / "amp-deploy.json").write_text(json.dumps(provenance, indent=2))
         target = repo / name
         if target.exists():
             shutil.rmtree(target)
@@ -104,11 +97,3 @@ def write_model_repository(out: Path, repo: Path, name: str | None = None,
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return repo / name
-
-
-def _saved_recipe(out: Path) -> dict:
-    """The recipe a build saved into its folder, as a plain document ({} when there is none)."""
-    import yaml
-
-    path = out / "recipe.yaml"
-    return (yaml.safe_load(path.read_text()) or {}) if path.is_file() else {}

@@ -17,10 +17,10 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from amp_deploy._private import first_line
-from amp_deploy.errors import UserError
+from amp_deploy.errors import UserError, first_line
 
 Output = Literal["logits", "embedding"]
+FactorySource = Literal["timm", "open_clip"]  # model factories; amp_deploy.checkpoint adds our own files
 
 
 @dataclass(frozen=True)
@@ -41,6 +41,8 @@ class MlpSite:
 
 @dataclass
 class Loaded:
+    """A model ready to prune: the module, where its blocks and MLPs are, and how to feed it."""
+
     model: nn.Module
     blocks: str  # path of the block list inside `model`
     sites: list[MlpSite]
@@ -122,7 +124,11 @@ def sites_from_spec(model: nn.Module, spec: dict[str, Any]) -> tuple[str, list[M
 
 
 def find_sites(model: nn.Module, spec: dict[str, Any] | None = None) -> tuple[str, list[MlpSite]]:
-    """Find the block list and each block's MLP; raise UserError when the model is unknown."""
+    """Find the block list and each block's MLP; raise UserError when the model is unknown.
+
+    Returns the block list's path in `model` and one `MlpSite` per block. `spec` (a recipe's
+    `model.mlp_sites`) names them for a family that is not found automatically.
+    """
     if spec:
         return sites_from_spec(model, spec)
     for path in BLOCK_LISTS:
@@ -276,15 +282,25 @@ LOADERS: dict[str, Callable[..., Loaded]] = {
 }
 
 
-def load_model(source: str, name: str | None, pretrained: bool | str, kwargs: dict[str, Any],
+def load_model(source: FactorySource, name: str, pretrained: bool | str, kwargs: dict[str, Any],
                mlp_sites: dict[str, Any] | None = None) -> Loaded:
-    """Build a model from a recipe's model section (plain arguments, no recipe object)."""
-    if source == "checkpoint":
-        from amp_deploy.rebuild import load_pruned_model
+    """Build a model from its factory (plain arguments, no recipe object).
 
-        return load_pruned_model(str(pretrained))
-    return LOADERS[source](name or "", pretrained, dict(kwargs), mlp_sites)
+    Args:
+        source: the factory, a key of `LOADERS`.
+        name: the factory's model name.
+        pretrained: True for the factory's own weights, False for a seeded random init, or the path
+            of a local weights file (safetensors, or a state dict loaded with weights_only).
+        kwargs: passed to the factory (depth, img_size, num_classes, ...).
+        mlp_sites: where the MLPs are, for a model family not found automatically.
+    """
+    return LOADERS[source](name, pretrained, dict(kwargs), mlp_sites)
 
 
 def site_dicts(sites: list[MlpSite]) -> list[dict[str, Any]]:
     return [asdict(s) for s in sites]
+
+
+def count_params(model: nn.Module) -> int:
+    """Parameters of a module (the budget search and the report count the same way)."""
+    return sum(p.numel() for p in model.parameters())

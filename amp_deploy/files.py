@@ -1,4 +1,4 @@
-"""Helpers shared by the stages: atomic writes and hashing."""
+"""Files written whole or not at all, and content hashes (the build's and the engines' bookkeeping)."""
 
 from __future__ import annotations
 
@@ -26,13 +26,13 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     os.chmod(tmp_path, 0o666 & ~_umask())  # mkstemp makes 0600; the final file follows the umask
     try:
         yield tmp_path
-        _fault_point(path)
+        fault_point(path)
         os.replace(tmp_path, path)
     finally:
         tmp_path.unlink(missing_ok=True)
 
 
-def _fault_point(path: Path) -> None:
+def fault_point(path: Path) -> None:
     """Fault injection for the resume tests: AMP_DEPLOY_KILL_BEFORE=NAME[:SIG] sends this process
     SIGKILL (or SIG, e.g. INT) just before NAME would be renamed into place."""
     name, _, sig = os.environ.get("AMP_DEPLOY_KILL_BEFORE", "").partition(":")
@@ -55,16 +55,6 @@ def remove_stray_temps(folder: Path) -> list[Path]:
     return stray
 
 
-def require_finite(t, stage: str) -> None:
-    """Stop with a clear error when a model's output holds NaN or Inf."""
-    import torch
-
-    if not torch.isfinite(torch.as_tensor(t)).all():
-        from amp_deploy.errors import UserError
-
-        raise UserError(f"{stage}: the model's output holds NaN or Inf; check the weights and the input images")
-
-
 def write_text(path: str | Path, text: str) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(text)
@@ -72,11 +62,6 @@ def write_text(path: str | Path, text: str) -> None:
 
 def write_json(path: str | Path, obj: Any) -> None:
     write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
-
-
-def first_line(e: BaseException, limit: int = 200) -> str:
-    """The first line of an exception's message (its type name when the message is empty)."""
-    return (str(e).strip().splitlines() or [type(e).__name__])[0][:limit]
 
 
 def hash_obj(obj: Any) -> str:
@@ -113,3 +98,6 @@ def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+SAFE_NAME = r"[A-Za-z0-9][A-Za-z0-9._-]*"  # a name that is also a folder name: out/NAME, Triton entries

@@ -1,0 +1,117 @@
+"""What the stages of one build share: the recipe, the folder, the device, a reporter, loaded things."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+import torch
+
+from amp_deploy.build.folder import BuildFolder
+from amp_deploy.checkpoint import load_any
+from amp_deploy.data import Data, load_data
+from amp_deploy.errors import UserError
+from amp_deploy.prune.families import Loaded
+from amp_deploy.recipe import Recipe
+
+
+class Reporter(Protocol):
+    """Progress and log lines, plain text: the CLI decides how they look."""
+
+    def log(self, message: str) -> None:
+        """A line the user should read (a stage finished, a resume)."""
+
+    def note(self, message: str) -> None:
+        """A secondary line (a stage skipped, a stray file removed)."""
+
+    def task(self, description: str, total: int | None) -> Callable[[int], None]:
+        """Start a progress task; returns `advance(n=1)`."""
+
+    def clear_tasks(self) -> None:
+        """Remove finished tasks (a stage's bars give way to its one-line summary)."""
+
+
+class Quiet:
+    """A Reporter that says nothing (torchrun workers, Python callers, tests)."""
+
+    def log(self, message: str) -> None:
+        pass
+
+    def note(self, message: str) -> None:
+        pass
+
+    def task(self, description: str, total: int | None) -> Callable[[int], None]:
+        return lambda n=1: None
+
+    def clear_tasks(self) -> None:
+        pass
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One row of the stage table: what a stage depends on, what it writes, and what runs it.
+
+    `run(ctx)` returns None when the stage is done, or a reason when it finished without a result
+    worth keeping (a failed engine build): then it is not recorded, and the next build tries again.
+    """
+
+    name: str
+    depends: tuple[str, ...]  # dotted recipe sections, beyond the key of the stage before
+    outputs: Callable[[BuildFolder], list[Path]]  # a stage whose outputs are missing or changed is redone
+    run: Callable[[Context], str | None]
+    machine_bound: bool = False  # engines and measurements belong to the machine they were made on
+
+
+def resolve_device(name: str) -> torch.device:
+    """auto, cpu or cuda -> a torch device; a UserError when cuda is asked for and missing."""
+    if name not in ("auto", "cpu", "cuda"):
+        raise UserError(f"--device {name!r}: expected auto, cpu or cuda")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda: no CUDA device is available")
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(name)
+
+
+@dataclass
+class Context:
+    """One build in one process. The original model and the data are loaded once, on first use."""
+
+    recipe: Recipe
+    folder: BuildFolder
+    device: torch.device
+    reporter: Reporter = field(default_factory=Quiet)
+    nproc: int = 1  # processes for the score stage (torchrun)
+    _original: Loaded | None = field(default=None, repr=False)
+    _data: Data | None = field(default=None, repr=False)
+
+    @classmethod
+    def create(cls, recipe: Recipe, out: str | Path, device: torch.device | str = "cpu", **kw) -> Context:
+        dev = device if isinstance(device, torch.device) else resolve_device(device)
+        return cls(recipe, BuildFolder(Path(out)), dev, **kw)
+
+    def original(self) -> Loaded:
+        """A fresh copy of the original model on the build's device (stages prune their copy in place)."""
+        if self._original is None:
+            m = self.recipe.model
+            sites = m.mlp_sites.model_dump() if m.mlp_sites else None
+            # A random-init model (pretrained: false) must be the same model in every stage, every
+            # resumed build and every rank: seed its initialisation.
+            torch.manual_seed(self.recipe.data.seed)
+            self._original = load_any(m.source, m.name, m.pretrained, m.kwargs, sites)
+        loaded = copy.deepcopy(self._original)
+        loaded.model.to(self.device)
+        return loaded
+
+    def data(self) -> Data:
+        """Calibration, validation and holdout images, through the model's own eval transform."""
+        if self._data is None:
+            d = self.recipe.data
+            base = self._original or self.original()
+            self._data = load_data(d.source, d.path, calibration=d.calibration, validation=d.validation,
+                                   holdout=d.holdout, seed=d.seed, transform=base.transform,
+                                   input_size=base.input_size)
+        return self._data

@@ -1,0 +1,132 @@
+"""The output folder of a build: every file name and format, named once.
+
+Stages read and write through a `BuildFolder`, never through string literals of their own, so a
+file's name, its format and its atomic write live in one place.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from amp_deploy.files import atomic_path, write_json, write_text
+
+Which = str  # "original" | "pruned"
+
+
+@dataclass(frozen=True)
+class BuildFolder:
+    """Paths and typed readers/writers of the files in one output folder."""
+
+    root: Path
+
+    # --- paths ---------------------------------------------------------------------------------
+    @property
+    def recipe(self) -> Path:
+        return self.root / "recipe.yaml"
+
+    @property
+    def manifest(self) -> Path:
+        return self.root / "manifest.json"
+
+    @property
+    def scores(self) -> Path:
+        return self.root / "scores.safetensors"
+
+    @property
+    def search(self) -> Path:
+        return self.root / "search.json"
+
+    @property
+    def pruned(self) -> Path:
+        return self.root / "pruned.safetensors"
+
+    @property
+    def compile_status(self) -> Path:
+        return self.root / "compile.json"
+
+    @property
+    def timing_cache(self) -> Path:
+        return self.root / "timing.cache"
+
+    @property
+    def ort_trt_cache(self) -> Path:
+        return self.root / "ort_trt_cache"
+
+    @property
+    def report_json(self) -> Path:
+        return self.root / "report.json"
+
+    @property
+    def report_md(self) -> Path:
+        return self.root / "report.md"
+
+    @property
+    def plots(self) -> Path:
+        return self.root / "plots"
+
+    def onnx(self, which: Which, precision: str = "fp32") -> Path:
+        """The fp32 export (`pruned.onnx`), or the half-precision one TensorRT builds from."""
+        return self.root / (f"{which}.onnx" if precision == "fp32" else f"{which}.{precision}.onnx")
+
+    def plan(self, which: Which) -> Path:
+        return self.root / f"{which}.plan"
+
+    def plan_sidecar(self, which: Which) -> Path:
+        from amp_deploy.deploy.tensorrt_engine import sidecar_path
+
+        return sidecar_path(self.plan(which))
+
+    # --- scores ----------------------------------------------------------------------------------
+    def write_scores(self, sums: dict[str, list[torch.Tensor]], meta: dict[str, str]) -> None:
+        from safetensors.torch import save_file
+
+        tensors = {f"{k}.{i}": t.contiguous() for k, v in sums.items() for i, t in enumerate(v)}
+        with atomic_path(self.scores) as tmp:
+            save_file(tensors, str(tmp), metadata={**meta, "blocks": str(len(sums["abs"]))})
+
+    def read_scores(self, kind: str = "abs") -> list[torch.Tensor]:
+        from safetensors import safe_open
+
+        with safe_open(str(self.scores), framework="pt") as f:
+            return [f.get_tensor(f"{kind}.{i}") for i in range(int(f.metadata()["blocks"]))]
+
+    # --- JSON documents --------------------------------------------------------------------------
+    def write_search(self, result: dict[str, Any]) -> None:
+        write_json(self.search, result)
+
+    def read_search(self) -> dict[str, Any]:
+        return json.loads(self.search.read_text())
+
+    def write_compile_status(self, status: dict[str, Any]) -> None:
+        write_json(self.compile_status, status)
+
+    def read_compile_status(self) -> dict[str, Any]:
+        return json.loads(self.compile_status.read_text())
+
+    def engine_files(self) -> list[Path]:
+        """Plans and sidecars that the compile stage recorded as built (none when it skipped)."""
+        if not self.compile_status.is_file():
+            return []
+        engines = self.read_compile_status().get("engines") or {}
+        return [p for which in engines for p in (self.plan(which), self.plan_sidecar(which))]
+
+    def write_report(self, report: dict[str, Any]) -> None:
+        """report.json, report.md and the plots they link to."""
+        from amp_deploy.measure.plots import write_plots
+        from amp_deploy.measure.report import render_md
+
+        report["plots"] = [f"{self.plots.name}/{p}" for p in write_plots(report, self.plots)]
+        write_json(self.report_json, report)
+        write_text(self.report_md, render_md(report))
+
+    def stage_seconds(self, stage: str) -> float:
+        """How long a finished stage took, from manifest.json."""
+        return float(json.loads(self.manifest.read_text())["stages"][stage]["seconds"])
+
+    def write_recipe(self, text: str) -> None:
+        write_text(self.recipe, text)

@@ -1,0 +1,77 @@
+"""Running a build: the stages of the table in order over one folder, each skipped when done.
+
+Each stage reads the previous stages' files and writes its own atomically; manifest.json records
+what finished with which inputs, so a stopped build resumes and one stage can be re-run alone.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+
+from amp_deploy.build.context import Context, Stage
+from amp_deploy.build.lock import FolderLock
+from amp_deploy.build.manifest import Manifest, stage_keys
+from amp_deploy.build.preflight import preflight, prepare_out
+from amp_deploy.build.stages import STAGES
+from amp_deploy.errors import UserError
+from amp_deploy.files import remove_stray_temps
+from amp_deploy.recipe import dump_recipe
+
+
+def run_stages(ctx: Context, names: Sequence[str], force: bool = False) -> dict[str, str]:
+    """Run the named stages in table order, skipping those already done with the same inputs.
+
+    Returns {stage: "ran" | "skipped" | "not recorded"}.
+    """
+    folder, say = ctx.folder, ctx.reporter
+    preflight(ctx.recipe)
+    prepare_out(folder.root)
+    with FolderLock(folder.root):
+        for p in remove_stray_temps(folder.root):
+            say.note(f"removed {p.name}, left by an interrupted build")
+        folder.write_recipe(dump_recipe(ctx.recipe))
+        manifest = Manifest(folder.manifest)
+        keys = stage_keys(ctx.recipe, STAGES, manifest.hashes)
+        status = {}
+        for stage in (s for s in STAGES if s.name in names):
+            if not force and manifest.is_done(stage.name, keys[stage.name], stage.outputs(folder)):
+                say.note(f"{stage.name}: inputs unchanged, skipped")
+                status[stage.name] = "skipped"
+                continue
+            _require_previous(ctx, manifest, stage, keys)
+            status[stage.name] = _run_one(ctx, manifest, stage, keys[stage.name])
+        return status
+
+
+def _run_one(ctx: Context, manifest: Manifest, stage: Stage, key: str) -> str:
+    start = time.perf_counter()
+    if stage.name == "score" and ctx.nproc > 1:
+        from amp_deploy.build.launch import launch_score
+
+        launch_score(ctx.folder.root, ctx.nproc, ctx.device.type)
+        unrecorded = None
+    else:
+        unrecorded = stage.run(ctx)
+    seconds = time.perf_counter() - start
+    ctx.reporter.clear_tasks()
+    if unrecorded:  # finished without a result worth keeping: the next build tries again
+        ctx.reporter.log(f"{stage.name}: {unrecorded} (not recorded as done; the next build tries again)")
+        return "not recorded"
+    manifest.record(stage.name, key, seconds, stage.outputs(ctx.folder))
+    ctx.reporter.log(f"{stage.name}: done in {seconds:.1f}s")
+    return "ran"
+
+
+def _require_previous(ctx: Context, manifest: Manifest, stage: Stage, keys: dict[str, str]) -> None:
+    i = [s.name for s in STAGES].index(stage.name)
+    if i == 0:
+        return
+    before = STAGES[i - 1]
+    # Not verified by hash: a stage run alone works on the files as they are now (so that, say,
+    # `validate` judges an ONNX file someone edited), while `build` redoes a stage whose files changed.
+    if not manifest.is_done(before.name, keys[before.name], before.outputs(ctx.folder), verify=False):
+        if before.name == "compile" and ctx.folder.compile_status.is_file():
+            return  # a failed compile is not recorded, but its status is what validate reports
+        raise UserError(f"{ctx.folder.root}: stage '{stage.name}' needs '{before.name}' first, finished with this "
+                        f"recipe (run `amp-deploy build` or the command for '{before.name}')")

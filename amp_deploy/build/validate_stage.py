@@ -1,0 +1,132 @@
+"""The validate stage: measure every runtime of the recipe, assemble report.json, apply the gates.
+
+The measuring is `measure.validation` (plain arguments); this module knows the recipe and the
+folder: which runner each runtime name makes from which file, and what goes into the report.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from amp_deploy.build.context import Context
+from amp_deploy.checkpoint import load_pruned_model
+from amp_deploy.deploy.runtimes import Runner
+from amp_deploy.errors import GateFailed
+from amp_deploy.measure import metrics as M
+from amp_deploy.measure.report import SCHEMA, apply_fidelity_gate, apply_parity_gate, environment
+from amp_deploy.measure.validation import fidelity, runtime_row
+from amp_deploy.prune.families import count_params
+
+
+def _runner_factories(ctx: Context, models: dict[str, torch.nn.Module],
+                      input_size: tuple[int, ...]) -> dict[str, tuple[Callable[[str], Runner], str]]:
+    """Per runtime name: a function that makes the runner of "original" or "pruned", and its precision."""
+    from amp_deploy.deploy import runtimes as R
+
+    v, f, c = ctx.recipe.validate_, ctx.folder, ctx.recipe.compile
+    b = ctx.recipe.export.batch
+    trt_profile = tuple([n, *input_size] for n in (b.min, b.opt, b.max))
+    # ONNX Runtime's TensorRT provider runs "fp32" with TF32 on (it has no switch), so its fp32 row is
+    # judged with the reduced tolerances too.
+    ort_trt_precision = "fp16" if c.precision == "fp16" else "tf32"
+    return {
+        "onnxruntime": (lambda k: R.onnxruntime_runner(f.onnx(k), v.threads), "fp32"),
+        "onnxruntime-cuda": (lambda k: R.onnxruntime_runner(f.onnx(k), v.threads, R.cuda_providers()), "fp32"),
+        "onnxruntime-trt": (lambda k: R.onnxruntime_runner(
+            f.onnx(k), v.threads, R.tensorrt_providers(f.ort_trt_cache, f.onnx(k), c.precision == "fp16", trt_profile)),
+            ort_trt_precision),
+        "tensorrt": (lambda k: R.tensorrt_runner(f.plan(k)), c.precision),
+        "torch": (lambda k: R.torch_runner(models[k], v.threads, ctx.device), "fp32"),
+        "torch-compile": (lambda k: R.torch_runner(torch.compile(models[k]), v.threads, ctx.device), "fp32"),
+    }
+
+
+def _weights_bytes(ctx: Context, name: str, models: dict[str, torch.nn.Module]) -> Callable[[str], int]:
+    from amp_deploy.deploy.export import external_files
+
+    f = ctx.folder
+    if name == "tensorrt":
+        return lambda k: f.plan(k).stat().st_size
+    if name.startswith("torch"):
+        return lambda k: sum(p.numel() * p.element_size() for p in models[k].parameters())
+    return lambda k: sum(p.stat().st_size for p in [f.onnx(k), *external_files(f.onnx(k))])
+
+
+def _row(ctx: Context, name: str, models: dict, holdout: torch.Tensor, refs: dict) -> dict[str, Any]:
+    """One runtime's report row (a skipped compile stage's status stands for the tensorrt row)."""
+    if name == "tensorrt":
+        compiled = ctx.folder.read_compile_status()
+        if compiled["status"] != "ok":
+            return compiled
+    v, b = ctx.recipe.validate_, ctx.recipe.export.batch
+    make, precision = _runner_factories(ctx, models, tuple(holdout.shape[1:]))[name]
+    advance = ctx.reporter.task(f"validate: {name} latency", len(v.batch_sizes))
+    return runtime_row(make, precision=precision, holdout=holdout, refs=refs, batch_sizes=v.batch_sizes,
+                       batch_range=(b.min, b.max), warmup=v.warmup, iterations=v.iterations,
+                       warmup_seconds=v.warmup_seconds, parity=name != "torch",
+                       weights_bytes=_weights_bytes(ctx, name, models), on_batch=lambda: advance(1))
+
+
+def build_report(ctx: Context) -> dict[str, Any]:
+    """Measure everything the recipe asks for and assemble report.json's dict."""
+    r, f = ctx.recipe, ctx.folder
+    original = ctx.original()
+    pruned = load_pruned_model(f.pruned)
+    search = f.read_search()
+    data = ctx.data()
+    holdout = data.holdout
+    models = {"original": original.model.cpu().eval(), "pruned": pruned.model.cpu().eval()}
+    # fp32 references on the CPU: the ONNX files were exported from exactly these models.
+    refs = {k: M.predict(m, holdout, r.data.batch_size, torch.device("cpu")) for k, m in models.items()}
+    params = {k: count_params(m) for k, m in models.items()}
+    flops = {k: M.count_flops(m, original.input_size) for k, m in models.items()}
+    return {
+        "schema": SCHEMA,
+        "name": r.name,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "model": {**original.spec, "output": original.output, "input_size": list(original.input_size)},
+        "params": {**params, "ratio": params["pruned"] / params["original"]},
+        "flops": {**flops, "ratio": flops["pruned"] / flops["original"]},
+        "widths": {"original": search["original_widths"], "pruned": search["widths"]},
+        "prune": _prune_section(ctx, search),
+        "fidelity": fidelity(refs["original"], refs["pruned"], holdout.labels, original.output),
+        "data": {"source": r.data.source, "calibration": len(data.calibration.images),
+                 "validation": len(data.validation.images), "holdout": len(holdout.images),
+                 "skipped_unreadable": data.skipped},
+        "runtimes": {name: _row(ctx, name, models, holdout.images, refs) for name in r.runtimes},
+        "environment": environment(str(ctx.device)),
+        "validate_settings": {"warmup": r.validate_.warmup, "warmup_seconds": r.validate_.warmup_seconds,
+                              "iterations": r.validate_.iterations,
+                              "threads": r.validate_.threads, "batch_sizes": r.validate_.batch_sizes},
+    }
+
+
+def _prune_section(ctx: Context, search: dict) -> dict[str, Any]:
+    p = ctx.recipe.prune
+    return {
+        "criterion": p.criterion, "search": p.search, "threshold": search["threshold"],
+        "target_params": p.target_params, "taylor": p.taylor, "align": p.align, "cached_search": p.cache,
+        "seconds": round(ctx.folder.stage_seconds("score") + search["seconds"], 3),  # wall time of score + search
+        "block_forwards": search["block_forwards"],
+        "block_forwards_naive": search["block_forwards_naive"],
+        # budget mode: the final search's count above; every threshold tried together here
+        "block_forwards_all_thresholds": search.get("block_forwards_all_thresholds"),
+        "base_loss": search.get("base_loss"), "final_loss": (search.get("losses") or [None])[-1],
+    }
+
+
+def stage_validate(ctx: Context) -> None:
+    v = ctx.recipe.validate_
+    report = build_report(ctx)
+    parity = apply_parity_gate(report, v.parity.max_abs_err, v.parity.cosine_min,
+                               (v.parity_reduced.max_abs_err, v.parity_reduced.cosine_min))
+    fid = apply_fidelity_gate(report, v.fidelity.cosine_mean, v.fidelity.top1_agreement, v.fidelity.accuracy_drop)
+    ctx.folder.write_report(report)  # written first: a failed gate still leaves the evidence
+    failed = [f"{gate} gate failed: {'; '.join(breaches)}" for gate, breaches in (("parity", parity), ("fidelity", fid))
+              if breaches]
+    if failed:
+        raise GateFailed("; ".join(failed) + f" (report: {ctx.folder.report_md})")

@@ -1,0 +1,148 @@
+"""report.json (the keys scripts read: schema, params, flops, widths, prune, fidelity, runtimes) and
+report.md (what a person reads): the schema, the gates and the rendering. Measuring is elsewhere
+(`measure.validation`); this module only judges and renders what was measured.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+from pathlib import Path
+from typing import Any
+
+import torch
+
+SCHEMA = "amp-deploy.report/1"
+REDUCED = ("fp16", "bf16", "tf32")  # runtime precisions judged with validate.parity_reduced
+
+
+def environment(device: str) -> dict[str, Any]:
+    """What latency figures depend on: the machine and the library versions."""
+    import onnx
+    import timm
+
+    return {"device": device, "cpu": cpu_model(),
+            "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+            "cpu_count": os.cpu_count(), "python": platform.python_version(),
+            "torch": torch.__version__, "timm": timm.__version__, "onnx": onnx.__version__,
+            "torch_threads": torch.get_num_threads()}
+
+
+def cpu_model() -> str:
+    """The CPU's model name (Linux), or what the platform module knows."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def parity_breaches(report: dict, max_abs_err: float, cosine_min: float,
+                    reduced: tuple[float, float] | None = None) -> list[str]:
+    """Runtimes whose outputs differ from torch's beyond the limits (fp16/bf16/tf32 rows: `reduced`)."""
+    out = []
+    for name, row in report["runtimes"].items():
+        lim_err, lim_cos = reduced if reduced and row.get("precision") in REDUCED else (max_abs_err, cosine_min)
+        for k in ("original", "pruned"):
+            p = (row.get("parity") or {}).get(k)
+            if p is None:
+                continue
+            # "not <=" so that NaN counts as a breach
+            if not p["max_abs_err"] <= lim_err:
+                out.append(f"{name} {k}: max_abs_err {p['max_abs_err']:.3g} > {lim_err:g}")
+            if not p["cosine_min"] >= lim_cos:
+                out.append(f"{name} {k}: cosine_min {p['cosine_min']:.7f} < {lim_cos:g}")
+    return out
+
+
+def apply_fidelity_gate(report: dict, cosine_mean: float | None, top1_agreement: float | None,
+                        accuracy_drop: float | None) -> list[str]:
+    """Record the optional fidelity gate; return its breaches."""
+    f, breaches = report["fidelity"], []
+    if cosine_mean is not None and not f["cosine_mean"] >= cosine_mean:
+        breaches.append(f"fidelity cosine_mean {f['cosine_mean']:.5f} < {cosine_mean:g}")
+    if top1_agreement is not None and not (f["top1_agreement"] or 0) >= top1_agreement:
+        breaches.append(f"fidelity top1_agreement {f['top1_agreement']} < {top1_agreement:g}")
+    if accuracy_drop is not None and f["accuracy_original"] is not None:
+        drop = f["accuracy_original"] - f["accuracy_pruned"]
+        if not drop <= accuracy_drop:
+            breaches.append(f"fidelity accuracy drop {drop:.2f} points > {accuracy_drop:g}")
+    report.setdefault("gates", {})["fidelity"] = {
+        "passed": not breaches, "breaches": breaches,
+        "limits": {"cosine_mean": cosine_mean, "top1_agreement": top1_agreement, "accuracy_drop": accuracy_drop}}
+    return breaches
+
+
+def apply_parity_gate(report: dict, max_abs_err: float, cosine_min: float,
+                      reduced: tuple[float, float] | None = None) -> list[str]:
+    """Record the parity gate in the report; return its breaches (empty when it passed)."""
+    breaches = parity_breaches(report, max_abs_err, cosine_min, reduced)
+    report.setdefault("gates", {})["parity"] = {"passed": not breaches, "breaches": breaches,
+                                                "max_abs_err": max_abs_err, "cosine_min": cosine_min}
+    return breaches
+
+
+def _mib(n: int | None) -> str:
+    return "n/a" if n is None else f"{n / 2**20:.1f} MiB"
+
+
+def _fmt(n: float | None, spec: str = ",.0f") -> str:
+    return "n/a" if n is None else format(n, spec)
+
+
+def render_md(rep: dict) -> str:
+    """report.md from report.json's dict."""
+    p, f, fi = rep["params"], rep["flops"], rep["fidelity"]
+    lines = [f"# amp-deploy report: {rep['name']}", "",
+             f"Model: {rep['model']['source']} `{rep['model']['name']}` ({rep['model']['output']}), "
+             f"pruned with {rep['prune']['criterion']} / {rep['prune']['search']} "
+             f"(threshold {rep['prune']['threshold']}) in {rep['prune']['seconds']:.1f} s.", "",
+             "| | original | pruned | ratio |", "|---|---:|---:|---:|",
+             f"| parameters | {_fmt(p['original'])} | {_fmt(p['pruned'])} | {p['ratio']:.3f} |",
+             f"| FLOPs / image | {_fmt(f['original'])} | {_fmt(f['pruned'])} | {f['ratio']:.3f} |", ""]
+    lines += ["## Fidelity (pruned vs original, holdout images)", "",
+              f"- accuracy: {_fmt(fi['accuracy_original'], '.2f')}% -> {_fmt(fi['accuracy_pruned'], '.2f')}%",
+              f"- top-1 agreement: {_fmt(fi['top1_agreement'] and fi['top1_agreement'] * 100, '.2f')}%",
+              f"- cosine: mean {fi['cosine_mean']:.5f}, min {fi['cosine_min']:.5f} ({fi['images']} images)", ""]
+    env, vs = rep.get("environment", {}), rep.get("validate_settings", {})
+    lines += ["## Runtimes", "",
+              f"Measured on {env.get('cpu')} ({env.get('cpu_count')} CPUs)"
+              + (f", GPU {env['gpu']}" if env.get("gpu") else ", no GPU")
+              + f"; torch {env.get('torch')}; warm-up {vs.get('warmup')} rounds and {vs.get('warmup_seconds')} s, "
+              f"{vs.get('iterations')} timed iterations, original and pruned interleaved.", ""]
+    for name, row in rep["runtimes"].items():
+        if row["status"] != "ok":
+            lines += [f"- **{name}**: {row['status']}: {row.get('reason', '')}", ""]
+            continue
+        lines += [f"### {name}", "", "Settings: " + ", ".join(f"{k} {v}" for k, v in row["settings"].items())
+                  + f"; precision {row.get('precision', 'fp32')}.", ""]
+        par = row.get("parity")
+        if par:
+            lines += [f"Parity vs torch (same weights): max abs err {par['max_abs_err']:.2e}, "
+                      f"cosine min {par['cosine_min']:.7f}.", ""]
+        lines += ["| batch | original p50 ms | pruned p50 ms | original p99 | pruned p99 | speedup (p50) |",
+                  "|---:|---:|---:|---:|---:|---:|"]
+        for b, o in row["latency_ms"]["original"].items():
+            q = row["latency_ms"]["pruned"][b]
+            lines.append(f"| {b} | {o['p50']:.3f} | {q['p50']:.3f} | {o['p99']:.3f} | {q['p99']:.3f} | "
+                         f"{o['p50'] / q['p50']:.2f}x |")
+        lines += [f"\n> {w}" for w in row.get("warnings", [])]
+        mem = row["memory"]
+        lines += ["", f"Weights: {mem['original']['weights_bytes']:,} -> {mem['pruned']['weights_bytes']:,} bytes. "
+                  f"Peak host memory of the session (batch {mem['original']['measured_at_batch']}): "
+                  f"{_mib(mem['original']['host_peak_bytes'])} -> {_mib(mem['pruned']['host_peak_bytes'])}.", ""]
+    w = rep["widths"]
+    lines += ["## MLP width per block", "", "| block | original | pruned | kept |", "|---:|---:|---:|---:|"]
+    lines += [f"| {i} | {a} | {b} | {b / a:.0%} |" for i, (a, b) in enumerate(zip(w["original"], w["pruned"]))]
+    if rep.get("plots"):
+        lines += ["", "## Plots", ""] + [f"![{Path(p).stem}]({p})" for p in rep["plots"]]
+    lines.append("")
+    for name, gate in rep.get("gates", {}).items():
+        verdict = "passed" if gate.get("passed", True) else "FAILED: " + "; ".join(gate["breaches"])
+        if name == "fidelity" and all(v is None for v in gate.get("limits", {}).values()):
+            verdict = "no limits set (validate.fidelity)"
+        lines.append(f"{name.capitalize()} gate: {verdict}")
+    lines.append("")
+    return "\n".join(lines)

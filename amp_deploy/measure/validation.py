@@ -1,0 +1,134 @@
+"""The validate stage's measuring, from plain arguments: one runtime's row and the pruned model's fidelity.
+
+A runtime row holds parity (the runtime vs the torch model it was exported from: same weights, must
+be tight), latency of original and pruned measured side by side, and memory. Fidelity is the other
+kind of agreement, pruned vs original: the price of pruning. The two are never mixed up.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, Literal
+
+import torch
+
+from amp_deploy.deploy.runtimes import Runner, Unavailable
+from amp_deploy.errors import UserError, first_line
+from amp_deploy.measure import metrics as M
+
+Which = Literal["original", "pruned"]
+MODELS: tuple[Which, Which] = ("original", "pruned")
+UNSTABLE_CV = 0.025  # trtexec's threshold: timings noisier than this compare poorly across builds
+
+
+def fidelity(ref_original: torch.Tensor, ref_pruned: torch.Tensor, labels: torch.Tensor | None,
+             output: str) -> dict[str, Any]:
+    """Pruned vs original on the same images: cosine, top-1 agreement (logits), accuracy (labels)."""
+    fid = M.agreement(ref_original, ref_pruned)
+    out = {k: fid[k] for k in ("cosine_mean", "cosine_min", "top1_agreement", "images")}
+    if output == "embedding":
+        out["top1_agreement"] = None  # argmax of an embedding is no class
+    out["accuracy_original"] = M.accuracy(ref_original, labels)
+    out["accuracy_pruned"] = M.accuracy(ref_pruned, labels)
+    out["cosines"] = M.cosines(ref_original, ref_pruned)
+    return out
+
+
+def runtime_row(make: Callable[[Which], Runner], *, precision: str, holdout: torch.Tensor,
+                refs: dict[str, torch.Tensor], batch_sizes: list[int], batch_range: tuple[int, int],
+                warmup: int, iterations: int, warmup_seconds: float = 0.0, parity: bool = True,
+                weights_bytes: Callable[[Which], int], on_batch: Callable[[], None] = lambda: None) -> dict[str, Any]:
+    """Measure one runtime: a row with status "ok", or "skipped"/"failed" and the reason.
+
+    Args:
+        make: makes the runner of "original" or "pruned".
+        precision: what the runtime computes in (fp16/bf16 rows get the reduced parity gate).
+        holdout: real images: parity inputs, and the source of every timed batch.
+        refs: the torch models' fp32 outputs on `holdout`, per model.
+        batch_sizes: timed batch sizes.
+        batch_range: (min, max) batch the exported models accept; parity batches stay inside it.
+        warmup, iterations, warmup_seconds: timing settings (see `metrics.latency`).
+        parity: compare with `refs` (not for the eager torch row, which *is* the reference).
+        weights_bytes: size on disk (or in memory) of each model's weights.
+        on_batch: called after each timed batch size (progress).
+    """
+    try:
+        runners, host_peak, device_peak = _start(make, M.batch_of(holdout, max(batch_sizes)))
+    except Unavailable as e:
+        return {"status": "skipped", "reason": str(e)}
+    except UserError as e:
+        return {"status": "failed", "reason": str(e)}
+    except Exception as e:  # noqa: BLE001 - a runtime that breaks is a report row, not a crash
+        return {"status": "failed", "reason": f"{type(e).__name__}: {first_line(e, 400)}"}
+    row: dict[str, Any] = {"status": "ok", "precision": precision, "settings": runners["original"].info}
+    if parity:
+        row["parity"] = parity_of(runners, holdout, refs, batch_range)
+    row["latency_ms"] = {k: {} for k in MODELS}
+    for b in batch_sizes:
+        stats = M.latency(runners, M.batch_of(holdout, b), warmup, iterations, warmup_seconds)
+        for k in MODELS:
+            row["latency_ms"][k][str(b)] = stats[k]
+        on_batch()
+    unstable = [f"{k} batch {b}: CV {st['cv']:.1%}" for k in MODELS
+                for b, st in row["latency_ms"][k].items() if st["cv"] > UNSTABLE_CV]
+    if unstable:
+        row["warnings"] = [f"unstable timing (coefficient of variation above {UNSTABLE_CV:.1%}): {', '.join(unstable)}"]
+    row["speedup"] = {str(b): row["latency_ms"]["original"][str(b)]["p50"] / row["latency_ms"]["pruned"][str(b)]["p50"]
+                      for b in batch_sizes}
+    row["memory"] = {k: {"weights_bytes": weights_bytes(k), "host_peak_bytes": host_peak[k],
+                         "device_peak_bytes": device_peak.get(k), "measured_at_batch": max(batch_sizes)}
+                     for k in MODELS}
+    return row
+
+
+def _start(make: Callable[[Which], Runner], largest) -> tuple[dict, dict, dict]:
+    """Both runners, each warmed by one run at the largest batch, with the memory that took."""
+
+    def create(k: Which) -> Runner:
+        r = make(k)
+        r.run(largest)
+        return r
+
+    M.host_peak(lambda: create("pruned"))  # a throwaway first session: one-time library set-up is nobody's peak
+    runners, host_peak, device_peak = {}, {}, {}
+    for k in MODELS:
+        cuda_torch = torch.cuda.is_available()
+        if cuda_torch:
+            torch.cuda.reset_peak_memory_stats()
+        runners[k], host_peak[k] = M.host_peak(lambda k=k: create(k))
+        info = runners[k].info
+        if info.get("device_memory_bytes") is not None:  # an engine states what it needs
+            device_peak[k] = info["device_memory_bytes"]
+        elif str(info.get("device", "")).startswith("cuda"):  # torch on the GPU: what its allocator saw
+            device_peak[k] = torch.cuda.max_memory_allocated()
+    return runners, host_peak, device_peak
+
+
+def chunks(n: int, lo: int, hi: int) -> list[tuple[int, int]]:
+    """Split n images into (start, stop) batches of at most `hi`; a last batch under `lo` is widened
+    backwards (overlapping the one before) so that every batch stays inside the engine's profile."""
+    out = [(i, min(i + hi, n)) for i in range(0, n, hi)]
+    if out and out[-1][1] - out[-1][0] < lo:
+        out[-1] = (max(0, n - lo), n)
+    return out
+
+
+def parity_of(runners: dict[str, Runner], holdout: torch.Tensor, refs: dict[str, torch.Tensor],
+              batch_range: tuple[int, int]) -> dict[str, Any]:
+    """Each runner's outputs on every holdout image vs the torch reference; the worst of both models."""
+    lo, hi = batch_range
+    if len(holdout) < lo:
+        holdout, refs = _repeat(holdout, lo), {k: _repeat(v, lo) for k, v in refs.items()}
+    per = {}
+    for k, r in runners.items():
+        got = torch.empty_like(refs[k])
+        for a, b in chunks(len(holdout), lo, hi):
+            got[a:b] = torch.from_numpy(r.run(holdout[a:b].numpy())).float().reshape(got[a:b].shape)
+        per[k] = M.agreement(refs[k], got)
+    worst = {"max_abs_err": max(p["max_abs_err"] for p in per.values()),
+             "cosine_min": min(p["cosine_min"] for p in per.values())}
+    return {**worst, **per}
+
+
+def _repeat(t: torch.Tensor, n: int) -> torch.Tensor:
+    return t.repeat(-(-n // len(t)), *([1] * (t.dim() - 1)))[:n]

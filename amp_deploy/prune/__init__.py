@@ -1,0 +1,1 @@
+"""AMP itself: model families, Taylor importance, the per-block width search and the ragged rebuild (plain arguments, no files, no recipe)."""
