@@ -134,7 +134,7 @@ class CompileSpec(_Strict):
                                     "TensorRT 10.x only)")
     workspace_mib: int = _f(4096, "TensorRT builder workspace", ge=16)
     optimization_level: int = _f(3, "TensorRT builder optimization level", ge=0, le=5)
-    timing_cache: bool = _f(True, "keep OUT/timing.cache and reuse it in later builds on the same GPU")
+    timing_cache: bool = _f(True, "keep a timing cache in OUT (one per TensorRT version and GPU generation) for later builds")
 
 
 class ParityGate(_Strict):

@@ -50,10 +50,6 @@ class BuildFolder:
         return self.root / "compile.json"
 
     @property
-    def timing_cache(self) -> Path:
-        return self.root / "timing.cache"
-
-    @property
     def ort_trt_cache(self) -> Path:
         return self.root / "ort_trt_cache"
 

@@ -157,7 +157,7 @@ def _build_engines(ctx: Context) -> dict:
             if c.precision != "fp32" and c.strongly_typed:  # the graph carries the precision
                 onnx_path = _export(ctx, loaded, which, c.precision)
             engines[which] = build_engine(onnx_path, ctx.folder.plan(which), compile_settings(ctx, loaded.input_size),
-                                          ctx.folder.timing_cache if c.timing_cache else None)
+                                          ctx.folder.root if c.timing_cache else None)
             advance(1)
     except Exception as err:  # noqa: BLE001 - a failed build is a report row, not a crash
         return {"status": "failed", "reason": f"{type(err).__name__}: {first_line(err, 400)}"}

@@ -191,11 +191,13 @@ def torch_runner(model: torch.nn.Module, threads: int | None = None,
 
 
 def tensorrt_unavailable_reason() -> str | None:
-    """Why TensorRT cannot run here, or None when it can (tensorrt imports and a GPU is present)."""
+    """Why TensorRT cannot run here, or None when it can (tensorrt loads and a GPU is present)."""
     try:
-        import tensorrt  # noqa: F401
-    except ImportError as e:
+        import tensorrt
+    except (ImportError, OSError) as e:  # OSError: the bindings are there, libnvinfer is not
         return f"tensorrt Python package is not installed ({e}); install the 'tensorrt' extra from NVIDIA's index"
+    if not hasattr(tensorrt, "Builder"):  # e.g. a stubs-only install: a namespace package with no API
+        return f"the tensorrt package at {list(getattr(tensorrt, '__path__', []))} has no TensorRT API (stubs only?)"
     if not torch.cuda.is_available():
         return "no CUDA GPU is available (TensorRT engines need one)"
     return None

@@ -56,8 +56,8 @@ class _Evaluator:
     """Validation loss of the model as it is now, starting at block `start` from cached inputs."""
 
     def __init__(self, loaded: Loaded, val: Split, batch_size: int, loss: Callable, device: torch.device,
-                 cached: bool) -> None:
-        self.loaded, self.loss, self.device, self.cached = loaded, loss, device, cached
+                 cached: bool, autocast: bool = False) -> None:
+        self.loaded, self.loss, self.device, self.cached, self.autocast = loaded, loss, device, cached, autocast
         self.batches = list(val.batches(batch_size))
         self.depth = len(loaded.sites)
         self.inputs: list[list[torch.Tensor]] = [[] for _ in range(self.depth)]
@@ -100,7 +100,8 @@ class _Evaluator:
         for b, (x, labels) in enumerate(self.batches):
             if replay is not None:
                 replay.value = self.inputs[start][b].to(self.device, non_blocking=True)
-            out = self.loaded.model(x.to(self.device))
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
+                out = self.loaded.model(x.to(self.device))
             require_finite(out, f"search (block {start})")
             labels = labels.to(self.device) if labels is not None else None
             total += self.loss(out, labels).double().sum().item()
@@ -133,7 +134,8 @@ def width_grid(h: int, align: int) -> list[int]:
 
 def adaptive_widths(loaded: Loaded, scores: list[torch.Tensor], val: Split, *, loss: Callable, threshold: float,
                     batch_size: int = 64, steps: int = 6, align: int = 1, device: torch.device | None = None,
-                    cached: bool = True, on_block: Callable[[int, int], None] | None = None) -> SearchResult:
+                    cached: bool = True, autocast: bool = False,
+                    on_block: Callable[[int, int], None] | None = None) -> SearchResult:
     """Binary-search each block's width (last block first) and prune `loaded` in place.
 
     Args:
@@ -147,10 +149,12 @@ def adaptive_widths(loaded: Loaded, scores: list[torch.Tensor], val: Split, *, l
         align: kept widths are multiples of this (and the full width).
         device: where to run (CPU by default).
         cached: replay the hidden states entering each block instead of running the whole model.
+        autocast: bf16 autocast for the validation passes (giant models on CUDA); off, the losses
+            are fp32 references.
         on_block: called with (block, width) as each block is settled.
     """
     with fp32_reference():  # the losses are fp32 references
-        ev = _Evaluator(loaded, val, batch_size, loss, device or torch.device("cpu"), cached)
+        ev = _Evaluator(loaded, val, batch_size, loss, device or torch.device("cpu"), cached, autocast)
         prev = ev.first_pass()
         result = SearchResult(widths=loaded.widths(), losses=[], base_loss=prev)
         naive = ev.depth  # the reference scheme: the whole model for the first pass and every step

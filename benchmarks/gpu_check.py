@@ -1,0 +1,375 @@
+"""One command that proves every CUDA path at the paper's scale: `make gpu-check` (or `--cpu-smoke`).
+
+Sections, each timed and recorded as ok / failed (with the reason) / not run (with the reason), so one
+failure never hides the others:
+  pytest     `pytest -m "gpu or trt"` (TensorRT tests skip where it is missing, with their reason)
+  quickstart the quickstart build end to end with --device cuda, runtimes onnxruntime and torch
+  scale      AMP on a random-init ViT-g/14 (timm's DINOv2-giant factory, packed SwiGLU) at 224x224:
+             scoring images/s (bf16 autocast, activation checkpointing), search wall time cached vs
+             the reference scheme on the same threshold, peak GPU memory of each, the largest
+             calibration batch that fits
+  bf16       bf16 vs fp32 scoring on a ViT-B/16: rank correlation of the scores, whether widths agree
+  latency    original vs pruned ViT-L/14 and ViT-g/14 (widths from a real budget search removing
+             about 40% of MLP neurons, and the same widths aligned to 64): torch eager fp16 and
+             torch.compile at batch 1, 32, 128: p50, throughput, and the FLOP ratio beside them
+Writes OUT/gpu_check.json and OUT/gpu_check.md with the device's name and the date.
+
+`--cpu-smoke` runs the same code on tiny models on the CPU (no pytest, no torch.compile, no
+quickstart rerun) in well under a minute: it proves the script, never a GPU figure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import subprocess
+import sys
+import time
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _common import print_table  # noqa: E402
+
+from amp_deploy.data import load_synthetic_data  # noqa: E402
+from amp_deploy.measure.metrics import count_flops, latency  # noqa: E402
+from amp_deploy.prune.families import Loaded, count_params, load_timm  # noqa: E402
+from amp_deploy.prune.rebuild import apply_widths  # noqa: E402
+from amp_deploy.prune.score import loss_fn, taylor_scores  # noqa: E402
+from amp_deploy.prune.search import adaptive_widths, budget_widths, uniform_widths, width_grid  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+FULL = {  # model name, factory kwargs
+    "giant": ("vit_giant_patch14_dinov2", {"img_size": 224}),
+    "large": ("vit_large_patch14_dinov2", {"img_size": 224}),
+    "base": ("vit_base_patch16_224", {}),
+}
+SMOKE = {
+    "giant": ("vit_giant_patch14_dinov2", {"img_size": 28, "depth": 2, "embed_dim": 96, "num_heads": 2}),
+    "large": ("vit_large_patch14_dinov2", {"img_size": 28, "depth": 2, "embed_dim": 64, "num_heads": 2}),
+    "base": ("vit_base_patch16_224", {"img_size": 32, "depth": 2, "embed_dim": 64, "num_heads": 2}),
+}
+
+
+class Check:
+    """Runs sections, keeps their results and timings; a failing section is recorded, not raised."""
+
+    def __init__(self, budget_s: float) -> None:
+        self.start, self.budget_s, self.sections = time.perf_counter(), budget_s, {}
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.start
+
+    def run(self, name: str, fn: Callable[[], dict], skip: str | None = None) -> None:
+        if skip:
+            self.sections[name] = {"status": "not run", "reason": skip}
+            print(f"[{name}] not run: {skip}", flush=True)
+            return
+        t0 = time.perf_counter()
+        print(f"[{name}] ...", flush=True)
+        try:
+            self.sections[name] = {"status": "ok", **fn()}
+        except Exception as e:  # noqa: BLE001 - a section that breaks is a result, the others still run
+            self.sections[name] = {"status": "failed", "reason": f"{type(e).__name__}: {e}"[:500],
+                                   "traceback": traceback.format_exc()[-2000:]}
+        self.sections[name]["seconds"] = round(time.perf_counter() - t0, 1)
+        print(f"[{name}] {self.sections[name]['status']} in {self.sections[name]['seconds']} s", flush=True)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _peak_reset(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def _peak(device: torch.device) -> int | None:
+    return torch.cuda.max_memory_allocated() if device.type == "cuda" else None
+
+
+def _model(spec: tuple[str, dict], device: torch.device, seed: int = 0) -> Loaded:
+    torch.manual_seed(seed)
+    loaded = load_timm(spec[0], False, spec[1])
+    loaded.model.to(device)
+    return loaded
+
+
+def _data(loaded: Loaded, calibration: int, validation: int):
+    return load_synthetic_data(calibration=calibration, validation=validation, holdout=1, seed=0,
+                               transform=loaded.transform, size=loaded.input_size[1:])
+
+
+# --- sections --------------------------------------------------------------------------------------
+
+
+def section_pytest() -> dict:
+    res = subprocess.run([sys.executable, "-m", "pytest", "-m", "gpu or trt", "-q", "-rs", "-p", "no:cacheprovider"],
+                         cwd=REPO, capture_output=True, text=True, timeout=240)
+    tail = [ln for ln in res.stdout.splitlines() if ln.strip()][-12:]
+    if res.returncode not in (0, 5):
+        raise RuntimeError(f"pytest exit {res.returncode}: {' | '.join(tail[-3:])}")
+    return {"exit": res.returncode, "summary": tail[-1] if tail else "", "skips": [ln for ln in tail if "SKIP" in ln]}
+
+
+def section_quickstart(device: torch.device, out: Path) -> dict:
+    folder = out / "quickstart"
+    cmd = [sys.executable, "-m", "amp_deploy.cli", "build", str(REPO / "recipes" / "quickstart.yaml"), "--out",
+           str(folder), "--device", device.type, "--force", "runtimes=[onnxruntime, torch]"]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    if res.returncode != 0:
+        raise RuntimeError(f"build exit {res.returncode}: {res.stderr.strip().splitlines()[-1:]}")
+    rep = json.loads((folder / "report.json").read_text())
+    rows = {n: {"status": r["status"], "speedup": r.get("speedup"), "max_abs_err": (r.get("parity") or {}).get(
+        "max_abs_err"), "settings": r.get("settings")} for n, r in rep["runtimes"].items()}
+    return {"params_ratio": rep["params"]["ratio"], "accuracy": [rep["fidelity"]["accuracy_original"],
+            rep["fidelity"]["accuracy_pruned"]], "widths": rep["widths"]["pruned"], "runtimes": rows,
+            "device": rep["environment"]["device"], "gpu": rep["environment"]["gpu"]}
+
+
+def _score(loaded: Loaded, batches, device, autocast: bool, checkpointing: bool):
+    loss = loss_fn("entropy", loaded.output, 20.0)
+    return taylor_scores(loaded, batches, loss, device, autocast=autocast, checkpointing=checkpointing)["abs"]
+
+
+def largest_batch(loaded: Loaded, device: torch.device, start: int, limit: int) -> dict:
+    """Double the calibration batch until one fwd+bwd (bf16, checkpointing) runs out of memory."""
+    fits, tried = None, []
+    b = start
+    while b <= limit:
+        _peak_reset(device)
+        try:
+            x = torch.randn(b, *loaded.input_size, device=device)
+            _score(loaded, [(x, None)], device, autocast=True, checkpointing=True)
+            _sync(device)
+            fits = b
+            tried.append([b, "fits", _peak(device)])
+        except torch.OutOfMemoryError:
+            tried.append([b, "out of memory", None])
+            break
+        finally:
+            x = None
+        b *= 2
+    _peak_reset(device)
+    return {"largest_fitting": fits, "tried": tried, "limit": limit}
+
+
+def section_scale(models: dict, device: torch.device, smoke: bool, calibration: int, validation: int) -> dict:
+    loaded = _model(models["giant"], device)
+    data = _data(loaded, calibration, validation)
+    result: dict = {"model": models["giant"][0], "params": count_params(loaded.model), "images":
+                    [calibration, validation], "input": list(loaded.input_size)}
+    _peak_reset(device)
+    _sync(device)
+    t0 = time.perf_counter()
+    scores = _score(loaded, data.calibration.batches(32), device, autocast=True, checkpointing=True)
+    _sync(device)
+    secs = time.perf_counter() - t0
+    result["score"] = {"seconds": round(secs, 2), "images_per_s": round(calibration / secs, 1),
+                       "peak_bytes": _peak(device), "batch": 32, "bf16_autocast": True, "checkpointing": True}
+    loss = loss_fn("entropy", loaded.output, 20.0)
+    threshold = 0.01
+    for mode in ("cached", "naive"):
+        target = copy.deepcopy(loaded)
+        _peak_reset(device)
+        _sync(device)
+        t0 = time.perf_counter()
+        res = adaptive_widths(target, scores, data.validation, loss=loss, threshold=threshold, batch_size=32,
+                              device=device, cached=mode == "cached", autocast=True)
+        _sync(device)
+        result[f"search_{mode}"] = {"seconds": round(time.perf_counter() - t0, 2), "peak_bytes": _peak(device),
+                                    "block_forwards": res.block_forwards, "widths": res.widths}
+        del target
+    result["search_same_widths"] = result["search_cached"]["widths"] == result["search_naive"]["widths"]
+    result["largest_calibration_batch"] = largest_batch(loaded, device, 4 if smoke else 64, 16 if smoke else 2048)
+    return result
+
+
+def _spearman(a: torch.Tensor, b: torch.Tensor) -> float:
+    ra, rb = a.argsort().argsort().double(), b.argsort().argsort().double()
+    return float(torch.corrcoef(torch.stack([ra, rb]))[0, 1])
+
+
+def section_bf16(models: dict, device: torch.device, calibration: int, validation: int) -> dict:
+    loaded = _model(models["base"], device)
+    data = _data(loaded, calibration, validation)
+    s32 = _score(loaded, data.calibration.batches(32), device, autocast=False, checkpointing=False)
+    s16 = _score(loaded, data.calibration.batches(32), device, autocast=True, checkpointing=False)
+    rho = [_spearman(a, b) for a, b in zip(s32, s16)]
+    loss = loss_fn("entropy", loaded.output, 15.0)
+    widths = {}
+    for name, s in (("fp32", s32), ("bf16", s16)):
+        widths[name] = adaptive_widths(copy.deepcopy(loaded), s, data.validation, loss=loss, threshold=0.01,
+                                       batch_size=32, device=device).widths
+    return {"model": models["base"][0], "spearman_min": min(rho), "spearman_mean": sum(rho) / len(rho),
+            "widths_fp32": widths["fp32"], "widths_bf16": widths["bf16"], "widths_agree": widths["fp32"] == widths["bf16"]}
+
+
+def mlp_fraction(loaded: Loaded) -> float:
+    mlp = sum(p.numel() for i in range(len(loaded.sites)) for m in loaded.mlp_modules(i).values()
+              for p in m.parameters())
+    return mlp / count_params(loaded.model)
+
+
+def _variants(spec, device, validation: int, calibration: int) -> tuple[dict[str, Loaded], str]:
+    """original, pruned (budget search: ~40% of MLP neurons removed) and the same widths aligned to 64."""
+    base = _model(spec, device)
+    data = _data(base, calibration, validation)
+    scores = _score(base, data.calibration.batches(32), device, autocast=device.type == "cuda",
+                    checkpointing=device.type == "cuda")
+    loss = loss_fn("entropy", base.output, 20.0)
+    target = int((1 - 0.4 * mlp_fraction(base)) * count_params(base.model))
+
+    def run(m: Loaded, t: float):
+        return adaptive_widths(m, scores, data.validation, loss=loss, threshold=t, batch_size=32, device=device,
+                               autocast=device.type == "cuda")
+
+    pruned, res, threshold, _ = budget_widths(lambda: copy.deepcopy(base), target, run, rounds=6)
+    widths, source = res.widths, f"adaptive search, budget {target / count_params(base.model):.3f}, threshold {threshold:.3g}"
+    removed = 1 - sum(widths) / sum(base.widths())
+    if abs(removed - 0.4) > 0.1:  # a random-init model's entropy can be flat: say so, time a 40% cut anyway
+        widths = uniform_widths(base.widths(), 0.6, 1)
+        source = f"uniform 60% kept (the budget search removed {removed:.0%}, too far from 40%)"
+        pruned = copy.deepcopy(base)
+        apply_widths(pruned, scores, widths)
+    aligned = copy.deepcopy(base)
+    apply_widths(aligned, scores, [min(width_grid(h, 64), key=lambda w: (abs(w - k), -w))
+                                   for h, k in zip(base.widths(), widths)])
+    return {"original": base, "pruned": pruned, "aligned64": aligned}, source
+
+
+def section_latency(check: Check, models: dict, device: torch.device, smoke: bool, batches: list[int],
+                    validation: int, compile_until_s: float) -> dict:
+    out = {}
+    for key in ("large", "giant"):
+        variants, source = _variants(models[key], device, validation, max(64, validation))
+        size = variants["original"].input_size
+        flops = {k: count_flops(v.model, size) for k, v in variants.items()}
+        removed = 1 - sum(variants["pruned"].widths()) / sum(variants["original"].widths())
+        rows = []
+        modes = ["eager"] + ([] if smoke else ["compile"])
+        for mode in modes:
+            if mode == "compile" and check.elapsed() > compile_until_s:
+                rows.append({"mode": mode, "status": f"not run: past the time budget ({compile_until_s:.0f} s)"})
+                continue
+            rows += _latency_rows(variants, mode, device, batches, flops)
+        out[key] = {"model": models[key][0], "mlp_removed": removed, "widths_from": source, "flops": flops,
+                    "widths": {k: v.widths() for k, v in variants.items()}, "rows": rows}
+        del variants
+        _peak_reset(device)
+    return out
+
+
+def _latency_rows(variants: dict, mode: str, device, batches: list[int], flops: dict) -> list[dict]:
+    from amp_deploy.deploy.runtimes import Runner
+
+    dtype = torch.float16 if device.type == "cuda" else torch.float32
+    runners = {}
+    for k, v in variants.items():
+        m = copy.deepcopy(v.model).to(device, dtype).eval()
+        if mode == "compile":
+            m = torch.compile(m, dynamic=True)  # one compile serves every batch size
+
+        @torch.inference_mode()
+        def run(x, m=m):
+            return m(x)
+
+        runners[k] = Runner(run, sync=(torch.cuda.synchronize if device.type == "cuda" else None),
+                            events=device.type == "cuda")
+    rows = []
+    for b in batches:
+        x = torch.randn(b, *variants["original"].input_size, device=device, dtype=dtype)
+        st = latency(runners, x, 3 if device.type == "cpu" else 10, 5 if device.type == "cpu" else 30, 0.0)
+        for k in ("pruned", "aligned64"):
+            speed = st["original"]["p50"] / st[k]["p50"]
+            rows.append({"mode": mode, "batch": b, "variant": k, "p50_ms": [st["original"]["p50"], st[k]["p50"]],
+                         "images_per_s": [st["original"]["throughput"], st[k]["throughput"]], "speedup": speed,
+                         "flop_speedup": flops["original"] / flops[k],
+                         "realised_over_flop": speed / (flops["original"] / flops[k])})
+    return rows
+
+
+# --- output ----------------------------------------------------------------------------------------
+
+
+def render(result: dict) -> str:
+    lines = [f"# gpu_check: {result['device']} ({result['date']})", "",
+             f"{'CPU smoke run: these are CPU figures of tiny models, not GPU figures.' if result['smoke'] else ''}", "",
+             "| section | status | seconds | note |", "|---|---|---:|---|"]
+    for name, s in result["sections"].items():
+        note = s.get("reason") or s.get("summary") or ""
+        lines.append(f"| {name} | {s['status']} | {s.get('seconds', '')} | {str(note)[:160]} |")
+    sc = result["sections"].get("scale", {})
+    if sc.get("status") == "ok":
+        lines += ["", f"AMP at scale: {sc['model']}, {sc['params']:,} parameters, images {sc['images']}", "",
+                  "| | seconds | peak GPU bytes | block forwards |", "|---|---:|---:|---:|",
+                  f"| score (bf16, checkpointing) | {sc['score']['seconds']} | {sc['score']['peak_bytes']} | |",
+                  f"| search, cached | {sc['search_cached']['seconds']} | {sc['search_cached']['peak_bytes']} | "
+                  f"{sc['search_cached']['block_forwards']} |",
+                  f"| search, reference scheme | {sc['search_naive']['seconds']} | {sc['search_naive']['peak_bytes']} | "
+                  f"{sc['search_naive']['block_forwards']} |", "",
+                  f"Scoring {sc['score']['images_per_s']} images/s; same widths both ways: {sc['search_same_widths']}; "
+                  f"largest calibration batch that fits: {sc['largest_calibration_batch']['largest_fitting']}."]
+    bf = result["sections"].get("bf16", {})
+    if bf.get("status") == "ok":
+        lines += ["", f"bf16 vs fp32 scores ({bf['model']}): Spearman min {bf['spearman_min']:.4f}, mean "
+                  f"{bf['spearman_mean']:.4f}; widths agree: {bf['widths_agree']}."]
+    la = result["sections"].get("latency", {})
+    for m in (la.values() if la.get("status") == "ok" else []):
+        if not isinstance(m, dict) or "rows" not in m:
+            continue
+        lines += ["", f"Latency {m['model']} ({m['mlp_removed']:.0%} of MLP neurons removed; widths: {m['widths_from']})", "",
+                  "| mode | batch | variant | p50 ms original -> pruned | images/s | speedup | FLOP speedup | realised/FLOP |",
+                  "|---|---:|---|---:|---:|---:|---:|---:|"]
+        for r in m["rows"]:
+            if "status" in r:
+                lines.append(f"| {r['mode']} | | | {r['status']} | | | | |")
+                continue
+            lines.append(f"| {r['mode']} | {r['batch']} | {r['variant']} | {r['p50_ms'][0]:.3f} -> {r['p50_ms'][1]:.3f} | "
+                         f"{r['images_per_s'][0]:.0f} -> {r['images_per_s'][1]:.0f} | {r['speedup']:.2f}x | "
+                         f"{r['flop_speedup']:.2f}x | {r['realised_over_flop']:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--cpu-smoke", action="store_true", help="tiny models on the CPU: proves the script, not a GPU")
+    ap.add_argument("--out", default=str(REPO / "out" / "gpu_check"), help="folder for gpu_check.json and .md")
+    ap.add_argument("--budget", type=float, default=480.0, help="seconds; torch.compile rows start only before "
+                                                                 "70%% of it has passed")
+    args = ap.parse_args(argv)
+    smoke = args.cpu_smoke
+    if not smoke and not torch.cuda.is_available():
+        ap.error("no CUDA device: run on a GPU machine, or use --cpu-smoke")
+    device = torch.device("cpu" if smoke else "cuda")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    models = SMOKE if smoke else FULL
+    check = Check(args.budget)
+    check.run("pytest", section_pytest, skip="--cpu-smoke (the suite itself runs this script)" if smoke else None)
+    check.run("quickstart", lambda: section_quickstart(device, out), skip="--cpu-smoke" if smoke else None)
+    cal, val = (16, 8) if smoke else (256, 128)
+    check.run("scale", lambda: section_scale(models, device, smoke, cal, val))
+    check.run("bf16", lambda: section_bf16(models, device, cal, val))
+    check.run("latency", lambda: section_latency(check, models, device, smoke, [1, 2] if smoke else [1, 32, 128],
+                                                 8 if smoke else 32, 0.7 * args.budget))
+    name = "CPU (smoke)" if smoke else torch.cuda.get_device_name()
+    result = {"device": name, "date": time.strftime("%Y-%m-%d"), "smoke": smoke, "torch": torch.__version__,
+              "seconds": round(check.elapsed(), 1), "sections": check.sections, "host": os.uname().nodename}
+    (out / "gpu_check.json").write_text(json.dumps(result, indent=2, default=str))
+    (out / "gpu_check.md").write_text(render(result))
+    print_table(["section", "status", "seconds"], [[k, v["status"], v.get("seconds")] for k, v in check.sections.items()],
+                f"gpu_check on {name}, {result['seconds']} s")
+    return result
+
+
+if __name__ == "__main__":
+    main()
