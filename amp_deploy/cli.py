@@ -90,7 +90,8 @@ class RichReporter:
 
     def task(self, description: str, total: int | None):
         tid = self.progress.add_task(description, total=total)
-        return lambda n=1: self.progress.advance(tid, n)
+        return lambda n=1, description=None: self.progress.update(
+            tid, advance=n, **({"description": description} if description else {}))
 
     def clear_tasks(self) -> None:
         for tid in list(self.progress.task_ids):
@@ -144,6 +145,7 @@ def _stage_command(stages: tuple[str, ...], doc: str):
 
 app.command("prune")(_stage_command(("score", "search", "rebuild"),
                                     "Score neurons, search widths and write pruned.safetensors."))
+app.command("distill")(_stage_command(("distill",), "Distil the pruned model from the original (distill.epochs > 0)."))
 app.command("export")(_stage_command(("export",), "Export original.onnx and pruned.onnx."))
 app.command("compile")(_stage_command(("compile",), "Compile TensorRT engines from the ONNX files."))
 app.command("validate")(_stage_command(("validate",), "Measure parity, fidelity, latency; write the report."))
@@ -280,6 +282,9 @@ def _summary(report_path: Path) -> None:
     t.add_row("parameters", f"{p['original']:,}", f"{p['pruned']:,}", f"{p['ratio']:.3f}")
     t.add_row("FLOPs / image", f"{f['original']:,}", f"{f['pruned']:,}", f"{f['ratio']:.3f}")
     if fi.get("accuracy_original") is not None:
+        if fi.get("before_distill"):
+            t.add_row("holdout top-1 % (before distill)", f"{fi['accuracy_original']:.2f}",
+                      f"{fi['before_distill']['accuracy_pruned']:.2f}", "")
         t.add_row("holdout top-1 %", f"{fi['accuracy_original']:.2f}", f"{fi['accuracy_pruned']:.2f}", "")
     notes = []
     for name, row in rep["runtimes"].items():

@@ -46,6 +46,7 @@ class Data:
     validation: Split
     holdout: Split
     skipped: int = 0  # unreadable files left out
+    reserved: frozenset[Path] = frozenset()  # folder files of the validation and holdout sets: never trained on
 
 
 def digits_split() -> tuple[np.ndarray, np.ndarray]:
@@ -106,11 +107,11 @@ def to_rgb(im: Image.Image) -> Image.Image:
     return im.convert("RGB")
 
 
-def image_files(root: Path) -> list[Path]:
-    """Image files under `root`, sorted; a UserError when there are none."""
+def image_files(root: Path, key: str = "data.path") -> list[Path]:
+    """Image files under `root`, sorted; a UserError (naming the recipe `key`) when there are none."""
     files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
     if not files:
-        raise UserError(f"data.path: no image files ({', '.join(sorted(IMAGE_SUFFIXES))}) in {root}")
+        raise UserError(f"{key}: no image files ({', '.join(sorted(IMAGE_SUFFIXES))}) in {root}")
     return files
 
 
@@ -123,19 +124,52 @@ def load_folder_data(path: str, *, calibration: int, validation: int, holdout: i
     files = image_files(root)
     files = [files[i] for i in np.random.default_rng(seed).permutation(len(files))]
     want = calibration + validation + holdout
-    images, skipped = [], 0
+    images, used, skipped = _read_images(files, want)
+    _need(f"data.path {root} ({skipped} unreadable skipped)", len(images), want,
+          "add images or lower data.calibration / validation / holdout")
+    cuts = [images[:calibration], images[calibration : calibration + validation], images[calibration + validation :]]
+    reserved = frozenset(p.resolve() for p in used[calibration:])
+    return Data(*[_to_split(c, None, transform) for c in cuts], skipped=skipped, reserved=reserved)
+
+
+def _read_images(files: list[Path], limit: int | None = None) -> tuple[list[Image.Image], list[Path], int]:
+    """Open files in order until `limit` images are read: (images, their files, unreadable skipped)."""
+    images, used, skipped = [], [], 0
     for f in files:
-        if len(images) == want:
+        if limit is not None and len(images) == limit:
             break
         im = _open_image(f)
         if im is None:
             skipped += 1
         else:
             images.append(im)
-    _need(f"data.path {root} ({skipped} unreadable skipped)", len(images), want,
-          "add images or lower data.calibration / validation / holdout")
-    cuts = [images[:calibration], images[calibration : calibration + validation], images[calibration + validation :]]
-    return Data(*[_to_split(c, None, transform) for c in cuts], skipped=skipped)
+            used.append(f)
+    return images, used, skipped
+
+
+def distill_split(source: DataSource, data: Data, *, distill_path: str | None, validation: int, seed: int,
+                  transform: Callable) -> Split:
+    """Images to distil on: never the holdout, never the validation images.
+
+    digits: the training split minus the validation images; folder: `distill_path`'s images minus
+    any of the validation and holdout files, or else the calibration images; synthetic: the
+    calibration images.
+    """
+    if source == "digits":
+        images, labels = digits_images()
+        train = np.random.default_rng(seed).permutation(digits_split()[0])
+        calibration = len(data.calibration.images)
+        keep = np.concatenate([train[:calibration], train[calibration + validation:]])
+        split = _to_split([images[i] for i in keep], labels[keep], transform)
+    elif source == "folder" and distill_path:
+        files = [f for f in image_files(Path(distill_path), key="distill.path") if f.resolve() not in data.reserved]
+        split = _to_split(_read_images(files)[0], None, transform)
+    else:
+        split = data.calibration
+    if len(split.images) == 0:
+        raise UserError("distill: no images are left to train on once the holdout and validation images are "
+                        "excluded; give distill.path a folder of other images")
+    return split
 
 
 def load_synthetic_data(*, calibration: int, validation: int, holdout: int, seed: int,

@@ -30,7 +30,7 @@ MODEL_KWARGS = {
 }
 
 
-def _shift(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+def shift(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     """Random translation by up to one pixel, padding with the normalised background (-1)."""
     n, _, h, w = x.shape
     padded = F.pad(x, (1, 1, 1, 1), value=-1.0)
@@ -65,7 +65,7 @@ def train_digits_vit(epochs: int = 100, batch_size: int = 16, lr: float = 2e-3, 
         order = train[torch.randperm(len(train), generator=gen)]
         for i in range(0, len(order), batch_size):
             b = order[i : i + batch_size]
-            loss = F.cross_entropy(model(_shift(x[b], gen)), y[b], label_smoothing=0.1)
+            loss = F.cross_entropy(model(shift(x[b], gen)), y[b], label_smoothing=0.1)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

@@ -33,13 +33,21 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
 
 
 def fault_point(path: Path) -> None:
-    """Fault injection for the resume tests: AMP_DEPLOY_KILL_BEFORE=NAME[:SIG] sends this process
-    SIGKILL (or SIG, e.g. INT) just before NAME would be renamed into place."""
-    name, _, sig = os.environ.get("AMP_DEPLOY_KILL_BEFORE", "").partition(":")
-    if name == path.name:
+    """Fault injection for the resume tests: AMP_DEPLOY_KILL_BEFORE=NAME[:SIG][@N] sends this process
+    SIGKILL (or SIG, e.g. INT) just before NAME would be renamed into place (the N-th time, default 1)."""
+    spec = os.environ.get("AMP_DEPLOY_KILL_BEFORE", "")
+    spec, _, nth = spec.partition("@")
+    name, _, sig = spec.partition(":")
+    if name != path.name:
+        return
+    _FAULT_COUNTS[name] = _FAULT_COUNTS.get(name, 0) + 1
+    if _FAULT_COUNTS[name] == int(nth or 1):
         import signal
 
         os.kill(os.getpid(), getattr(signal, f"SIG{sig or 'KILL'}"))
+
+
+_FAULT_COUNTS: dict[str, int] = {}
 
 
 def remove_stray_temps(folder: Path) -> list[Path]:

@@ -108,6 +108,29 @@ class PruneSpec(_Strict):
         return self
 
 
+class DistillSpec(_Strict):
+    """Recovery after pruning: the pruned model learns to reproduce the original on unlabeled images."""
+
+    epochs: int = _f(0, "passes over the distillation images; 0 turns distillation off", ge=0)
+    lr: float = _f(3e-4, "peak learning rate of AdamW (linear warm-up, then cosine decay)", gt=0)
+    batch_size: int = _f(64, "global batch, split across --nproc processes", ge=1)
+    warmup: float = _f(2.0, "epochs of linear learning-rate warm-up", ge=0)
+    weight_decay: float = _f(0.05, "AdamW's decoupled weight decay", ge=0)
+    loss: Literal["auto", "kl", "cosine", "mse"] = _f("auto", "auto: kl on logits (classifiers), cosine on the "
+                                                              "embedding (embedding models)")
+    temperature: float = _f(1.0, "softens teacher and student logits for the kl loss", gt=0)
+    augment: bool = _f(True, "augmentation that fits the data: one-pixel shifts for digits, horizontal "
+                             "flips for image folders, none for synthetic images")
+    path: str | None = _f(None, "a folder of images to distil on (default: the training split for digits, "
+                                "the calibration images otherwise); holdout and validation files are excluded")
+
+    @model_validator(mode="after")
+    def _check(self) -> DistillSpec:
+        if self.path is not None and not Path(self.path).is_dir():
+            raise ValueError(f"distill.path: not a directory: {self.path}")
+        return self
+
+
 class BatchRange(_Strict):
     min: int = _f(1, "smallest batch the exported models and engines accept", ge=1)
     opt: int = _f(8, "the batch TensorRT tunes for", ge=1)
@@ -172,6 +195,8 @@ class Recipe(_Strict):
     model: ModelSpec = _f(description="the model to prune")
     data: DataSpec = _f(description="calibration, validation and holdout images", factory=DataSpec)
     prune: PruneSpec = _f(description="how AMP scores and searches", factory=PruneSpec)
+    distill: DistillSpec = _f(description="recovery by distillation from the original (off by default)",
+                              factory=DistillSpec)
     export: ExportSpec = _f(description="ONNX export", factory=ExportSpec)
     compile: CompileSpec = _f(description="TensorRT engines", factory=CompileSpec)
     runtimes: list[RuntimeName] = _f(description="runtimes to validate: " + " | ".join(RuntimeName.__args__),
@@ -223,7 +248,7 @@ def _submodel(annotation: Any) -> type[BaseModel] | None:
 
 # Keys holding paths: relative paths are resolved against the recipe's folder (in the file) or
 # the working directory (on the command line), so a build does not depend on where it runs.
-_PATH_KEYS = (("model", "pretrained"), ("data", "path"))
+_PATH_KEYS = (("model", "pretrained"), ("data", "path"), ("distill", "path"))
 
 
 def parse_override(item: str) -> tuple[list[str], Any]:

@@ -3,7 +3,7 @@
 import torch
 
 from amp_deploy.data import digits_images, digits_split
-from amp_deploy.digits import _shift
+from amp_deploy.digits import shift as _shift
 
 
 def test_embedded_weights_reach_96_percent_on_the_test_split(digits_model):

@@ -12,7 +12,7 @@ import torch
 
 from amp_deploy.build.folder import BuildFolder
 from amp_deploy.checkpoint import load_any
-from amp_deploy.data import Data, load_data
+from amp_deploy.data import Data, Split, load_data
 from amp_deploy.errors import UserError
 from amp_deploy.prune.families import Loaded
 from amp_deploy.recipe import Recipe
@@ -27,8 +27,8 @@ class Reporter(Protocol):
     def note(self, message: str) -> None:
         """A secondary line (a stage skipped, a stray file removed)."""
 
-    def task(self, description: str, total: int | None) -> Callable[[int], None]:
-        """Start a progress task; returns `advance(n=1)`."""
+    def task(self, description: str, total: int | None) -> Callable[..., None]:
+        """Start a progress task; returns `advance(n=1, description=None)` (a new description: live figures)."""
 
     def clear_tasks(self) -> None:
         """Remove finished tasks (a stage's bars give way to its one-line summary)."""
@@ -43,8 +43,8 @@ class Quiet:
     def note(self, message: str) -> None:
         pass
 
-    def task(self, description: str, total: int | None) -> Callable[[int], None]:
-        return lambda n=1: None
+    def task(self, description: str, total: int | None) -> Callable[..., None]:
+        return lambda n=1, description=None: None
 
     def clear_tasks(self) -> None:
         pass
@@ -63,6 +63,7 @@ class Stage:
     outputs: Callable[[BuildFolder], list[Path]]  # a stage whose outputs are missing or changed is redone
     run: Callable[[Context], str | None]
     machine_bound: bool = False  # engines and measurements belong to the machine they were made on
+    parallel: bool = False  # runs in --nproc processes under torchrun (data parallel)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -91,7 +92,7 @@ class Context:
     @classmethod
     def create(cls, recipe: Recipe, out: str | Path, device: torch.device | str = "cpu", **kw) -> Context:
         dev = device if isinstance(device, torch.device) else resolve_device(device)
-        return cls(recipe, BuildFolder(Path(out)), dev, **kw)
+        return cls(recipe, BuildFolder(Path(out), distilled=recipe.distill.epochs > 0), dev, **kw)
 
     def original(self) -> Loaded:
         """A fresh copy of the original model on the build's device (stages prune their copy in place)."""
@@ -105,6 +106,14 @@ class Context:
         loaded = copy.deepcopy(self._original)
         loaded.model.to(self.device)
         return loaded
+
+    def distill_images(self) -> Split:
+        """The images distillation trains on (never holdout or validation images)."""
+        from amp_deploy.data import distill_split
+
+        d = self.recipe
+        return distill_split(d.data.source, self.data(), distill_path=d.distill.path, validation=d.data.validation,
+                             seed=d.data.seed, transform=(self._original or self.original()).transform)
 
     def data(self) -> Data:
         """Calibration, validation and holdout images, through the model's own eval transform."""

@@ -23,6 +23,7 @@ class BuildFolder:
     """Paths and typed readers/writers of the files in one output folder."""
 
     root: Path
+    distilled: bool = False  # the recipe distils: the rebuilt model waits under another name
 
     # --- paths ---------------------------------------------------------------------------------
     @property
@@ -44,6 +45,20 @@ class BuildFolder:
     @property
     def pruned(self) -> Path:
         return self.root / "pruned.safetensors"
+
+    @property
+    def rebuilt(self) -> Path:
+        """The pruned model as the rebuild stage leaves it: pruned.safetensors itself, unless
+        distillation follows and writes that file."""
+        return self.root / "pruned.before_distill.safetensors" if self.distilled else self.pruned
+
+    @property
+    def distill_checkpoint(self) -> Path:
+        return self.root / "distill.ckpt.safetensors"
+
+    @property
+    def distill_log(self) -> Path:
+        return self.root / "distill.json"
 
     @property
     def compile_status(self) -> Path:
@@ -91,7 +106,52 @@ class BuildFolder:
         with safe_open(str(self.scores), framework="pt") as f:
             return [f.get_tensor(f"{kind}.{i}") for i in range(int(f.metadata()["blocks"]))]
 
+    # --- distillation checkpoint ---------------------------------------------------------------------
+    def write_distill_checkpoint(self, state, fingerprint: str) -> None:
+        """Student weights, optimizer state and progress, written atomically after every epoch."""
+        from safetensors.torch import save_file
+
+        tensors = {f"student.{k}": v.detach().contiguous().cpu() for k, v in state.student.items()}
+        opt = state.optimizer
+        for idx, st in opt["state"].items():
+            tensors.update({f"opt.{idx}.{k}": torch.as_tensor(v).contiguous().cpu() for k, v in st.items()})
+        meta = {"fingerprint": fingerprint, "epoch": str(state.epoch), "losses": json.dumps(state.losses),
+                "param_groups": json.dumps(opt["param_groups"])}
+        with atomic_path(self.distill_checkpoint) as tmp:
+            save_file(tensors, str(tmp), metadata=meta)
+
+    def read_distill_checkpoint(self, fingerprint: str):
+        """The saved state, or None when there is none or it belongs to other settings or weights."""
+        from safetensors import SafetensorError, safe_open
+
+        from amp_deploy.prune.distill import DistillState
+
+        if not self.distill_checkpoint.is_file():
+            return None
+        try:
+            with safe_open(str(self.distill_checkpoint), framework="pt") as f:
+                meta = f.metadata()
+                if meta.get("fingerprint") != fingerprint:
+                    return None
+                tensors = {k: f.get_tensor(k) for k in f.keys()}
+        except (SafetensorError, OSError, ValueError):
+            return None  # unreadable: start over
+        student = {k.removeprefix("student."): v for k, v in tensors.items() if k.startswith("student.")}
+        state: dict[int, dict] = {}
+        for k, v in tensors.items():
+            if k.startswith("opt."):
+                _, idx, name = k.split(".", 2)
+                state.setdefault(int(idx), {})[name] = v
+        optimizer = {"state": state, "param_groups": json.loads(meta["param_groups"])}
+        return DistillState(student, optimizer, int(meta["epoch"]), json.loads(meta["losses"]))
+
     # --- JSON documents --------------------------------------------------------------------------
+    def write_distill_log(self, log: dict[str, Any]) -> None:
+        write_json(self.distill_log, log)
+
+    def read_distill_log(self) -> dict[str, Any] | None:
+        return json.loads(self.distill_log.read_text()) if self.distill_log.is_file() else None
+
     def write_search(self, result: dict[str, Any]) -> None:
         write_json(self.search, result)
 

@@ -46,10 +46,10 @@ def run_stages(ctx: Context, names: Sequence[str], force: bool = False) -> dict[
 
 def _run_one(ctx: Context, manifest: Manifest, stage: Stage, key: str) -> str:
     start = time.perf_counter()
-    if stage.name == "score" and ctx.nproc > 1:
-        from amp_deploy.build.launch import launch_score
+    if stage.parallel and ctx.nproc > 1:
+        from amp_deploy.build.launch import launch_stage
 
-        launch_score(ctx.folder.root, ctx.nproc, ctx.device.type)
+        launch_stage(stage.name, ctx.folder.root, ctx.nproc, ctx.device.type)
         unrecorded = None
     else:
         unrecorded = stage.run(ctx)

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import time
 
+import torch
+
 from amp_deploy.build.context import Context, Stage
 from amp_deploy.build.validate_stage import stage_validate
 from amp_deploy.checkpoint import load_pruned_model, save_pruned
@@ -95,7 +97,77 @@ def stage_rebuild(ctx: Context) -> None:
     search = ctx.folder.read_search()
     apply_widths(loaded, scores, search["widths"])
     loaded.model.cpu()
-    save_pruned(loaded, ctx.folder.pruned, search["original_widths"])
+    save_pruned(loaded, ctx.folder.rebuilt, search["original_widths"])
+
+
+def stage_distill(ctx: Context) -> None:
+    """Recover what pruning cost: the pruned model learns the original's outputs (distill.epochs > 0)."""
+    from amp_deploy.files import hash_file, hash_obj
+    from amp_deploy.prune.distill import default_loss, distill
+
+    d, f = ctx.recipe.distill, ctx.folder
+    if d.epochs == 0:
+        return None
+    teacher, student = ctx.original(), load_pruned_model(f.rebuilt)
+    images = ctx.distill_images().images
+    fingerprint = hash_obj({"distill": ctx.recipe.to_dict()["distill"], "data": ctx.recipe.to_dict()["data"],
+                            "rebuilt": hash_file(f.rebuilt)})
+    resume = f.read_distill_checkpoint(fingerprint)
+    if resume is not None:
+        ctx.reporter.log(f"distill: resuming after epoch {resume.epoch} of {d.epochs} (from {f.distill_checkpoint.name})")
+    rank, _ = rank_world()
+
+    def save(state) -> None:
+        if rank == 0:
+            f.write_distill_checkpoint(state, fingerprint)
+
+    start = time.perf_counter()
+    loss = default_loss(student.output) if d.loss == "auto" else d.loss
+    state = distill(student.model, teacher.model, images, epochs=d.epochs, lr=d.lr, batch_size=d.batch_size,
+                    warmup=d.warmup, weight_decay=d.weight_decay, loss=loss, temperature=d.temperature,
+                    seed=ctx.recipe.data.seed, device=ctx.device, augment=_augmentation(ctx) if d.augment else None,
+                    autocast=ctx.device.type == "cuda", resume=resume,
+                    on_epoch=save,
+                    on_step=_distill_progress(ctx, len(images), resume.epoch if resume else 0))
+    if rank != 0:
+        return None  # rank 0 alone writes
+    student.model.cpu()
+    save_pruned(student, f.pruned, f.read_search()["original_widths"])
+    f.write_distill_log({"epochs": d.epochs, "images": len(images), "losses": state.losses,
+                         "resumed_after_epoch": resume.epoch if resume else None,
+                         "seconds": round(time.perf_counter() - start, 3), "loss": loss, "lr": d.lr})
+    f.distill_checkpoint.unlink(missing_ok=True)
+    return None
+
+
+def _augmentation(ctx: Context):
+    """What fits the data: one-pixel shifts for digits (as the embedded model was trained), horizontal
+    flips for image folders, nothing for synthetic noise."""
+    source = ctx.recipe.data.source
+    if source == "digits":
+        from amp_deploy.digits import shift
+
+        return shift
+    if source == "folder":
+        return lambda x, gen: torch.where(torch.rand(len(x), 1, 1, 1, generator=gen) < 0.5, x.flip(-1), x)
+    return None
+
+
+def _distill_progress(ctx: Context, images: int, done_epochs: int):
+    """A progress bar over the remaining steps, with epoch, loss and images/s in its description."""
+    d = ctx.recipe.distill
+    per_epoch = -(-images // d.batch_size)
+    advance = ctx.reporter.task("distill", (d.epochs - done_epochs) * per_epoch)
+    seen, start, step = [0], time.perf_counter(), [done_epochs * per_epoch]
+
+    def on_step(n: int, loss: float) -> None:
+        seen[0] += n
+        step[0] += 1
+        rate = seen[0] / max(time.perf_counter() - start, 1e-9)
+        advance(1, description=f"distill: epoch {-(-step[0] // per_epoch)}/{d.epochs}, loss {loss:.4f}, "
+                               f"{rate:.0f} images/s")
+
+    return on_step
 
 
 def _models(ctx: Context) -> dict[str, Loaded]:
@@ -165,9 +237,12 @@ def _build_engines(ctx: Context) -> dict:
 
 
 STAGES: tuple[Stage, ...] = (
-    Stage("score", ("model", "data", "prune.criterion", "prune.temperature"), lambda f: [f.scores], stage_score),
+    Stage("score", ("model", "data", "prune.criterion", "prune.temperature"), lambda f: [f.scores], stage_score,
+          parallel=True),
     Stage("search", ("prune",), lambda f: [f.search], stage_search),
-    Stage("rebuild", (), lambda f: [f.pruned], stage_rebuild),
+    Stage("rebuild", ("distill.epochs",), lambda f: [f.rebuilt], stage_rebuild),
+    Stage("distill", ("distill", "data"), lambda f: [f.pruned, f.distill_log] if f.distilled else [], stage_distill,
+          parallel=True),
     Stage("export", ("export",), lambda f: [f.onnx("original"), f.onnx("pruned")], stage_export),
     Stage("compile", ("runtimes", "compile"), lambda f: [f.compile_status, *f.engine_files()], stage_compile,
           machine_bound=True),

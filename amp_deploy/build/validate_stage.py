@@ -82,6 +82,12 @@ def build_report(ctx: Context) -> dict[str, Any]:
     models = {"original": original.model.cpu().eval(), "pruned": pruned.model.cpu().eval()}
     # fp32 references on the CPU: the ONNX files were exported from exactly these models.
     refs = {k: M.predict(m, holdout, r.data.batch_size, torch.device("cpu")) for k, m in models.items()}
+    fid = fidelity(refs["original"], refs["pruned"], holdout.labels, original.output)
+    if f.distilled:  # the price of pruning alone, before distillation won some of it back
+        before = load_pruned_model(f.rebuilt).model.cpu().eval()
+        ref_before = M.predict(before, holdout, r.data.batch_size, torch.device("cpu"))
+        fid["before_distill"] = fidelity(refs["original"], ref_before, holdout.labels, original.output)
+        del fid["before_distill"]["cosines"]
     params = {k: count_params(m) for k, m in models.items()}
     flops = {k: M.count_flops(m, original.input_size) for k, m in models.items()}
     return {
@@ -93,7 +99,8 @@ def build_report(ctx: Context) -> dict[str, Any]:
         "flops": {**flops, "ratio": flops["pruned"] / flops["original"]},
         "widths": {"original": search["original_widths"], "pruned": search["widths"]},
         "prune": _prune_section(ctx, search),
-        "fidelity": fidelity(refs["original"], refs["pruned"], holdout.labels, original.output),
+        "fidelity": fid,
+        "distill": f.read_distill_log() if f.distilled else None,
         "data": {"source": r.data.source, "calibration": len(data.calibration.images),
                  "validation": len(data.validation.images), "holdout": len(holdout.images),
                  "skipped_unreadable": data.skipped},

@@ -47,6 +47,16 @@ def write_plots(report: dict[str, Any], folder: Path) -> list[str]:
         plt.close(fig)
         written.append("latency.png")
 
+    losses = (report.get("distill") or {}).get("losses") or []
+    if losses:
+        fig, ax = plt.subplots(figsize=(5.5, 3.2))
+        ax.plot(range(1, len(losses) + 1), losses, marker="o", color="#2b6cb0")
+        ax.set(xlabel="epoch", ylabel="mean distillation loss", yscale="log",
+               title=f"Distillation ({report['distill']['loss']}, {report['distill']['images']} images)")
+        _save(fig, folder / "distill.png")
+        plt.close(fig)
+        written.append("distill.png")
+
     cos = report["fidelity"].get("cosines") or []
     if cos:
         fig, ax = plt.subplots(figsize=(5.5, 3.2))

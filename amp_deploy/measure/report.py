@@ -92,6 +92,20 @@ def _fmt(n: float | None, spec: str = ",.0f") -> str:
     return "n/a" if n is None else format(n, spec)
 
 
+def _distill_md(rep: dict) -> list[str]:
+    d, b = rep.get("distill"), rep["fidelity"].get("before_distill")
+    if not d or not b:
+        return []
+    resumed = f", resumed after epoch {d['resumed_after_epoch']}" if d.get("resumed_after_epoch") else ""
+    return ["## Distillation", "",
+            f"{d['epochs']} epochs on {d['images']} images ({d['loss']} loss, lr {d['lr']:g}) in {d['seconds']:.1f} s"
+            f"{resumed}; loss {d['losses'][0]:.4g} -> {d['losses'][-1]:.4g}.", "",
+            "| | pruned only | pruned + distilled |", "|---|---:|---:|",
+            f"| accuracy % | {_fmt(b['accuracy_pruned'], '.2f')} | {_fmt(rep['fidelity']['accuracy_pruned'], '.2f')} |",
+            f"| top-1 agreement | {_fmt(b['top1_agreement'], '.4f')} | {_fmt(rep['fidelity']['top1_agreement'], '.4f')} |",
+            f"| cosine mean | {b['cosine_mean']:.5f} | {rep['fidelity']['cosine_mean']:.5f} |", ""]
+
+
 def render_md(rep: dict) -> str:
     """report.md from report.json's dict."""
     p, f, fi = rep["params"], rep["flops"], rep["fidelity"]
@@ -106,6 +120,7 @@ def render_md(rep: dict) -> str:
               f"- accuracy: {_fmt(fi['accuracy_original'], '.2f')}% -> {_fmt(fi['accuracy_pruned'], '.2f')}%",
               f"- top-1 agreement: {_fmt(fi['top1_agreement'] and fi['top1_agreement'] * 100, '.2f')}%",
               f"- cosine: mean {fi['cosine_mean']:.5f}, min {fi['cosine_min']:.5f} ({fi['images']} images)", ""]
+    lines += _distill_md(rep)
     env, vs = rep.get("environment", {}), rep.get("validate_settings", {})
     lines += ["## Runtimes", "",
               f"Measured on {env.get('cpu')} ({env.get('cpu_count')} CPUs)"

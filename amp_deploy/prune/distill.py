@@ -1,0 +1,143 @@
+"""Recovery (AMP, step 5): distil the pruned model (student) from the original (teacher).
+
+The student learns to reproduce the teacher's outputs on unlabeled images: KL divergence of the
+temperature-softened logits for classifiers, cosine or MSE of the embedding for embedding models.
+AdamW, a linear warm-up then cosine decay, stepped per batch from the global step index, so a run
+resumed from a checkpoint continues on exactly the schedule of an uninterrupted one.
+
+Data parallel across processes without a wrapper: every rank draws the same global batch (same
+seeded order and augmentation), takes its contiguous share, divides its summed loss by the global
+batch size, and the gradients are all-reduced by sum: each step equals one process's step on the
+whole global batch, whatever the number of processes.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from amp_deploy.errors import require_finite
+from amp_deploy.prune.score import rank_world
+
+DistillLoss = Literal["kl", "cosine", "mse"]
+Augment = Callable[[torch.Tensor, torch.Generator], torch.Tensor]
+
+
+def default_loss(output: str) -> DistillLoss:
+    """KL on logits for classifiers, cosine on the embedding for embedding models."""
+    return "kl" if output == "logits" else "cosine"
+
+
+def distill_loss(kind: DistillLoss, student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Per-image loss of the student's outputs against the teacher's."""
+    s, t = student.float().flatten(1), teacher.float().flatten(1)
+    if kind == "kl":
+        log_s, log_t = F.log_softmax(s / temperature, -1), F.log_softmax(t / temperature, -1)
+        return (log_t.exp() * (log_t - log_s)).sum(-1) * temperature**2
+    if kind == "cosine":
+        return 1 - F.cosine_similarity(s, t, dim=-1)
+    return (s - t).pow(2).mean(-1)
+
+
+def lr_at(step: int, total: int, warmup: int, peak: float) -> float:
+    """Linear warm-up to `peak` over `warmup` steps, then cosine decay to zero at `total`."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    return peak * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+
+
+@dataclass
+class DistillState:
+    """What a checkpoint holds: the student, the optimizer, and the epochs finished so far."""
+
+    student: dict[str, torch.Tensor]
+    optimizer: dict[str, Any]
+    epoch: int  # epochs finished
+    losses: list[float] = field(default_factory=list)  # mean loss of each finished epoch
+
+
+def distill(student: nn.Module, teacher: nn.Module, images: torch.Tensor, *, epochs: int, lr: float,
+            batch_size: int, warmup: float, weight_decay: float, loss: DistillLoss, temperature: float = 1.0,
+            seed: int = 0, device: torch.device | None = None, augment: Augment | None = None,
+            autocast: bool = False, resume: DistillState | None = None,
+            on_epoch: Callable[[DistillState], None] = lambda s: None,
+            on_step: Callable[[int, float], None] = lambda n, loss: None) -> DistillState:
+    """Train `student` (in place) to reproduce `teacher` on `images`; return the final state.
+
+    Args:
+        student: the pruned model; trained in place.
+        teacher: the original model; frozen, in eval mode.
+        images: the training images (already through the model's eval transform), on the CPU.
+        epochs: passes over `images`.
+        lr: peak learning rate of AdamW.
+        batch_size: the global batch (split across processes).
+        warmup: epochs of linear warm-up (may be fractional).
+        weight_decay: AdamW's decoupled weight decay.
+        loss: kl (logits), cosine or mse (embeddings).
+        temperature: softens both distributions for kl.
+        seed: seeds the order and the augmentation of every epoch.
+        device: where to train (CPU by default).
+        augment: `fn(batch, generator) -> batch`, e.g. one-pixel shifts for digits.
+        autocast: bf16 autocast (CUDA).
+        resume: a state saved by `on_epoch`: training continues after its last finished epoch.
+        on_epoch: called with the state after every epoch (the caller saves the checkpoint).
+        on_step: called with (images in this step, loss) for progress.
+    """
+    device = device or torch.device("cpu")
+    rank, world = rank_world()
+    student.to(device).train()
+    teacher.to(device).eval().requires_grad_(False)
+    opt = torch.optim.AdamW(student.parameters(), lr=lr, weight_decay=weight_decay)
+    state = DistillState(student.state_dict(), opt.state_dict(), 0)
+    if resume is not None:
+        student.load_state_dict(resume.student)
+        opt.load_state_dict(resume.optimizer)
+        state = resume
+    per_epoch = math.ceil(len(images) / batch_size)
+    total, warm = epochs * per_epoch, max(1, round(warmup * per_epoch))
+    for epoch in range(state.epoch, epochs):
+        gen = torch.Generator().manual_seed(seed * 100_003 + epoch)
+        order = torch.randperm(len(images), generator=gen)
+        summed, count = 0.0, 0
+        for i in range(per_epoch):
+            batch = images[order[i * batch_size:(i + 1) * batch_size]]
+            if augment is not None:
+                batch = augment(batch, gen)  # every rank augments the whole global batch alike
+            for g in opt.param_groups:
+                g["lr"] = lr_at(epoch * per_epoch + i, total, warm, lr)
+            step_loss = _step(student, teacher, opt, batch.tensor_split(world)[rank], len(batch), loss,
+                              temperature, device, autocast, world)
+            summed += step_loss * len(batch)
+            count += len(batch)
+            on_step(len(batch), step_loss)
+        state = DistillState(student.state_dict(), opt.state_dict(), epoch + 1, [*state.losses, summed / count])
+        on_epoch(state)
+    return state
+
+
+def _step(student: nn.Module, teacher: nn.Module, opt: torch.optim.Optimizer, shard: torch.Tensor, global_n: int,
+          kind: DistillLoss, temperature: float, device: torch.device, autocast: bool, world: int) -> float:
+    """One optimizer step on the global batch; returns its mean loss (over every rank's images)."""
+    shard = shard.to(device)
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+        with torch.no_grad():
+            target = teacher(shard)
+        out = student(shard)
+    require_finite(out.detach(), "distill")
+    total = distill_loss(kind, out, target, temperature).sum()
+    opt.zero_grad(set_to_none=True)
+    (total / global_n).backward()
+    summed = total.detach().double()
+    if world > 1:
+        for p in student.parameters():
+            if p.grad is not None:
+                torch.distributed.all_reduce(p.grad)
+        torch.distributed.all_reduce(summed)
+    opt.step()
+    return float(summed) / global_n

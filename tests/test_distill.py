@@ -1,0 +1,173 @@
+"""Recovery by distillation: acceptance on the embedded model, resume after kill -9, data parallel
+equals one process, and bad settings refused before anything is written."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import torch.multiprocessing as mp
+from PIL import Image
+from safetensors.torch import load_file
+
+from amp_deploy.prune.distill import distill, distill_loss, lr_at
+
+from .conftest import FAST, QUICKSTART, assert_one_line_error, build, tiny_recipe
+
+HALF = ["prune.target_params=0.5", "runtimes=[onnxruntime]"]
+
+
+def _report(out):
+    return json.loads((out / "report.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def distilled(tmp_path_factory):
+    out = tmp_path_factory.mktemp("d") / "out"
+    res = build(QUICKSTART, "--out", out, *FAST, *HALF, "distill.epochs=30")
+    assert res.exit_code == 0, res.output
+    return out
+
+
+@pytest.mark.slow
+def test_distillation_wins_back_what_half_the_parameters_cost(distilled):
+    rep = _report(distilled)
+    fid = rep["fidelity"]
+    assert rep["params"]["ratio"] <= 0.52
+    assert fid["accuracy_pruned"] >= fid["accuracy_original"] - 0.5
+    assert fid["before_distill"]["accuracy_pruned"] < fid["accuracy_pruned"]  # it had something to win back
+    assert rep["runtimes"]["onnxruntime"]["parity"]["max_abs_err"] <= 1e-4  # exports exactly as before
+    d = rep["distill"]
+    assert d["epochs"] == 30 and d["images"] == 1437 - 256 and d["loss"] == "kl" and len(d["losses"]) == 30
+    assert d["losses"][-1] < d["losses"][0]
+    assert "plots/distill.png" in rep["plots"] and "## Distillation" in (distilled / "report.md").read_text()
+    assert not (distilled / "distill.ckpt.safetensors").exists()  # removed once finished
+
+
+def test_distill_changes_rerun_distill_and_later_stages_only(distilled, tmp_path):
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(distilled, copy)
+    res = build(QUICKSTART, "--out", copy, *FAST, *HALF, "distill.epochs=2")
+    assert res.exit_code == 0, res.output
+    for stage in ("score", "search"):
+        assert f"{stage}: inputs unchanged, skipped" in res.output
+    assert "distill: done" in res.output and "export: done" in res.output
+    assert _report(copy)["distill"]["epochs"] == 2
+
+
+def _cli(out, *extra, env=None):
+    cmd = [sys.executable, "-m", "amp_deploy.cli", "build", str(QUICKSTART), "--out", str(out), *FAST, *HALF, *extra]
+    return subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **(env or {})}, timeout=600)
+
+
+@pytest.mark.slow
+def test_kill_9_during_distillation_resumes_from_the_last_finished_epoch(tmp_path):
+    whole, broken = tmp_path / "whole", tmp_path / "broken"
+    assert _cli(whole, "distill.epochs=6").returncode == 0
+    killed = _cli(broken, "distill.epochs=6", env={"AMP_DEPLOY_KILL_BEFORE": "distill.ckpt.safetensors@4"})
+    assert killed.returncode == -signal.SIGKILL
+    assert (broken / "distill.ckpt.safetensors").is_file() and not (broken / "pruned.safetensors").exists()
+    again = _cli(broken, "distill.epochs=6")
+    assert again.returncode == 0, again.stderr
+    assert "distill: resuming after epoch 3 of 6" in again.stderr
+    a, b = load_file(whole / "pruned.safetensors"), load_file(broken / "pruned.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
+    ra, rb = _report(whole), _report(broken)
+    assert ra["fidelity"]["accuracy_pruned"] == rb["fidelity"]["accuracy_pruned"]
+    assert rb["distill"]["resumed_after_epoch"] == 3
+
+
+# --- data parallel: two gloo processes equal one process with the same global batch -----------------
+
+
+def _setup():
+    from amp_deploy.prune.families import load_timm
+
+    torch.manual_seed(0)
+    teacher = load_timm("test_vit", False, {"depth": 2, "img_size": 32, "num_classes": 10}).model
+    torch.manual_seed(1)
+    student = load_timm("test_vit", False, {"depth": 2, "img_size": 32, "num_classes": 10}).model
+    images = torch.randn(22, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    return student, teacher, images
+
+
+def _flip(x, gen):
+    return torch.where(torch.rand(len(x), 1, 1, 1, generator=gen) < 0.5, x.flip(-1), x)
+
+
+def _train(student, teacher, images):
+    # 22 images, batch 8: a last batch of 6 that two processes split 3 + 3 (and 8 splits 4 + 4)
+    return distill(student, teacher, images, epochs=2, lr=1e-3, batch_size=8, warmup=0.5, weight_decay=0.05,
+                   loss="kl", temperature=2.0, seed=3, augment=_flip)
+
+
+def _rank(rank: int, world: int, store: str, out: str) -> None:
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    try:
+        student, teacher, images = _setup()
+        state = _train(student, teacher, images)
+        if rank == 0:
+            torch.save({"student": student.state_dict(), "losses": state.losses}, out)
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_two_gloo_processes_reach_the_weights_of_one(tmp_path):
+    student, teacher, images = _setup()
+    torch.set_num_threads(1)
+    one = _train(student, teacher, images)
+    out = tmp_path / "two.pt"
+    mp.spawn(_rank, args=(2, str(tmp_path / "store"), str(out)), nprocs=2, join=True)
+    two = torch.load(out, weights_only=True)
+    for k, v in student.state_dict().items():
+        torch.testing.assert_close(two["student"][k], v, rtol=1e-4, atol=1e-5)
+    assert two["losses"] == pytest.approx(one.losses, rel=1e-4)  # float noise of summing in another order
+
+
+def test_schedule_and_losses():
+    assert lr_at(0, 100, 10, 1.0) == pytest.approx(0.1) and lr_at(9, 100, 10, 1.0) == pytest.approx(1.0)
+    assert lr_at(99, 100, 10, 1.0) < 0.01
+    t = torch.randn(4, 10)
+    for kind in ("kl", "cosine", "mse"):
+        assert distill_loss(kind, t, t, 2.0).abs().max() < 1e-5
+        assert (distill_loss(kind, torch.randn(4, 10), t, 2.0) > 0).all()
+
+
+# --- bad settings: exit 2, one line, nothing written ----------------------------------------------------
+
+
+def test_negative_epochs_and_a_missing_path_are_refused(tmp_path):
+    out = tmp_path / "o"
+    assert_one_line_error(build(tiny_recipe(tmp_path), "--out", out, "distill.epochs=-1"), "distill.epochs")
+    assert_one_line_error(build(tiny_recipe(tmp_path), "--out", out, "distill.epochs=1",
+                                f"distill.path={tmp_path / 'none'}"), "distill.path: not a directory")
+    assert not out.exists()
+
+
+def test_no_images_left_after_holdout_and_validation_is_refused(tmp_path):
+    from amp_deploy.data import load_folder_data
+
+    pics = tmp_path / "pics"
+    pics.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(10):
+        Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(pics / f"{i}.png")
+    data = {"source": "folder", "path": str(pics), "calibration": 1, "validation": 4, "holdout": 5, "batch_size": 4}
+    reserved = load_folder_data(str(pics), calibration=1, validation=4, holdout=5, seed=0, transform=lambda im: torch.zeros(1)).reserved
+    only_reserved = tmp_path / "reserved"
+    only_reserved.mkdir()
+    for f in reserved:
+        os.symlink(f, only_reserved / f.name)
+    out = tmp_path / "o"
+    res = build(tiny_recipe(tmp_path, data=data), "--out", out, "distill.epochs=1", f"distill.path={only_reserved}")
+    assert_one_line_error(res, "no image left to train on")
+    assert not out.exists()
