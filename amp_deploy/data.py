@@ -30,23 +30,83 @@ class Split:
 
     images: torch.Tensor
     labels: torch.Tensor | None
+    skipped: int = 0
 
-    def batches(self, batch_size: int):
-        """(images, labels or None) in order, `batch_size` at a time."""
-        for i in range(0, len(self.images), batch_size):
-            labels = self.labels[i : i + batch_size] if self.labels is not None else None
-            yield self.images[i : i + batch_size], labels
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def batches(self, batch_size: int, rank: int = 0, world: int = 1):
+        """(images, labels or None) in order, `batch_size` at a time (across processes: every
+        world-th batch, starting at rank)."""
+        for j, i in enumerate(range(0, len(self.images), batch_size)):
+            if j % world == rank:
+                labels = self.labels[i : i + batch_size] if self.labels is not None else None
+                yield self.images[i : i + batch_size], labels
+
+
+class _Items(torch.utils.data.Dataset):
+    """Item i: (transformed image, label) or None when it cannot be read or transformed."""
+
+    def __init__(self, load: Callable[[int], Image.Image | None], labels: torch.Tensor | None, transform: Callable,
+                 n: int) -> None:
+        self.load, self.labels, self.transform, self.n = load, labels, transform, n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int):
+        try:
+            im = self.load(i)
+            x = None if im is None else self.transform(im)
+        except Exception:  # noqa: BLE001 - a file that breaks the reader or the transform is skipped, and counted
+            x = None
+        return None if x is None else (x, -1 if self.labels is None else int(self.labels[i]))
+
+
+def _collate(items: list) -> tuple[torch.Tensor | None, torch.Tensor, int]:
+    kept = [it for it in items if it is not None]
+    x = torch.stack([k[0] for k in kept]) if kept else None
+    return x, torch.as_tensor([k[1] for k in kept], dtype=torch.long), len(items) - len(kept)
+
+
+class Stream:
+    """Images read and transformed batch by batch, in DataLoader worker processes: a set of any size
+    is never held in memory at once. Unreadable images are skipped and counted in `skipped`."""
+
+    def __init__(self, load: Callable[[int], Image.Image | None], n: int, labels: torch.Tensor | None,
+                 transform: Callable, workers: int = 0) -> None:
+        self.items = _Items(load, labels, transform, n)
+        self.labels, self.workers, self.skipped = labels, workers, 0
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def batches(self, batch_size: int, rank: int = 0, world: int = 1):
+        """As `Split.batches`; the skipped count grows as batches are read."""
+        chunks = [list(range(i, min(i + batch_size, len(self.items)))) for i in range(0, len(self.items), batch_size)]
+        loader = torch.utils.data.DataLoader(self.items, batch_sampler=chunks[rank::world], collate_fn=_collate,
+                                             num_workers=self.workers, persistent_workers=False)
+        self.skipped = 0
+        for x, labels, skipped in loader:
+            self.skipped += skipped
+            if x is not None:
+                yield x, (labels if self.labels is not None else None)
+
+
+Images = Split | Stream  # what `batches()` can be asked of
 
 
 @dataclass
 class Data:
     """Calibration (scores), validation (width search) and holdout (the report) images."""
 
-    calibration: Split
+    calibration: Split | Stream
     validation: Split
     holdout: Split
-    skipped: int = 0  # unreadable files left out
+    skipped: int = 0  # unreadable files left out of validation and holdout (the calibration stream counts its own)
     reserved: frozenset[Path] = frozenset()  # folder files of the validation and holdout sets: never trained on
+    classes: list[str] | None = None  # class names (ImageNet-style folder), index = label
+    holdout_files: list[Path] | None = None  # a folder's holdout images, in the holdout's order
 
 
 def digits_split() -> tuple[np.ndarray, np.ndarray]:
@@ -115,21 +175,52 @@ def image_files(root: Path, key: str = "data.path") -> list[Path]:
     return files
 
 
+def folder_layout(root: Path) -> tuple[list[Path], torch.Tensor | None, list[str] | None]:
+    """Files, labels and class names of an image folder.
+
+    A folder whose images all sit in subfolders is ImageNet-style: one class per subfolder, the class
+    index its position among the sorted subfolder names (as torchvision's ImageFolder). A folder
+    with images at its top level is flat: no labels.
+    """
+    subdirs = sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    top = [f for f in root.iterdir() if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES]
+    if top or not subdirs:
+        return image_files(root), None, None
+    files, labels = [], []
+    for k, d in enumerate(subdirs):
+        found = sorted(p for p in d.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+        if not found:
+            raise UserError(f"data.path: class folder {d.name!r} holds no image files ({root})")
+        files += found
+        labels += [k] * len(found)
+    return files, torch.as_tensor(labels, dtype=torch.long), [d.name for d in subdirs]
+
+
 def load_folder_data(path: str, *, calibration: int, validation: int, holdout: int, seed: int,
-                     transform: Callable) -> Data:
-    """Images under `path` in a seeded order; unreadable files are skipped and counted."""
+                     transform: Callable, workers: int = 0) -> Data:
+    """Images under `path` in a seeded order: calibration streamed, validation and holdout read
+    (skipping and counting unreadable files) until each is full."""
     root = Path(path)
     if not root.is_dir():
         raise UserError(f"data.path: not a directory: {root}")
-    files = image_files(root)
-    files = [files[i] for i in np.random.default_rng(seed).permutation(len(files))]
-    want = calibration + validation + holdout
-    images, used, skipped = _read_images(files, want)
-    _need(f"data.path {root} ({skipped} unreadable skipped)", len(images), want,
+    files, labels, classes = folder_layout(root)
+    order = np.random.default_rng(seed).permutation(len(files))
+    files = [files[i] for i in order]
+    labels = labels[torch.as_tensor(order)] if labels is not None else None
+    _need(f"data.path {root}", len(files), calibration + validation + holdout,
           "add images or lower data.calibration / validation / holdout")
-    cuts = [images[:calibration], images[calibration : calibration + validation], images[calibration + validation :]]
-    reserved = frozenset(p.resolve() for p in used[calibration:])
-    return Data(*[_to_split(c, None, transform) for c in cuts], skipped=skipped, reserved=reserved)
+    cal = Stream(lambda i: _open_image(files[i]), calibration, labels[:calibration] if labels is not None else None,
+                 transform, workers)
+    images, used, skipped = _read_images(files[calibration:], validation + holdout)
+    _need(f"data.path {root} ({skipped} unreadable skipped)", calibration + len(images),
+          calibration + validation + holdout, "add images or lower data.calibration / validation / holdout")
+    index = {f: calibration + i for i, f in enumerate(files[calibration:])}
+    picked = [index[f] for f in used]
+    lab = [labels[picked[:validation]], labels[picked[validation:]]] if labels is not None else [None, None]
+    val = _to_split(images[:validation], lab[0], transform)
+    hold = _to_split(images[validation:], lab[1], transform)
+    reserved = frozenset(p.resolve() for p in used)
+    return Data(cal, val, hold, skipped=skipped, reserved=reserved, classes=classes, holdout_files=used[validation:])
 
 
 def _read_images(files: list[Path], limit: int | None = None) -> tuple[list[Image.Image], list[Path], int]:
@@ -164,6 +255,9 @@ def distill_split(source: DataSource, data: Data, *, distill_path: str | None, v
     elif source == "folder" and distill_path:
         files = [f for f in image_files(Path(distill_path), key="distill.path") if f.resolve() not in data.reserved]
         split = _to_split(_read_images(files)[0], None, transform)
+    elif isinstance(data.calibration, Stream):  # distillation trains from memory: read the stream once
+        parts = list(data.calibration.batches(256))
+        split = Split(torch.cat([x for x, _ in parts]) if parts else torch.empty(0), None)
     else:
         split = data.calibration
     if len(split.images) == 0:
@@ -173,23 +267,36 @@ def distill_split(source: DataSource, data: Data, *, distill_path: str | None, v
 
 
 def load_synthetic_data(*, calibration: int, validation: int, holdout: int, seed: int,
-                        transform: Callable, size: tuple[int, int]) -> Data:
-    """Seeded random images: for smoke tests and speed, never for judging accuracy."""
-    rng = np.random.default_rng(seed)
+                        transform: Callable, size: tuple[int, int], workers: int = 0) -> Data:
+    """Seeded random images: for smoke tests and speed, never for judging accuracy. Calibration
+    images are made as they are read (a stream), validation and holdout at once."""
 
-    def make(n: int) -> Split:
-        arr = rng.integers(0, 256, size=(n, size[0], size[1], 3), dtype=np.uint8)
-        return _to_split([Image.fromarray(a) for a in arr], None, transform)
+    def make(offset: int):
+        def image(i: int) -> Image.Image:
+            rng = np.random.default_rng([seed, offset + i])
+            return Image.fromarray(rng.integers(0, 256, size=(size[0], size[1], 3), dtype=np.uint8))
+        return image
 
-    return Data(make(calibration), make(validation), make(holdout))
+    def split(offset: int, n: int) -> Split:
+        return _to_split([make(offset)(i) for i in range(n)], None, transform)
+
+    cal = Stream(make(0), calibration, None, transform, workers)
+    return Data(cal, split(calibration, validation), split(calibration + validation, holdout))
 
 
 def load_data(source: DataSource, path: str | None, *, calibration: int, validation: int, holdout: int, seed: int,
-              transform: Callable, input_size: tuple[int, int, int]) -> Data:
+              transform: Callable, input_size: tuple[int, int, int], workers: int = 0) -> Data:
     """The three disjoint image sets of a recipe's data section, through `transform`."""
     sets = dict(calibration=calibration, validation=validation, holdout=holdout, seed=seed)
     if source == "digits":
         return load_digits_data(**sets, transform=transform)
     if source == "folder":
-        return load_folder_data(path or "", **sets, transform=transform)
-    return load_synthetic_data(**sets, transform=transform, size=input_size[1:])
+        return load_folder_data(path or "", **sets, transform=transform, workers=workers)
+    return load_synthetic_data(**sets, transform=transform, size=input_size[1:], workers=workers)
+
+
+def default_workers() -> int:
+    """DataLoader workers when the recipe names none: one per spare core, at most 8."""
+    import os
+
+    return max(0, min(8, (os.cpu_count() or 1) - 1))

@@ -72,6 +72,8 @@ class DataSpec(_Strict):
     validation: int = _f(256, "images for the width search", ge=1)
     holdout: int = _f(256, "images for fidelity and accuracy in the report (never used to prune)", ge=1)
     batch_size: int = _f(64, "batch size for scoring, the search and references", ge=1)
+    workers: int | None = _f(None, "DataLoader worker processes reading calibration images (default: one per "
+                                   "spare core, at most 8; 0 reads in the main process)", ge=0)
     seed: int = _f(0, "seeds the split, synthetic images and a random-init model")
 
     @model_validator(mode="after")
@@ -93,6 +95,10 @@ class PruneSpec(_Strict):
                                            "(an outer search over the threshold)", gt=0, le=1)
     taylor: Taylor = _f("abs", "rank neurons by mean |a*g| (abs, the paper's) or mean a*g (signed)")
     temperature: float = _f(15.0, "inverse temperature of the entropy over embeddings (15 CLIP, 20 DINOv2)", gt=0)
+    loss_view: Literal["image-image", "image-text"] = _f(
+        "image-image", "entropy over image-image similarities (the reference code's default for every family) "
+                       "or, for open_clip models with a class folder, over image-text and text-image similarities "
+                       "with the class prompts")
     steps: int = _f(6, "bisection steps per block", ge=1, le=20)
     align: int = _f(1, "kept widths are multiples of this (e.g. 64 for tensor cores)", ge=1)
     cache: bool = _f(True, "replay the hidden states entering each block during the search (false: the "
@@ -103,6 +109,8 @@ class PruneSpec(_Strict):
     def _check(self) -> PruneSpec:
         if self.search == "uniform" and self.keep_ratio is None:
             raise ValueError("prune.keep_ratio is required when prune.search is 'uniform'")
+        if self.loss_view == "image-text" and self.criterion != "entropy":
+            raise ValueError("prune.loss_view: image-text is a form of the entropy criterion (prune.criterion: entropy)")
         if self.search == "uniform" and self.target_params is not None:
             raise ValueError("prune.target_params works with prune.search 'adaptive' (it searches the threshold)")
         return self
@@ -210,6 +218,9 @@ class Recipe(_Strict):
         if outside:
             raise ValueError(f"validate.batch_sizes {outside} are outside export.batch [{b.min}, {b.max}]: "
                              "engines and exported models accept only that range")
+        if self.prune.loss_view == "image-text" and (self.model.source != "open_clip" or self.data.source != "folder"):
+            raise ValueError("prune.loss_view: image-text needs an open_clip model (its text tower) and a class "
+                             "folder (data.source: folder with one subfolder per class) for the prompts")
         if self.compile.precision == "bf16" and self.export.opset < 22:
             raise ValueError(f"compile.precision bf16 needs export.opset >= 22 (ONNX allows bfloat16 Conv from "
                              f"opset 22), got {self.export.opset}")

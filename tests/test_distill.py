@@ -117,6 +117,7 @@ def _rank(rank: int, world: int, store: str, out: str) -> None:
         state = _train(student, teacher, images)
         if rank == 0:
             torch.save({"student": student.state_dict(), "losses": state.losses}, out)
+        torch.distributed.barrier()  # no rank tears the group down while the other still uses it
     finally:
         torch.distributed.destroy_process_group()
 

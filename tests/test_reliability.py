@@ -184,13 +184,20 @@ def test_folder_images_of_every_mode_are_converted_and_bad_ones_skipped(tmp_path
     (root / "trunc.jpg").write_bytes((root / "sub" / "rgb.jpg").read_bytes()[:60])
     import torchvision.transforms as T
 
-    data = load_folder_data(str(root), calibration=2, validation=2, holdout=1, seed=0, transform=T.Compose([T.Resize((8, 8)), T.ToTensor()]))
-    assert data.skipped == 2
-    assert data.calibration.images.shape == (2, 3, 8, 8) and data.holdout.images.shape == (1, 3, 8, 8)
+    data = load_folder_data(str(root), calibration=2, validation=2, holdout=1, seed=0,
+                            transform=T.Compose([T.Resize((8, 8)), T.ToTensor()]))
+    cal = [x for x, _ in data.calibration.batches(8)]  # streamed: a broken file is skipped and counted as it is read
+    assert sum(len(x) for x in cal) + data.calibration.skipped == 2 and all(x.shape[1:] == (3, 8, 8) for x in cal)
+    assert data.holdout.images.shape == (1, 3, 8, 8) and data.validation.images.shape == (2, 3, 8, 8)
+    every = load_folder_data(str(root), calibration=7, validation=0, holdout=0, seed=0,
+                             transform=T.Compose([T.Resize((8, 8)), T.ToTensor()])).calibration
+    assert sum(len(x) for x, _ in every.batches(3)) == 5 and every.skipped == 2
     deep = to_rgb(Image.open(root / "deep.png"))
     assert deep.mode == "RGB" and np.asarray(deep).max() > 100  # 16-bit scaled, not clipped to white
-    with pytest.raises(UserError, match="has 5 images but the recipe asks for 6"):
-        load_folder_data(str(root), calibration=3, validation=2, holdout=1, seed=0, transform=T.ToTensor())
+    with pytest.raises(UserError, match="has 7 images but the recipe asks for 8"):
+        load_folder_data(str(root), calibration=3, validation=2, holdout=3, seed=0, transform=T.ToTensor())
+    with pytest.raises(UserError, match=r"\(2 unreadable skipped\) has 5 images but the recipe asks for 7"):
+        load_folder_data(str(root), calibration=0, validation=4, holdout=3, seed=0, transform=T.ToTensor())
 
 
 def test_empty_folder_and_too_few_images_exit_2(tmp_path):

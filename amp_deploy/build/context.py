@@ -12,7 +12,7 @@ import torch
 
 from amp_deploy.build.folder import BuildFolder
 from amp_deploy.checkpoint import load_any
-from amp_deploy.data import Data, Split, load_data
+from amp_deploy.data import Data, Split, default_workers, load_data
 from amp_deploy.errors import UserError
 from amp_deploy.prune.families import Loaded
 from amp_deploy.recipe import Recipe
@@ -122,5 +122,6 @@ class Context:
             base = self._original or self.original()
             self._data = load_data(d.source, d.path, calibration=d.calibration, validation=d.validation,
                                    holdout=d.holdout, seed=d.seed, transform=base.transform,
-                                   input_size=base.input_size)
+                                   input_size=base.input_size,
+                                   workers=default_workers() if d.workers is None else d.workers)
         return self._data

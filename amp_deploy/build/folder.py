@@ -106,6 +106,12 @@ class BuildFolder:
         with safe_open(str(self.scores), framework="pt") as f:
             return [f.get_tensor(f"{kind}.{i}") for i in range(int(f.metadata()["blocks"]))]
 
+    def scores_meta(self) -> dict[str, str]:
+        from safetensors import safe_open
+
+        with safe_open(str(self.scores), framework="pt") as f:
+            return f.metadata() or {}
+
     # --- distillation checkpoint ---------------------------------------------------------------------
     def write_distill_checkpoint(self, state, fingerprint: str) -> None:
         """Student weights, optimizer state and progress, written atomically after every epoch."""

@@ -46,13 +46,29 @@ def preflight(recipe: Recipe) -> None:
             raise UserError(f"data: the digits training split has {DIGITS_TOTAL - DIGITS_TEST} images, the recipe asks for "
                             f"{d.calibration + d.validation} (data.calibration + data.validation)")
     if d.source == "folder":
-        from amp_deploy.data import image_files
+        from amp_deploy.data import folder_layout
 
-        have, want = len(image_files(Path(d.path))), d.calibration + d.validation + d.holdout
+        files, _, classes = folder_layout(Path(d.path))
+        _classes_fit(recipe, classes)
+        have, want = len(files), d.calibration + d.validation + d.holdout
         if have < want:
             raise UserError(f"data.path: {d.path} has {have} image files but the recipe asks for {want} "
                             "(data.calibration + validation + holdout)")
     _distill_preflight(recipe)
+
+
+def _classes_fit(recipe: Recipe, classes: list[str] | None) -> None:
+    """A classifier's accuracy needs the folder's classes to be the model's: refuse a count that differs."""
+    m = recipe.model
+    if classes is None or m.source != "timm":
+        return
+    import timm
+
+    cfg = timm.models.get_pretrained_cfg(m.name)
+    n = m.kwargs.get("num_classes", getattr(cfg, "num_classes", None) if cfg is not None else None)
+    if n and n != len(classes):
+        raise UserError(f"data.path: {len(classes)} class folders but the model has {n} classes; top-1 needs them to "
+                        "match (class index = position in the sorted folder names), or use a flat folder")
 
 
 def _distill_preflight(recipe: Recipe) -> None:

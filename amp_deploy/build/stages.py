@@ -30,21 +30,34 @@ def stage_score(ctx: Context) -> None:
     rank, world = rank_world()  # across processes, each rank takes every world-th batch
     if p.criterion in ("entropy", "ce"):
         bs = ctx.recipe.data.batch_size
-        advance = ctx.reporter.task("score: Taylor importance", -(-len(data.calibration.images) // bs))
+        advance = ctx.reporter.task("score: Taylor importance (reading images)", -(-len(data.calibration) // bs) // world)
 
         def batches():
-            for j, b in enumerate(data.calibration.batches(bs)):
-                if j % world == rank:
-                    yield b
+            for b in data.calibration.batches(bs, rank, world):
+                yield b
                 advance(1)
 
-        sums = taylor_scores(loaded, batches(), loss_fn(p.criterion, loaded.output, p.temperature), ctx.device,
+        sums = taylor_scores(loaded, batches(), _loss(ctx, loaded, p.criterion), ctx.device,
                              autocast=ctx.device.type == "cuda", checkpointing=p.checkpointing)
     else:
         s = magnitude_scores(loaded) if p.criterion == "magnitude" else random_scores(loaded, ctx.recipe.data.seed)
         sums = {"abs": s, "signed": [t.clone() for t in s]}
     if rank == 0:  # rank 0 alone writes
-        ctx.folder.write_scores(sums, {"criterion": p.criterion, "seconds": f"{time.perf_counter() - start:.3f}"})
+        ctx.folder.write_scores(sums, {"criterion": p.criterion, "seconds": f"{time.perf_counter() - start:.3f}",
+                                       "skipped_unreadable": str(data.calibration.skipped)})
+
+
+def _loss(ctx: Context, loaded: Loaded, criterion: str):
+    """The recipe's loss: image-image entropy, or with prune.loss_view image-text the entropy against
+    the class prompts' embeddings from the unpruned text tower."""
+    from amp_deploy.prune.score import class_embeddings
+
+    p, text = ctx.recipe.prune, None
+    if criterion == "entropy" and p.loss_view == "image-text":
+        if loaded.encode_text is None or not ctx.data().classes:
+            raise UserError("prune.loss_view: image-text needs a CLIP text tower and class folders")
+        text = class_embeddings(loaded.encode_text, ctx.data().classes)
+    return loss_fn(criterion, loaded.output, p.temperature, text)
 
 
 def stage_search(ctx: Context) -> None:
@@ -65,7 +78,7 @@ def stage_search(ctx: Context) -> None:
 
 def _adaptive_search(ctx: Context, loaded: Loaded, scores) -> dict:
     p, data = ctx.recipe.prune, ctx.data()
-    loss = loss_fn("ce" if p.criterion == "ce" else "entropy", loaded.output, p.temperature)
+    loss = _loss(ctx, loaded, "ce" if p.criterion == "ce" else "entropy")
 
     def run(target: Loaded, threshold: float, on_block=None):
         return adaptive_widths(target, scores, data.validation, loss=loss, threshold=threshold,
@@ -237,8 +250,8 @@ def _build_engines(ctx: Context) -> dict:
 
 
 STAGES: tuple[Stage, ...] = (
-    Stage("score", ("model", "data", "prune.criterion", "prune.temperature"), lambda f: [f.scores], stage_score,
-          parallel=True),
+    Stage("score", ("model", "data", "prune.criterion", "prune.temperature", "prune.loss_view"), lambda f: [f.scores],
+          stage_score, parallel=True),
     Stage("search", ("prune",), lambda f: [f.search], stage_search),
     Stage("rebuild", ("distill.epochs",), lambda f: [f.rebuilt], stage_rebuild),
     Stage("distill", ("distill", "data"), lambda f: [f.pruned, f.distill_log] if f.distilled else [], stage_distill,

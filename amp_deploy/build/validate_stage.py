@@ -83,6 +83,8 @@ def build_report(ctx: Context) -> dict[str, Any]:
     # fp32 references on the CPU: the ONNX files were exported from exactly these models.
     refs = {k: M.predict(m, holdout, r.data.batch_size, torch.device("cpu")) for k, m in models.items()}
     fid = fidelity(refs["original"], refs["pruned"], holdout.labels, original.output)
+    if original.output == "embedding" and holdout.labels is not None:
+        fid.update(_embedding_measures(ctx, original, models, refs, holdout.labels))
     if f.distilled:  # the price of pruning alone, before distillation won some of it back
         before = load_pruned_model(f.rebuilt).model.cpu().eval()
         ref_before = M.predict(before, holdout, r.data.batch_size, torch.device("cpu"))
@@ -101,15 +103,26 @@ def build_report(ctx: Context) -> dict[str, Any]:
         "prune": _prune_section(ctx, search),
         "fidelity": fid,
         "distill": f.read_distill_log() if f.distilled else None,
-        "data": {"source": r.data.source, "calibration": len(data.calibration.images),
-                 "validation": len(data.validation.images), "holdout": len(holdout.images),
-                 "skipped_unreadable": data.skipped},
+        "data": {"source": r.data.source, "calibration": len(data.calibration),
+                 "validation": len(data.validation), "holdout": len(holdout), "classes": data.classes,
+                 "skipped_unreadable": data.skipped + int(f.scores_meta().get("skipped_unreadable", 0))},
         "runtimes": {name: _row(ctx, name, models, holdout.images, refs) for name in r.runtimes},
         "environment": environment(str(ctx.device)),
         "validate_settings": {"warmup": r.validate_.warmup, "warmup_seconds": r.validate_.warmup_seconds,
                               "iterations": r.validate_.iterations,
                               "threads": r.validate_.threads, "batch_sizes": r.validate_.batch_sizes},
     }
+
+
+def _embedding_measures(ctx: Context, original, models: dict, refs: dict, labels: torch.Tensor) -> dict[str, Any]:
+    """k-NN top-1 against the calibration images' features; zero-shot top-1 for CLIP models."""
+    from amp_deploy.measure.validation import embedding_fidelity
+    from amp_deploy.prune.score import class_embeddings
+
+    data, bs = ctx.data(), ctx.recipe.data.batch_size
+    feats = {k: M.predict_labelled(m, data.calibration, bs, torch.device("cpu")) for k, m in models.items()}
+    emb = class_embeddings(original.encode_text, data.classes) if original.encode_text and data.classes else None
+    return embedding_fidelity(refs, labels, {k: v[0] for k, v in feats.items()}, feats["original"][1], emb)
 
 
 def _prune_section(ctx: Context, search: dict) -> dict[str, Any]:

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from amp_deploy.data import Split
+from amp_deploy.data import Split, Stream
 from amp_deploy.errors import require_finite
 from amp_deploy.numerics import fp32_reference
 
@@ -31,12 +31,40 @@ def count_flops(model: torch.nn.Module, input_size: tuple[int, int, int]) -> int
 
 
 @torch.no_grad()
-def predict(model: torch.nn.Module, split: Split, batch_size: int, device: torch.device) -> torch.Tensor:
+def predict(model: torch.nn.Module, split: Split | Stream, batch_size: int, device: torch.device) -> torch.Tensor:
     """The model's fp32 outputs for every image of `split`, on the CPU."""
+    return predict_labelled(model, split, batch_size, device)[0]
+
+
+@torch.no_grad()
+def predict_labelled(model: torch.nn.Module, split: Split | Stream, batch_size: int,
+                     device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Outputs and the labels of the images read (a stream may skip unreadable ones)."""
+    outs, labels = [], []
     with fp32_reference():
-        out = torch.cat([model(x.to(device)).float().cpu() for x, _ in split.batches(batch_size)])
+        for x, y in split.batches(batch_size):
+            outs.append(model(x.to(device)).float().cpu())
+            labels.append(y)
+    out = torch.cat(outs)
     require_finite(out, "validate")
-    return out
+    return out, (torch.cat(labels) if labels and labels[0] is not None else None)
+
+
+def knn_top1(train: torch.Tensor, train_labels: torch.Tensor, test: torch.Tensor, test_labels: torch.Tensor,
+             k: int = 20) -> float:
+    """k-NN top-1 in percent: each test feature takes the class with the largest summed cosine
+    similarity among its k nearest (cosine) training features."""
+    a, b = F.normalize(test.float().flatten(1), dim=-1), F.normalize(train.float().flatten(1), dim=-1)
+    sims, idx = (a @ b.T).topk(min(k, len(b)), dim=-1)
+    classes = int(max(train_labels.max(), test_labels.max())) + 1
+    votes = torch.zeros(len(a), classes).scatter_add_(1, train_labels[idx], sims)
+    return (votes.argmax(-1) == test_labels).float().mean().item() * 100
+
+
+def zero_shot_top1(image_features: torch.Tensor, class_embeddings: torch.Tensor, labels: torch.Tensor) -> float:
+    """Zero-shot top-1 in percent: the class whose (normalised) text embedding is nearest."""
+    logits = F.normalize(image_features.float(), dim=-1) @ F.normalize(class_embeddings.float(), dim=-1).T
+    return (logits.argmax(-1) == labels).float().mean().item() * 100
 
 
 def agreement(ref: np.ndarray | torch.Tensor, out: np.ndarray | torch.Tensor) -> dict[str, float]:

@@ -119,7 +119,16 @@ def render_md(rep: dict) -> str:
     lines += ["## Fidelity (pruned vs original, holdout images)", "",
               f"- accuracy: {_fmt(fi['accuracy_original'], '.2f')}% -> {_fmt(fi['accuracy_pruned'], '.2f')}%",
               f"- top-1 agreement: {_fmt(fi['top1_agreement'] and fi['top1_agreement'] * 100, '.2f')}%",
-              f"- cosine: mean {fi['cosine_mean']:.5f}, min {fi['cosine_min']:.5f} ({fi['images']} images)", ""]
+              f"- cosine: mean {fi['cosine_mean']:.5f}, min {fi['cosine_min']:.5f} ({fi['images']} images)"]
+    if fi.get("knn_top1"):
+        kn = fi["knn_top1"]
+        lines.append(f"- k-NN top-1 (k = {kn['k']}, cosine, against the calibration images): "
+                     f"{kn['original']:.2f}% -> {kn['pruned']:.2f}%")
+    if fi.get("zero_shot_top1"):
+        zs = fi["zero_shot_top1"]
+        lines.append(f"- zero-shot top-1 (CLIP prompt templates, text tower unpruned): "
+                     f"{zs['original']:.2f}% -> {zs['pruned']:.2f}%")
+    lines.append("")
     lines += _distill_md(rep)
     env, vs = rep.get("environment", {}), rep.get("validate_settings", {})
     lines += ["## Runtimes", "",

@@ -26,11 +26,24 @@ def fidelity(ref_original: torch.Tensor, ref_pruned: torch.Tensor, labels: torch
     """Pruned vs original on the same images: cosine, top-1 agreement (logits), accuracy (labels)."""
     fid = M.agreement(ref_original, ref_pruned)
     out = {k: fid[k] for k in ("cosine_mean", "cosine_min", "top1_agreement", "images")}
-    if output == "embedding":
-        out["top1_agreement"] = None  # argmax of an embedding is no class
-    out["accuracy_original"] = M.accuracy(ref_original, labels)
-    out["accuracy_pruned"] = M.accuracy(ref_pruned, labels)
+    classifier = output != "embedding"  # argmax of an embedding is no class: no agreement, no accuracy
+    if not classifier:
+        out["top1_agreement"] = None
+    out["accuracy_original"] = M.accuracy(ref_original, labels) if classifier else None
+    out["accuracy_pruned"] = M.accuracy(ref_pruned, labels) if classifier else None
     out["cosines"] = M.cosines(ref_original, ref_pruned)
+    return out
+
+
+def embedding_fidelity(refs: dict[str, torch.Tensor], labels: torch.Tensor, train: dict[str, torch.Tensor],
+                       train_labels: torch.Tensor | None, class_emb: torch.Tensor | None, k: int = 20) -> dict[str, Any]:
+    """The paper's measures for embedding models, original and pruned: k-NN top-1 (k, cosine) of the
+    holdout against the calibration images' features, and zero-shot top-1 from class embeddings."""
+    out: dict[str, Any] = {}
+    if train_labels is not None:
+        out["knn_top1"] = {"k": k, **{m: M.knn_top1(train[m], train_labels, refs[m], labels, k) for m in MODELS}}
+    if class_emb is not None:
+        out["zero_shot_top1"] = {m: M.zero_shot_top1(refs[m], class_emb, labels) for m in MODELS}
     return out
 
 

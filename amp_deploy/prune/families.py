@@ -8,7 +8,10 @@ plain functions in dicts, not classes.
 
 from __future__ import annotations
 
+import copy
 import difflib
+import logging
+import os
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -50,6 +53,9 @@ class Loaded:
     transform: Callable[[Any], torch.Tensor]
     input_size: tuple[int, int, int]
     spec: dict[str, Any] = field(default_factory=dict)  # {source, name, kwargs}: enough to rebuild
+    # CLIP models: prompts -> text embeddings from the (unpruned) text tower, for zero-shot and the
+    # image-text criterion; None for image-only models
+    encode_text: Callable[[list[str]], torch.Tensor] | None = field(default=None, repr=False)
 
     def block_list(self) -> nn.Module:
         return self.model.get_submodule(self.blocks)
@@ -220,14 +226,17 @@ def load_timm(name: str, pretrained: bool | str, kwargs: dict[str, Any],
     if not timm.is_model(name):
         raise unknown_model_error(name, timm.list_models(), "timm")
     try:
+        logging.disable(logging.WARNING)  # the hub client logs its retries; the error below says it once
         model = timm.create_model(name, pretrained=pretrained is True, **kwargs)
     except Exception as e:  # noqa: BLE001 - hub and factory errors come in many types
         if pretrained is True:
-            raise UserError(f"model.pretrained: could not create {name!r} with hub weights ({type(e).__name__}: "
-                            f"{first_line(e)}); give a local weights file instead") from None
+            raise UserError(f"model.pretrained: could not load hub weights for {name!r}: {_timm_hub_file(name)} "
+                            f"({type(e).__name__}: {first_line(e, 120)}){_offline_hint()}") from None
         if isinstance(e, (TypeError, ValueError, AssertionError, KeyError, RuntimeError)):
             raise UserError(f"model.kwargs: timm.create_model({name!r}) refused them: {first_line(e)}") from None
         raise
+    finally:
+        logging.disable(logging.NOTSET)
     if isinstance(pretrained, str):
         load_weights(model, pretrained)
     model.eval()
@@ -244,6 +253,23 @@ def load_timm(name: str, pretrained: bool | str, kwargs: dict[str, Any],
     return Loaded(model, blocks, sites, output, transform, tuple(cfg["input_size"]), spec)
 
 
+def _timm_hub_file(name: str) -> str:
+    """Where timm looks for a model's weights in the Hugging Face cache (what a missing entry is)."""
+    import timm
+
+    cfg = timm.models.get_pretrained_cfg(name)
+    hub = getattr(cfg, "hf_hub_id", None) if cfg is not None else None
+    return f"looked for model.safetensors (or pytorch_model.bin) of {hub} in the cache" if hub else "no hub source"
+
+
+def _offline_hint() -> str:
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
+        cache = os.environ.get("HF_HUB_CACHE") or os.path.join(os.environ.get("HF_HOME", "~/.cache/huggingface"), "hub")
+        return (f"; HF_HUB_OFFLINE is set and the cache {cache} does not hold them: fetch them once online, or give "
+                "model.pretrained a local weights file")
+    return "; give model.pretrained a local weights file instead"
+
+
 def load_open_clip(name: str, pretrained: bool | str, kwargs: dict[str, Any],
                    mlp_sites: dict[str, Any] | None = None) -> Loaded:
     import open_clip
@@ -258,6 +284,7 @@ def load_open_clip(name: str, pretrained: bool | str, kwargs: dict[str, Any],
         if tag not in tags:
             raise UserError(f"model.kwargs.pretrained: {name} has no open_clip weights {tag!r}; known: {', '.join(tags)}")
     try:
+        logging.disable(logging.ERROR)  # open_clip logs a failed download to the root logger, then raises
         model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=tag if pretrained is True else None,
                                                                     **kwargs)
     except (TypeError, ValueError, AssertionError, KeyError) as e:
@@ -266,14 +293,32 @@ def load_open_clip(name: str, pretrained: bool | str, kwargs: dict[str, Any],
         if pretrained is not True:
             raise
         raise UserError(f"model.pretrained: open_clip could not load {name} {tag}: {type(e).__name__}: "
-                        f"{first_line(e)}") from None
+                        f"{first_line(e, 240)}{_offline_hint()}") from None
+    finally:
+        logging.disable(logging.NOTSET)
     if isinstance(pretrained, str):
         load_weights(model, pretrained)
     visual = model.visual.eval()
     blocks, sites = find_sites(visual, mlp_sites)
     size = visual.image_size if isinstance(visual.image_size, tuple) else (visual.image_size,) * 2
     spec = {"source": "open_clip", "name": name, "kwargs": kwargs, "mlp_sites": mlp_sites}
-    return Loaded(visual, blocks, sites, "embedding", preprocess, (3, *size), spec)
+    return Loaded(visual, blocks, sites, "embedding", preprocess, (3, *size), spec, _text_encoder(model, name))
+
+
+def _text_encoder(model: nn.Module, name: str) -> Callable[[list[str]], torch.Tensor]:
+    """The CLIP model's own tokenizer and text tower, frozen and left unpruned."""
+    import open_clip
+
+    tokenizer = open_clip.get_tokenizer(name)
+    text = copy.copy(model)  # shares the towers; `visual` is the part that gets pruned, the text side stays whole
+    length = getattr(model, "context_length", None)
+
+    @torch.no_grad()
+    def encode(prompts: list[str]) -> torch.Tensor:
+        tokens = tokenizer(prompts, context_length=length) if length else tokenizer(prompts)
+        return text.encode_text(tokens.to(next(text.parameters()).device)).float()
+
+    return encode
 
 
 LOADERS: dict[str, Callable[..., Loaded]] = {

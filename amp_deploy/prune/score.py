@@ -44,12 +44,40 @@ def entropy(out: torch.Tensor, output: Output, temperature: float) -> torch.Tens
     return -(logp.exp() * logp).sum(-1)
 
 
-def loss_fn(criterion: Criterion, output: Output, temperature: float) -> Callable:
-    """`fn(out, labels) -> per-image loss` for a criterion that needs gradients."""
+def image_text_entropy(out: torch.Tensor, text: torch.Tensor, temperature: float) -> torch.Tensor:
+    """AMP's CLIP criterion with the text tower: the entropy of image-to-text and of text-to-image
+    similarities, averaged. Per image: half its own image-to-text entropy plus half the batch's mean
+    text-to-image entropy, so that the mean over images is the paper's average of the two."""
+    logits = temperature * F.normalize(out.float().flatten(1), dim=-1) @ F.normalize(text.float(), dim=-1).T
+    i2t, t2i = F.log_softmax(logits, dim=1), F.log_softmax(logits, dim=0)
+    h_i2t = -(i2t.exp() * i2t).sum(1)
+    h_t2i = -(t2i.exp() * t2i).sum(0).mean()
+    return 0.5 * h_i2t + 0.5 * h_t2i
+
+
+def class_embeddings(encode_text: Callable[[list[str]], torch.Tensor], classes: list[str]) -> torch.Tensor:
+    """One text embedding per class: the mean of the normalised embeddings of CLIP's standard
+    ImageNet prompt templates (open_clip's OPENAI_IMAGENET_TEMPLATES) filled with the class name."""
+    from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES
+
+    out = []
+    for name in classes:
+        e = F.normalize(encode_text([t(name.replace("_", " ")) for t in OPENAI_IMAGENET_TEMPLATES]), dim=-1)
+        out.append(F.normalize(e.mean(0), dim=-1))
+    return torch.stack(out)
+
+
+def loss_fn(criterion: Criterion, output: Output, temperature: float, text: torch.Tensor | None = None) -> Callable:
+    """`fn(out, labels) -> per-image loss` for a criterion that needs gradients.
+
+    `text` (class embeddings from the text tower) turns the entropy into the image-text one.
+    """
     if criterion == "ce":
         def ce(out: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
             return F.cross_entropy(out.float(), labels, reduction="none")
         return ce
+    if text is not None:
+        return lambda out, labels: image_text_entropy(out, text.to(out.device), temperature)
     return lambda out, labels: entropy(out, output, temperature)
 
 
