@@ -309,13 +309,15 @@ def _text_encoder(model: nn.Module, name: str) -> Callable[[list[str]], torch.Te
     """The CLIP model's own tokenizer and text tower, frozen and left unpruned."""
     import open_clip
 
-    tokenizer = open_clip.get_tokenizer(name)
     text = copy.copy(model)  # shares the towers; `visual` is the part that gets pruned, the text side stays whole
     length = getattr(model, "context_length", None)
+    tokenizer: list = []  # made on first use: some tokenizers come from the hub, and most builds never need one
 
     @torch.no_grad()
     def encode(prompts: list[str]) -> torch.Tensor:
-        tokens = tokenizer(prompts, context_length=length) if length else tokenizer(prompts)
+        if not tokenizer:
+            tokenizer.append(open_clip.get_tokenizer(name))
+        tokens = tokenizer[0](prompts, context_length=length) if length else tokenizer[0](prompts)
         return text.encode_text(tokens.to(next(text.parameters()).device)).float()
 
     return encode
