@@ -26,6 +26,13 @@ FAMILIES = {
     "dinov2_giant_swiglu_packed": ("timm", "vit_giant_patch14_dinov2", {"depth": 2, "img_size": 28, "embed_dim": 96, "num_heads": 2}),
     "eva02_tiny_glu": ("timm", "eva02_tiny_patch14_224", {"depth": 2, "img_size": 28}),
     "eva02_base_swiglu_norm": ("timm", "eva02_base_patch14_224", {"depth": 2, "img_size": 28, "embed_dim": 64, "num_heads": 2}),
+    # towers users run today (issue 12), from timm's own factories: SigLIP 2's fixed-resolution towers are
+    # these architectures with `.v2_webli` weights; DINOv3 (RoPE, and the 7B's SwiGLU), EVA02-CLIP, AIMv2
+    "siglip": ("timm", "vit_base_patch16_siglip_224", {"depth": 2, "img_size": 32, "embed_dim": 64, "num_heads": 2}),
+    "dinov3": ("timm", "vit_base_patch16_dinov3", {"depth": 2, "img_size": 32, "embed_dim": 64, "num_heads": 2}),
+    "dinov3_7b_swiglu": ("timm", "vit_7b_patch16_dinov3", {"depth": 2, "img_size": 32, "embed_dim": 64, "num_heads": 2}),
+    "eva02_clip": ("timm", "eva02_base_patch16_clip_224", {"depth": 2, "img_size": 32, "embed_dim": 64, "num_heads": 2}),
+    "aimv2": ("timm", "aimv2_large_patch14_224", {"depth": 2, "img_size": 28, "embed_dim": 64, "num_heads": 2}),
     "open_clip_vit": ("open_clip", "ViT-B-32", {
         "embed_dim": 32,
         "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "patch_size": 16, "head_width": 32},
