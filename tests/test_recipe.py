@@ -132,3 +132,39 @@ def test_batch_sizes_outside_the_export_range_and_bf16_before_opset_22_are_refus
     recipe, problems = recipe_problems({"name": "x", "model": {"name": "test_vit"}, "compile": {"precision": "bf16"},
                                         "export": {"opset": 22}})
     assert recipe is not None, problems
+
+
+def _reduced_model(doc: dict) -> dict:
+    """The recipe's own architecture, shallow and narrow: one block, the family's MLP shape and ratio."""
+    m = doc["model"]
+    if m["source"] == "open_clip":
+        import open_clip
+
+        vision = {**open_clip.get_model_config(m["name"])["vision_cfg"], "layers": 1, "width": 64, "head_width": 32,
+                  "image_size": 28, "patch_size": 14}
+        text = {"context_length": 8, "width": 32, "heads": 2, "layers": 1, "vocab_size": 500}
+        return {"source": "open_clip", "name": m["name"], "pretrained": False,
+                "kwargs": {"embed_dim": 32, "vision_cfg": vision, "text_cfg": text}}
+    size = 28 if "patch14" in m["name"] else 32
+    kwargs = {**m.get("kwargs", {}), "depth": 1, "img_size": size, "embed_dim": 96, "num_heads": 2}
+    return {**m, "pretrained": False, "kwargs": kwargs}
+
+
+@pytest.mark.parametrize("path", [p for p in RECIPES if p.name != "quickstart.yaml"],
+                         ids=[p.name for p in RECIPES if p.name != "quickstart.yaml"])
+def test_every_recipe_architecture_prunes_exports_and_keeps_parity_depth_reduced(path, tmp_path):
+    import json
+
+    from .conftest import build
+
+    doc = yaml.safe_load(path.read_text())
+    doc["model"] = _reduced_model(doc)
+    doc["data"] = {"source": "synthetic", "calibration": 8, "validation": 8, "holdout": 4, "batch_size": 4}
+    doc["export"]["batch"] = {"min": 1, "opt": 2, "max": 4}
+    doc["runtimes"] = ["onnxruntime"]
+    doc["validate"] = {"batch_sizes": [1, 4], "warmup": 1, "iterations": 2}
+    res = build(_write(tmp_path, doc), "--out", tmp_path / "out")  # the recipe's prune and compile settings as they are
+    assert res.exit_code == 0, res.output
+    rep = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert rep["runtimes"]["onnxruntime"]["parity"]["max_abs_err"] <= 1e-4
+    assert all(w % 64 == 0 or w == h for w, h in zip(rep["widths"]["pruned"], rep["widths"]["original"]))
