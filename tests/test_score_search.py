@@ -142,3 +142,27 @@ def test_activation_checkpointing_gives_the_same_scores(family):
     for key in ("abs", "signed"):
         torch.testing.assert_close(torch.cat(ckpt[key]), torch.cat(plain[key]), rtol=1e-5, atol=1e-9)
     assert all((s > 0).any() for s in plain["abs"])
+
+
+def test_torchrun_launched_by_the_user_scores_and_a_later_build_skips_it(tmp_path):
+    """The multi-node path on one node: the user's own torchrun (2 gloo processes) runs the score stage
+    with --recipe; rank 0 records it, and `amp-deploy build` on the same folder skips it."""
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    from .conftest import build, tiny_recipe
+
+    recipe = tiny_recipe(tmp_path)
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert build(recipe, "--out", one).exit_code == 0
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           "-m", "amp_deploy.build.launch", str(two), "cpu", "score", "--recipe", str(recipe), "prune.steps=3"]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    res = build(recipe, "--out", two)
+    assert res.exit_code == 0 and "score: inputs unchanged, skipped" in res.output, res.output
+    a, b = load_file(one / "scores.safetensors"), load_file(two / "scores.safetensors")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-8)

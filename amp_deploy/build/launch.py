@@ -30,26 +30,72 @@ def launch_stage(stage: str, out: Path, nproc: int, device: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """One rank of a stage over the output folder `OUT` (its saved recipe.yaml)."""
+    """One rank of a parallel stage (score, distill).
+
+    `OUT DEVICE STAGE`: over an output folder that already holds recipe.yaml (as `amp-deploy build
+    --nproc N` launches it; that build records the stage). `OUT DEVICE STAGE --recipe RECIPE
+    [KEY=VALUE ...]`: launched by the user's own torchrun, on one node or several; rank 0 prepares the
+    folder, holds its lock, and records the finished stage in manifest.json, so that a later
+    `amp-deploy build RECIPE --out OUT` on one node skips it.
+    """
+    import argparse
+    import time
+
     from amp_deploy.build.context import Context
     from amp_deploy.build.stages import STAGES
     from amp_deploy.recipe import load_recipe
 
-    out, device, name = ([*(argv or sys.argv[1:]), "score"])[:3]
-    stage = next(s for s in STAGES if s.name == name and s.parallel)
+    ap = argparse.ArgumentParser(prog="python -m amp_deploy.build.launch")
+    ap.add_argument("out")
+    ap.add_argument("device", choices=["cpu", "cuda"])
+    ap.add_argument("stage", nargs="?", default="score", choices=[s.name for s in STAGES if s.parallel])
+    ap.add_argument("--recipe", help="the recipe (then rank 0 prepares the folder and records the stage)")
+    ap.add_argument("overrides", nargs="*", help="dotted KEY=VALUE recipe overrides, with --recipe")
+    args = ap.parse_intermixed_args(argv)
+    stage = next(s for s in STAGES if s.name == args.stage)
     local = int(os.environ.get("LOCAL_RANK", "0"))
-    if device == "cuda":
+    if args.device == "cuda":
         torch.cuda.set_device(local)
         dev = torch.device("cuda", local)
     else:
         dev = torch.device("cpu")
     dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
     try:
-        recipe = load_recipe(Path(out) / "recipe.yaml")
-        stage.run(Context.create(recipe, out, dev))
-        dist.barrier()
+        recipe = load_recipe(args.recipe or Path(args.out) / "recipe.yaml", args.overrides)
+        ctx = Context.create(recipe, args.out, dev)
+        with _folder(ctx, standalone=args.recipe is not None) as record:
+            start = time.perf_counter()
+            stage.run(ctx)
+            dist.barrier()  # every rank finished its share before rank 0 records it
+            record(stage, time.perf_counter() - start)
     finally:
         dist.destroy_process_group()
+
+
+def _folder(ctx, standalone: bool):
+    """Rank 0 of a standalone launch: preflight, the folder, its lock, and recording the stage."""
+    import contextlib
+
+    from amp_deploy.build.lock import FolderLock
+    from amp_deploy.build.manifest import Manifest, stage_keys
+    from amp_deploy.build.preflight import preflight, prepare_out
+    from amp_deploy.build.stages import STAGES
+    from amp_deploy.recipe import dump_recipe
+
+    if not standalone or dist.get_rank() != 0:
+        return contextlib.nullcontext(lambda stage, seconds: None)
+
+    @contextlib.contextmanager
+    def held():
+        preflight(ctx.recipe)
+        prepare_out(ctx.folder.root)
+        with FolderLock(ctx.folder.root):
+            ctx.folder.write_recipe(dump_recipe(ctx.recipe))
+            manifest = Manifest(ctx.folder.manifest)
+            keys = stage_keys(ctx.recipe, STAGES, manifest.hashes)
+            yield lambda stage, seconds: manifest.record(stage.name, keys[stage.name], seconds, stage.outputs(ctx.folder))
+
+    return held()
 
 
 if __name__ == "__main__":
