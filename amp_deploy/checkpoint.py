@@ -20,7 +20,7 @@ from amp_deploy.prune.families import Loaded, load_model, safetensors_metadata, 
 from amp_deploy.prune.rebuild import apply_widths
 
 FORMAT = "amp-deploy.pruned/1"
-ModelSource = Literal["timm", "open_clip", "checkpoint"]  # the factories, and a pruned.safetensors of ours
+ModelSource = Literal["timm", "open_clip", "transformers", "checkpoint"]  # the factories, and a pruned.safetensors of ours
 
 
 def save_pruned(loaded: Loaded, path: str | Path, original_widths: list[int]) -> None:

@@ -47,7 +47,8 @@ class MlpSitesSpec(_Strict):
 
 
 class ModelSpec(_Strict):
-    source: ModelSource = _f("timm", "timm | open_clip | checkpoint (a pruned.safetensors of ours)")
+    source: ModelSource = _f("timm", "timm | open_clip | transformers (optional extra) | checkpoint (a "
+                                     "pruned.safetensors of ours)")
     name: str | None = _f(None, "the factory's model name (timm.list_models(), open_clip.list_models())")
     pretrained: bool | str = _f(False, "true (hub weights), false (seeded random init), or a local weights file")
     kwargs: dict[str, Any] = _f(description="passed to the factory (depth, img_size, num_classes, ...); open_clip: "

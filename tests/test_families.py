@@ -19,6 +19,8 @@ from amp_deploy.prune.rebuild import apply_widths, keep_top
 from amp_deploy.prune.score import loss_fn, taylor_scores
 from amp_deploy.prune.search import adaptive_widths, uniform_widths
 
+HF_SMALL = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 128,
+            "image_size": 32, "patch_size": 8}
 FAMILIES = {
     "vit": ("timm", "vit_small_patch16_224", {"depth": 2, "img_size": 32, "embed_dim": 64, "num_heads": 2}),
     "deit": ("timm", "deit_tiny_patch16_224", {"depth": 2, "img_size": 32}),
@@ -33,6 +35,11 @@ FAMILIES = {
     "dinov3_7b_swiglu": ("timm", "vit_7b_patch16_dinov3", {"depth": 2, "img_size": 32, "embed_dim": 64, "num_heads": 2}),
     "eva02_clip": ("timm", "eva02_base_patch16_clip_224", {"depth": 2, "img_size": 32, "embed_dim": 64, "num_heads": 2}),
     "aimv2": ("timm", "aimv2_large_patch14_224", {"depth": 2, "img_size": 28, "embed_dim": 64, "num_heads": 2}),
+    # Hugging Face transformers towers, built from their configs (the optional extra)
+    **{f"hf_{name}{tag}": ("transformers", name, {"config": {**HF_SMALL, **extra}}) for name, tag, extra in [
+        ("ViTModel", "", {}), ("ViTForImageClassification", "", {"num_labels": 10}), ("CLIPVisionModel", "", {}),
+        ("CLIPVisionModelWithProjection", "", {"projection_dim": 32}), ("Dinov2Model", "", {}),
+        ("Dinov2Model", "_swiglu", {"use_swiglu_ffn": True}), ("SiglipVisionModel", "", {})]},
     "open_clip_vit": ("open_clip", "ViT-B-32", {
         "embed_dim": 32,
         "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "patch_size": 16, "head_width": 32},
@@ -138,3 +145,11 @@ def test_unknown_model_needs_a_spec_and_the_spec_works():
 def test_open_clip_weights_tag_is_checked_before_any_download():
     with pytest.raises(UserError, match="has no open_clip weights 'nope'; known: openai"):
         load_model("open_clip", "ViT-B-32", True, {"pretrained": "nope"})
+
+
+def test_the_transformers_extra_missing_is_one_clear_line(monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "transformers", None)  # as if the extra were not installed
+    with pytest.raises(UserError, match=r"pip install 'amp-deploy\[transformers\]'"):
+        load_model("transformers", "Dinov2Model", False, {"config": {}})

@@ -23,7 +23,7 @@ from torch import nn
 from amp_deploy.errors import UserError, first_line
 
 Output = Literal["logits", "embedding"]
-FactorySource = Literal["timm", "open_clip"]  # model factories; amp_deploy.checkpoint adds our own files
+FactorySource = Literal["timm", "open_clip", "transformers"]  # model factories; amp_deploy.checkpoint adds our own files
 
 
 @dataclass(frozen=True)
@@ -98,7 +98,21 @@ def _open_clip_mlp(mlp: nn.Module, prefix: str) -> MlpSite | None:
     return None
 
 
-SITE_FINDERS = [_timm_swiglu, _timm_mlp, _open_clip_mlp]
+def _gated_proj(mlp: nn.Module, prefix: str) -> MlpSite | None:
+    """Llama-style gated MLPs (transformers' Dinov2SwiGLUFFN): gate_proj, up_proj, down_proj."""
+    if all(isinstance(getattr(mlp, n, None), nn.Linear) for n in ("gate_proj", "up_proj", "down_proj")):
+        return MlpSite(f"{prefix}.up_proj", f"{prefix}.down_proj", gate=f"{prefix}.gate_proj")
+    return None
+
+
+def _packed_weights(mlp: nn.Module, prefix: str) -> MlpSite | None:
+    """transformers 4.x Dinov2SwiGLUFFN: weights_in (d -> 2h, value and gate) and weights_out."""
+    if isinstance(getattr(mlp, "weights_in", None), nn.Linear) and isinstance(getattr(mlp, "weights_out", None), nn.Linear):
+        return MlpSite(f"{prefix}.weights_in", f"{prefix}.weights_out", packed=True)
+    return None
+
+
+SITE_FINDERS = [_timm_swiglu, _timm_mlp, _open_clip_mlp, _gated_proj, _packed_weights]
 BLOCK_LISTS = ["blocks", "transformer.resblocks", "trunk.blocks"]
 
 
@@ -137,11 +151,10 @@ def find_sites(model: nn.Module, spec: dict[str, Any] | None = None) -> tuple[st
     """
     if spec:
         return sites_from_spec(model, spec)
-    for path in BLOCK_LISTS:
-        try:
-            blocks = model.get_submodule(path)
-        except AttributeError:
-            continue
+    known = [p for p in BLOCK_LISTS if _has(model, p)]
+    others = [n for n, m in model.named_modules() if isinstance(m, (nn.ModuleList, nn.Sequential)) and n not in known]
+    for path in known + others:  # the usual places first, then any list of blocks that all hold an MLP
+        blocks = model.get_submodule(path)
         sites = [_site_of(block) for block in blocks]
         if sites and all(sites):
             return path, sites
@@ -151,9 +164,20 @@ def find_sites(model: nn.Module, spec: dict[str, Any] | None = None) -> tuple[st
     )
 
 
+def _has(model: nn.Module, path: str) -> bool:
+    try:
+        model.get_submodule(path)
+        return True
+    except AttributeError:
+        return False
+
+
 def _site_of(block: nn.Module) -> MlpSite | None:
     mlp = getattr(block, "mlp", None)
-    if mlp is None:
+    if mlp is None:  # transformers 4.x ViT: intermediate.dense (d -> h), output.dense (h -> d)
+        inter, out = getattr(block, "intermediate", None), getattr(block, "output", None)
+        if isinstance(getattr(inter, "dense", None), nn.Linear) and isinstance(getattr(out, "dense", None), nn.Linear):
+            return MlpSite("intermediate.dense", "output.dense")
         return None
     for finder in SITE_FINDERS:
         site = finder(mlp, "mlp")
@@ -323,9 +347,87 @@ def _text_encoder(model: nn.Module, name: str) -> Callable[[list[str]], torch.Te
     return encode
 
 
+class _HFImageModel(nn.Module):
+    """A transformers vision model as a tensor -> tensor module: pixels in, one output field out."""
+
+    def __init__(self, model: nn.Module, field: str) -> None:
+        super().__init__()
+        self.model, self.field = model, field
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return getattr(self.model(pixel_values=x), self.field)
+
+
+# transformers classes amp-deploy knows: the output it serves and the normalisation its processor uses
+HF_CLASSES: dict[str, tuple[str, tuple[float, ...], tuple[float, ...]]] = {
+    "ViTModel": ("pooler_output", (0.5,) * 3, (0.5,) * 3),
+    "ViTForImageClassification": ("logits", (0.5,) * 3, (0.5,) * 3),
+    "CLIPVisionModel": ("pooler_output", (0.4815, 0.4578, 0.4082), (0.2686, 0.2613, 0.2758)),
+    "CLIPVisionModelWithProjection": ("image_embeds", (0.4815, 0.4578, 0.4082), (0.2686, 0.2613, 0.2758)),
+    "Dinov2Model": ("pooler_output", (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+    "SiglipVisionModel": ("pooler_output", (0.5,) * 3, (0.5,) * 3),
+}
+
+
+def load_transformers(name: str, pretrained: bool | str, kwargs: dict[str, Any],
+                      mlp_sites: dict[str, Any] | None = None) -> Loaded:
+    """A Hugging Face transformers vision tower: `name` is its class (e.g. Dinov2Model); built from
+    `kwargs.config` (random init), from the hub checkpoint `kwargs.checkpoint` (pretrained: true), or
+    from a local directory or weights file (pretrained: PATH)."""
+    try:
+        import transformers
+    except ImportError:
+        raise UserError("model.source: transformers needs the optional extra: pip install 'amp-deploy[transformers]'"
+                        ) from None
+    if name not in HF_CLASSES:
+        raise unknown_model_error(name, list(HF_CLASSES), "transformers")
+    cls = getattr(transformers, name)
+    field, mean, std = HF_CLASSES[name]
+    model = _hf_model(cls, pretrained, kwargs).eval()
+    size = model.config.image_size
+    wrapped = _HFImageModel(model, field)
+    blocks, sites = find_sites(wrapped, mlp_sites)
+    import torchvision.transforms as T
+
+    transform = T.Compose([T.Resize(size), T.CenterCrop(size), T.ToTensor(), T.Normalize(mean, std)])
+    output: Output = "logits" if field == "logits" else "embedding"
+    # the resolved config rebuilds the architecture with no hub access (a pruned checkpoint needs that)
+    spec = {"source": "transformers", "name": name, "kwargs": {"config": model.config.to_dict()},
+            "mlp_sites": mlp_sites}
+    return Loaded(wrapped, blocks, sites, output, transform, (3, size, size), spec)
+
+
+def _hf_model(cls, pretrained: bool | str, kwargs: dict[str, Any]) -> nn.Module:
+    config = dict(kwargs.get("config") or {})
+    for k in ("model_type", "architectures", "transformers_version"):
+        config.pop(k, None)
+    try:
+        if pretrained is True:
+            if not kwargs.get("checkpoint"):
+                raise UserError("model.kwargs.checkpoint: name the hub checkpoint (e.g. facebook/dinov2-base)")
+            logging.disable(logging.WARNING)
+            return cls.from_pretrained(kwargs["checkpoint"], **config)
+        if isinstance(pretrained, str) and Path(pretrained).is_dir():
+            return cls.from_pretrained(pretrained, local_files_only=True, **config)
+        model = cls(cls.config_class(**config))
+    except UserError:
+        raise
+    except (TypeError, ValueError) as e:
+        raise UserError(f"model.kwargs: transformers refused them for {cls.__name__}: {first_line(e)}") from None
+    except OSError as e:  # a hub checkpoint that is not in the cache, offline, or a directory without one
+        raise UserError(f"model.pretrained: transformers could not load {kwargs.get('checkpoint') or pretrained}: "
+                        f"{first_line(e, 200)}{_offline_hint()}") from None
+    finally:
+        logging.disable(logging.NOTSET)
+    if isinstance(pretrained, str):
+        load_weights(model, pretrained)
+    return model
+
+
 LOADERS: dict[str, Callable[..., Loaded]] = {
     "timm": load_timm,
     "open_clip": load_open_clip,
+    "transformers": load_transformers,
 }
 
 
