@@ -8,11 +8,12 @@ plain functions in dicts, not classes.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import difflib
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -249,18 +250,8 @@ def load_timm(name: str, pretrained: bool | str, kwargs: dict[str, Any],
 
     if not timm.is_model(name):
         raise unknown_model_error(name, timm.list_models(), "timm")
-    try:
-        logging.disable(logging.WARNING)  # the hub client logs its retries; the error below says it once
+    with factory_errors("timm", name, pretrained is True, f" hub weights ({_timm_hub_file(name)})"):
         model = timm.create_model(name, pretrained=pretrained is True, **kwargs)
-    except Exception as e:  # noqa: BLE001 - hub and factory errors come in many types
-        if pretrained is True:
-            raise UserError(f"model.pretrained: could not load hub weights for {name!r}: {_timm_hub_file(name)} "
-                            f"({type(e).__name__}: {first_line(e, 120)}){_offline_hint()}") from None
-        if isinstance(e, (TypeError, ValueError, AssertionError, KeyError, RuntimeError)):
-            raise UserError(f"model.kwargs: timm.create_model({name!r}) refused them: {first_line(e)}") from None
-        raise
-    finally:
-        logging.disable(logging.NOTSET)
     if isinstance(pretrained, str):
         load_weights(model, pretrained)
     model.eval()
@@ -277,13 +268,36 @@ def load_timm(name: str, pretrained: bool | str, kwargs: dict[str, Any],
     return Loaded(model, blocks, sites, output, transform, tuple(cfg["input_size"]), spec)
 
 
+@contextlib.contextmanager
+def factory_errors(library: str, name: str, hub: bool, weights: str = "") -> Iterator[None]:
+    """A model factory's failures as one-line UserErrors: an argument it refuses is the recipe's
+    model.kwargs; with hub weights asked for, any other failure is model.pretrained (with what was
+    looked for and the offline hint). The hub clients' own log lines are silenced meanwhile."""
+    logging.disable(logging.ERROR)  # they log retries and failed downloads, then raise: the error says it once
+    try:
+        yield
+    except UserError:
+        raise
+    except (TypeError, ValueError, AssertionError, KeyError) as e:
+        raise UserError(f"model.kwargs: {library} refused them for {name!r}: {first_line(e)}") from None
+    except Exception as e:  # noqa: BLE001 - hub and factory errors come in many types
+        if not hub and not isinstance(e, RuntimeError):
+            raise
+        if not hub:
+            raise UserError(f"model.kwargs: {library} refused them for {name!r}: {first_line(e)}") from None
+        raise UserError(f"model.pretrained: {library} could not load {name!r}{weights} ({type(e).__name__}: "
+                        f"{first_line(e, 200)}){_offline_hint()}") from None
+    finally:
+        logging.disable(logging.NOTSET)
+
+
 def _timm_hub_file(name: str) -> str:
     """Where timm looks for a model's weights in the Hugging Face cache (what a missing entry is)."""
     import timm
 
     cfg = timm.models.get_pretrained_cfg(name)
     hub = getattr(cfg, "hf_hub_id", None) if cfg is not None else None
-    return f"looked for model.safetensors (or pytorch_model.bin) of {hub} in the cache" if hub else "no hub source"
+    return f"model.safetensors (or pytorch_model.bin) of {hub}" if hub else "no hub source"
 
 
 def _offline_hint() -> str:
@@ -307,19 +321,9 @@ def load_open_clip(name: str, pretrained: bool | str, kwargs: dict[str, Any],
         tag = tag or (tags[0] if tags else None)
         if tag not in tags:
             raise UserError(f"model.kwargs.pretrained: {name} has no open_clip weights {tag!r}; known: {', '.join(tags)}")
-    try:
-        logging.disable(logging.ERROR)  # open_clip logs a failed download to the root logger, then raises
+    with factory_errors("open_clip", name, pretrained is True, f" weights {tag}"):
         model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=tag if pretrained is True else None,
                                                                     **kwargs)
-    except (TypeError, ValueError, AssertionError, KeyError) as e:
-        raise UserError(f"model.kwargs: open_clip refused them for {name!r}: {first_line(e)}") from None
-    except Exception as e:  # noqa: BLE001 - a download that failed (hub errors come in many types)
-        if pretrained is not True:
-            raise
-        raise UserError(f"model.pretrained: open_clip could not load {name} {tag}: {type(e).__name__}: "
-                        f"{first_line(e, 240)}{_offline_hint()}") from None
-    finally:
-        logging.disable(logging.NOTSET)
     if isinstance(pretrained, str):
         load_weights(model, pretrained)
     visual = model.visual.eval()
@@ -401,24 +405,15 @@ def _hf_model(cls, pretrained: bool | str, kwargs: dict[str, Any]) -> nn.Module:
     config = dict(kwargs.get("config") or {})
     for k in ("model_type", "architectures", "transformers_version"):
         config.pop(k, None)
-    try:
+    if pretrained is True and not kwargs.get("checkpoint"):
+        raise UserError("model.kwargs.checkpoint: name the hub checkpoint (e.g. facebook/dinov2-base)")
+    from_files = pretrained is True or (isinstance(pretrained, str) and Path(pretrained).is_dir())
+    with factory_errors("transformers", cls.__name__, from_files, f" from {kwargs.get('checkpoint') or pretrained}"):
         if pretrained is True:
-            if not kwargs.get("checkpoint"):
-                raise UserError("model.kwargs.checkpoint: name the hub checkpoint (e.g. facebook/dinov2-base)")
-            logging.disable(logging.WARNING)
             return cls.from_pretrained(kwargs["checkpoint"], **config)
-        if isinstance(pretrained, str) and Path(pretrained).is_dir():
+        if from_files:
             return cls.from_pretrained(pretrained, local_files_only=True, **config)
         model = cls(cls.config_class(**config))
-    except UserError:
-        raise
-    except (TypeError, ValueError) as e:
-        raise UserError(f"model.kwargs: transformers refused them for {cls.__name__}: {first_line(e)}") from None
-    except OSError as e:  # a hub checkpoint that is not in the cache, offline, or a directory without one
-        raise UserError(f"model.pretrained: transformers could not load {kwargs.get('checkpoint') or pretrained}: "
-                        f"{first_line(e, 200)}{_offline_hint()}") from None
-    finally:
-        logging.disable(logging.NOTSET)
     if isinstance(pretrained, str):
         load_weights(model, pretrained)
     return model
