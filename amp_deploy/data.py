@@ -196,6 +196,14 @@ def folder_layout(root: Path) -> tuple[list[Path], torch.Tensor | None, list[str
     return files, torch.as_tensor(labels, dtype=torch.long), [d.name for d in subdirs]
 
 
+def folder_order(root: Path, seed: int) -> tuple[list[Path], torch.Tensor | None, list[str] | None]:
+    """`folder_layout` in the seeded order the sets are cut from: calibration first, then validation
+    and holdout (also what the preflight uses to know which files those two will take)."""
+    files, labels, classes = folder_layout(root)
+    order = np.random.default_rng(seed).permutation(len(files))
+    return [files[i] for i in order], (labels[torch.as_tensor(order)] if labels is not None else None), classes
+
+
 def load_folder_data(path: str, *, calibration: int, validation: int, holdout: int, seed: int,
                      transform: Callable, workers: int = 0) -> Data:
     """Images under `path` in a seeded order: calibration streamed, validation and holdout read
@@ -203,10 +211,7 @@ def load_folder_data(path: str, *, calibration: int, validation: int, holdout: i
     root = Path(path)
     if not root.is_dir():
         raise UserError(f"data.path: not a directory: {root}")
-    files, labels, classes = folder_layout(root)
-    order = np.random.default_rng(seed).permutation(len(files))
-    files = [files[i] for i in order]
-    labels = labels[torch.as_tensor(order)] if labels is not None else None
+    files, labels, classes = folder_order(root, seed)
     _need(f"data.path {root}", len(files), calibration + validation + holdout,
           "add images or lower data.calibration / validation / holdout")
     cal = Stream(lambda i: _open_image(files[i]), calibration, labels[:calibration] if labels is not None else None,

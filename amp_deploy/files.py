@@ -94,6 +94,11 @@ def hash_file_cached(path: str | Path, cache: dict) -> str:
     return digest
 
 
+def hash_bytes(blob: bytes) -> str:
+    """The same short sha256 as `hash_file`, of bytes in memory (a serialized engine)."""
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
 def hash_file(path: str | Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:

@@ -76,16 +76,13 @@ def _distill_preflight(recipe: Recipe) -> None:
     d, data = recipe.distill, recipe.data
     if d.epochs == 0 or not d.path:
         return
-    import numpy as np
-
-    from amp_deploy.data import image_files
+    from amp_deploy.data import folder_order, image_files
 
     files = {f.resolve() for f in image_files(Path(d.path), key="distill.path")}
     if data.source == "folder":
         # the files the data loader will set aside (all readable assumed; the stage re-checks)
-        chosen = image_files(Path(data.path))
-        order = [chosen[i].resolve() for i in np.random.default_rng(data.seed).permutation(len(chosen))]
-        files -= set(order[data.calibration:data.calibration + data.validation + data.holdout])
+        order = folder_order(Path(data.path), data.seed)[0]
+        files -= {f.resolve() for f in order[data.calibration:data.calibration + data.validation + data.holdout]}
     if not files:
         raise UserError(f"distill.path: {d.path} has no image left to train on once the holdout and validation "
                         "images are excluded; give it a folder of other images")

@@ -50,7 +50,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from amp_deploy.deploy.export import INPUT_NAME, Precision
 from amp_deploy.errors import UserError
-from amp_deploy.files import atomic_path, hash_file
+from amp_deploy.files import atomic_path, hash_bytes, hash_file
 
 if TYPE_CHECKING:  # for annotations only: at run time tensorrt is imported where it is used
     import tensorrt as trt
@@ -145,11 +145,9 @@ def read_sidecar(plan_path: str | Path) -> dict[str, Any]:
 
 def sidecar(settings: BuildSettings, onnx_path: Path, plan: bytes, trt_version: str, gpu: str,
             capability: tuple[int, int], seconds: float) -> dict[str, Any]:
-    import hashlib
-
     return {"schema": "amp-deploy.plan/1", "tensorrt": trt_version, "gpu": gpu,
             "compute_capability": f"{capability[0]}.{capability[1]}", "onnx": onnx_path.name,
-            "onnx_sha256_16": hash_file(onnx_path), "plan_sha256_16": hashlib.sha256(plan).hexdigest()[:16],
+            "onnx_sha256_16": hash_file(onnx_path), "plan_sha256_16": hash_bytes(plan),
             "settings": asdict(settings), "profile": settings.profile(), "build_seconds": round(seconds, 2)}
 
 
@@ -256,8 +254,6 @@ class TensorRTRunner:
     """Deserialize a plan, bind torch CUDA tensors, run with execute_async_v3 on a stream."""
 
     def __init__(self, plan_path: str | Path) -> None:
-        import hashlib
-
         import tensorrt as trt
         import torch
 
@@ -265,7 +261,7 @@ class TensorRTRunner:
         meta = read_sidecar(plan_path)
         check_sidecar(meta, trt.__version__, torch.cuda.get_device_name(), torch.cuda.get_device_capability())
         plan = plan_path.read_bytes()
-        if meta.get("plan_sha256_16") != hashlib.sha256(plan).hexdigest()[:16]:
+        if meta.get("plan_sha256_16") != hash_bytes(plan):
             raise UserError(f"{plan_path}: the plan does not match its sidecar; rebuild it with `amp-deploy compile`")
         self.runtime = _need(trt.Runtime(logger()), "a runtime")
         self.engine = _need(self.runtime.deserialize_cuda_engine(plan), f"an engine from {plan_path}")

@@ -173,7 +173,11 @@ def _status_kb(field: str) -> int:
     raise OSError(f"{field} not in /proc/self/status")
 
 
+def repeat_to(t: torch.Tensor, n: int) -> torch.Tensor:
+    """The first n rows of `t` repeated as often as needed."""
+    return t.repeat(-(-n // len(t)), *([1] * (t.dim() - 1)))[:n]
+
+
 def batch_of(images: torch.Tensor, batch: int) -> np.ndarray:
     """A batch of real images (repeated if the holdout is smaller than the batch)."""
-    reps = -(-batch // len(images))
-    return images.repeat(reps, 1, 1, 1)[:batch].numpy().astype(np.float32)
+    return repeat_to(images, batch).numpy().astype(np.float32)

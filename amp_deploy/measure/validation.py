@@ -131,7 +131,7 @@ def parity_of(runners: dict[str, Runner], holdout: torch.Tensor, refs: dict[str,
     """Each runner's outputs on every holdout image vs the torch reference; the worst of both models."""
     lo, hi = batch_range
     if len(holdout) < lo:
-        holdout, refs = _repeat(holdout, lo), {k: _repeat(v, lo) for k, v in refs.items()}
+        holdout, refs = M.repeat_to(holdout, lo), {k: M.repeat_to(v, lo) for k, v in refs.items()}
     per = {}
     for k, r in runners.items():
         got = torch.empty_like(refs[k])
@@ -141,7 +141,3 @@ def parity_of(runners: dict[str, Runner], holdout: torch.Tensor, refs: dict[str,
     worst = {"max_abs_err": max(p["max_abs_err"] for p in per.values()),
              "cosine_min": min(p["cosine_min"] for p in per.values())}
     return {**worst, **per}
-
-
-def _repeat(t: torch.Tensor, n: int) -> torch.Tensor:
-    return t.repeat(-(-n // len(t)), *([1] * (t.dim() - 1)))[:n]
