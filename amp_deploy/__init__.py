@@ -2,7 +2,7 @@
 
 The package is laid out as the pipeline runs: `prune/` (AMP itself: model families, scores, width
 search, ragged rebuild), `deploy/` (ONNX export, TensorRT engines, runtimes, Triton), `measure/`
-(metrics, the validate stage's measuring, report, compare, plots) and `build/` (the stage table,
+(metrics, the validate stage's measuring, report, compare, plots) and `pipeline/` (the stage table,
 the output folder, manifest, lock, preflight, torchrun). `recipe.py`, `checkpoint.py`, `data.py`
 and `cli.py` sit on top; `errors.py`, `files.py` and `numerics.py` at the bottom.
 """

@@ -102,8 +102,8 @@ def _run(recipe_path: Path, out_dir: Path | None, device: str, stages, force: bo
          nproc: int = 1):
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from amp_deploy.build.context import Context
-    from amp_deploy.build.run import run_stages
+    from amp_deploy.pipeline.context import Context
+    from amp_deploy.pipeline.run import run_stages
     from amp_deploy.recipe import load_recipe
 
     recipe = load_recipe(recipe_path, overrides)
@@ -124,7 +124,7 @@ def build(recipe: Annotated[Path, typer.Argument(help="Recipe YAML file.")], ove
           out_dir: OutOpt = None, device: DeviceOpt = "auto", force: ForceOpt = False,
           nproc: Annotated[int, typer.Option(help="Score with N processes (torchrun; one GPU each on CUDA).")] = 1) -> None:
     """Run the whole pipeline: score, search, rebuild, export, compile, validate."""
-    from amp_deploy.build.stages import STAGE_NAMES
+    from amp_deploy.pipeline.stages import STAGE_NAMES
 
     folder = _run(recipe, out_dir, device, STAGE_NAMES, force, overrides or [], nproc)
     _summary(folder / "report.json")
@@ -158,7 +158,7 @@ def check(recipe: Annotated[Path | None, typer.Argument(help="Recipe YAML file."
           keys: Annotated[bool, typer.Option("--keys", help="List every recipe key with its default and meaning.")] = False,
           ) -> None:
     """Validate a recipe and print every problem at once (or, with --keys, document every key)."""
-    from amp_deploy.build.preflight import preflight
+    from amp_deploy.pipeline.preflight import preflight
     from amp_deploy.recipe import key_docs, recipe_document, recipe_problems
 
     if keys:
@@ -220,7 +220,7 @@ def triton(folder: Annotated[Path, typer.Argument(help="Output folder of a build
            backend: Annotated[Backend, typer.Option(help="onnxruntime (pruned.onnx) or tensorrt (pruned.plan).")] = Backend.onnxruntime,
            original: Annotated[bool, typer.Option("--original", help="Serve the original model instead of the pruned one.")] = False) -> None:
     """Write a Triton Inference Server model repository entry for a build."""
-    from amp_deploy.build.serving import triton_entry
+    from amp_deploy.pipeline.serving import triton_entry
 
     path = triton_entry(folder, repo, name, backend.value, "original" if original else "pruned")
     out.print(f"wrote {path} (config.pbtxt, 1/)")

@@ -7,6 +7,7 @@ embedded model and the holdout from its test split, so accuracy in the report is
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -92,6 +93,17 @@ class Stream:
             if x is not None:
                 yield x, (labels if self.labels is not None else None)
 
+    def read(self, chunks: list[list[int]]):
+        """(chunk index, images) for each chunk of item indices, read by the workers in that order;
+        unreadable images are left out and counted in `skipped` (a chunk with none readable is
+        not yielded)."""
+        loader = torch.utils.data.DataLoader(self.items, batch_sampler=chunks, collate_fn=_collate,
+                                             num_workers=self.workers, persistent_workers=False)
+        for i, (x, _, skipped) in enumerate(loader):
+            self.skipped += skipped
+            if x is not None:
+                yield i, x
+
 
 Images = Split | Stream  # what `batches()` can be asked of
 
@@ -105,8 +117,54 @@ class Data:
     holdout: Split
     skipped: int = 0  # unreadable files left out of validation and holdout (the calibration stream counts its own)
     reserved: frozenset[Path] = frozenset()  # folder files of the validation and holdout sets: never trained on
-    classes: list[str] | None = None  # class names (ImageNet-style folder), index = label
+    classes: list[str] | None = None  # class folder names (ImageNet-style folder), index = label
     holdout_files: list[Path] | None = None  # a folder's holdout images, in the holdout's order
+    names_file: str | None = None  # data.class_names: readable class names, one per line, in class order
+
+    def class_names(self) -> list[str]:
+        """Readable class names for text prompts (zero-shot, the image-text view); a UserError when
+        there are none: no class folders, or WordNet ids with no known name and no data.class_names."""
+        if not self.classes:
+            raise UserError("class names: the data has no class folders (data.source: folder with one subfolder "
+                            "per class)")
+        return readable_class_names(self.classes, self.names_file)
+
+
+WNID = re.compile(r"n\d{8}")
+
+
+def readable_class_names(folders: list[str], names_file: str | None = None) -> list[str]:
+    """Class folder names as text prompts take them: a user's file (one name per line, in the sorted
+    folder order), else WordNet ids (n01440764) through the package's ImageNet table (CLIP's curated
+    names) or timm's synset lemmas, else the folder names with _ and - as spaces."""
+    if names_file:
+        names = [ln.strip() for ln in Path(names_file).read_text(errors="replace").splitlines() if ln.strip()]
+        if len(names) != len(folders):
+            raise UserError(f"data.class_names: {names_file} has {len(names)} names for {len(folders)} class folders")
+        return names
+    table = _wordnet_names() if any(WNID.fullmatch(f) for f in folders) else {}
+    unknown = [f for f in folders if WNID.fullmatch(f) and f not in table]
+    if unknown:
+        raise UserError(f"class names: no readable name for the WordNet ids {', '.join(unknown[:3])}"
+                        f"{' ...' if len(unknown) > 3 else ''}; give data.class_names a file with one name per class")
+    return [table.get(f) or f.replace("_", " ").replace("-", " ") for f in folders]
+
+
+def _wordnet_names() -> dict[str, str]:
+    """WordNet id -> name: ImageNet-1k from the package's table, other synsets from timm's lemmas."""
+    import timm
+
+    table = {}
+    lemmas = Path(timm.__file__).parent / "data" / "_info" / "imagenet_synset_to_lemma.txt"
+    if lemmas.is_file():
+        for line in lemmas.read_text().splitlines():
+            wnid, _, lemma = line.partition("\t")
+            table[wnid] = lemma.split(",")[0].strip()
+    for line in (Path(__file__).parent / "assets" / "imagenet_classnames.tsv").read_text().splitlines():
+        if line and not line.startswith("#"):
+            wnid, name = line.split("\t")
+            table[wnid] = name
+    return table
 
 
 def digits_split() -> tuple[np.ndarray, np.ndarray]:
@@ -145,6 +203,28 @@ def load_digits_data(*, calibration: int, validation: int, holdout: int, seed: i
     return Data(*[_to_split([images[i] for i in idx], labels[idx], transform) for idx in parts])
 
 
+class FileImages:
+    """Image i of a list of files, or None when it cannot be read (picklable: DataLoader workers
+    under the spawn and forkserver start methods get a copy)."""
+
+    def __init__(self, files: list[Path]) -> None:
+        self.files = files
+
+    def __call__(self, i: int) -> Image.Image | None:
+        return _open_image(self.files[i])
+
+
+class SyntheticImages:
+    """Seeded random image i (picklable, like FileImages)."""
+
+    def __init__(self, seed: int, offset: int, size: tuple[int, int]) -> None:
+        self.seed, self.offset, self.size = seed, offset, size
+
+    def __call__(self, i: int) -> Image.Image:
+        rng = np.random.default_rng([self.seed, self.offset + i])
+        return Image.fromarray(rng.integers(0, 256, size=(self.size[0], self.size[1], 3), dtype=np.uint8))
+
+
 def _open_image(path: Path) -> Image.Image | None:
     try:
         with Image.open(path) as im:
@@ -169,10 +249,26 @@ def to_rgb(im: Image.Image) -> Image.Image:
 
 def image_files(root: Path, key: str = "data.path") -> list[Path]:
     """Image files under `root`, sorted; a UserError (naming the recipe `key`) when there are none."""
-    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    files = _walk_images(root)
     if not files:
         raise UserError(f"{key}: no image files ({', '.join(sorted(IMAGE_SUFFIXES))}) in {root}")
     return files
+
+
+def _walk_images(root: Path) -> list[Path]:
+    """Image files under `root`, sorted, following symlinked folders as torchvision's ImageFolder does
+    (os.walk with followlinks; a link loop is walked once)."""
+    import os
+
+    found, seen = [], set()
+    for folder, dirs, names in os.walk(root, followlinks=True):
+        real = os.path.realpath(folder)
+        if real in seen:
+            dirs[:] = []
+            continue
+        seen.add(real)
+        found += [Path(folder) / n for n in names if Path(n).suffix.lower() in IMAGE_SUFFIXES]
+    return sorted(p for p in found if p.is_file())
 
 
 def folder_layout(root: Path) -> tuple[list[Path], torch.Tensor | None, list[str] | None]:
@@ -188,7 +284,7 @@ def folder_layout(root: Path) -> tuple[list[Path], torch.Tensor | None, list[str
         return image_files(root), None, None
     files, labels = [], []
     for k, d in enumerate(subdirs):
-        found = sorted(p for p in d.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+        found = _walk_images(d)
         if not found:
             raise UserError(f"data.path: class folder {d.name!r} holds no image files ({root})")
         files += found
@@ -214,7 +310,7 @@ def load_folder_data(path: str, *, calibration: int, validation: int, holdout: i
     files, labels, classes = folder_order(root, seed)
     _need(f"data.path {root}", len(files), calibration + validation + holdout,
           "add images or lower data.calibration / validation / holdout")
-    cal = Stream(lambda i: _open_image(files[i]), calibration, labels[:calibration] if labels is not None else None,
+    cal = Stream(FileImages(files), calibration, labels[:calibration] if labels is not None else None,
                  transform, workers)
     images, used, skipped = _read_images(files[calibration:], validation + holdout)
     _need(f"data.path {root} ({skipped} unreadable skipped)", calibration + len(images),
@@ -244,28 +340,26 @@ def _read_images(files: list[Path], limit: int | None = None) -> tuple[list[Imag
 
 
 def distill_split(source: DataSource, data: Data, *, distill_path: str | None, validation: int, seed: int,
-                  transform: Callable) -> Split:
+                  transform: Callable, workers: int = 0) -> Split | Stream:
     """Images to distil on: never the holdout, never the validation images.
 
-    digits: the training split minus the validation images; folder: `distill_path`'s images minus
-    any of the validation and holdout files, or else the calibration images; synthetic: the
-    calibration images.
+    digits: the training split minus the validation images (in memory: 1,437 8x8 images);
+    folder: `distill_path`'s images minus any of the validation and holdout files, or else the
+    calibration images, streamed from disk batch by batch (memory does not grow with the folder);
+    synthetic: the calibration images (a stream too).
     """
     if source == "digits":
         images, labels = digits_images()
         train = np.random.default_rng(seed).permutation(digits_split()[0])
         calibration = len(data.calibration.images)
         keep = np.concatenate([train[:calibration], train[calibration + validation:]])
-        split = _to_split([images[i] for i in keep], labels[keep], transform)
+        split: Split | Stream = _to_split([images[i] for i in keep], labels[keep], transform)
     elif source == "folder" and distill_path:
         files = [f for f in image_files(Path(distill_path), key="distill.path") if f.resolve() not in data.reserved]
-        split = _to_split(_read_images(files)[0], None, transform)
-    elif isinstance(data.calibration, Stream):  # distillation trains from memory: read the stream once
-        parts = list(data.calibration.batches(256))
-        split = Split(torch.cat([x for x, _ in parts]) if parts else torch.empty(0), None)
+        split = Stream(FileImages(files), len(files), None, transform, workers)
     else:
         split = data.calibration
-    if len(split.images) == 0:
+    if len(split) == 0:
         raise UserError("distill: no images are left to train on once the holdout and validation images are "
                         "excluded; give distill.path a folder of other images")
     return split
@@ -276,16 +370,10 @@ def load_synthetic_data(*, calibration: int, validation: int, holdout: int, seed
     """Seeded random images: for smoke tests and speed, never for judging accuracy. Calibration
     images are made as they are read (a stream), validation and holdout at once."""
 
-    def make(offset: int):
-        def image(i: int) -> Image.Image:
-            rng = np.random.default_rng([seed, offset + i])
-            return Image.fromarray(rng.integers(0, 256, size=(size[0], size[1], 3), dtype=np.uint8))
-        return image
-
     def split(offset: int, n: int) -> Split:
-        return _to_split([make(offset)(i) for i in range(n)], None, transform)
+        return _to_split([SyntheticImages(seed, offset, size)(i) for i in range(n)], None, transform)
 
-    cal = Stream(make(0), calibration, None, transform, workers)
+    cal = Stream(SyntheticImages(seed, 0, size), calibration, None, transform, workers)
     return Data(cal, split(calibration, validation), split(calibration + validation, holdout))
 
 

@@ -7,6 +7,11 @@ class UserError(Exception):
     """Bad input: a recipe, a file, a value. The CLI prints it on one line and exits 2."""
 
 
+class StageFailed(UserError):
+    """A stage failed in a way no check foresaw: one line naming the stage and the cause (exit 2;
+    `amp-deploy --debug` shows the traceback)."""
+
+
 class GateFailed(Exception):
     """A validation gate (parity, fidelity, regression) failed. The CLI exits 1."""
 

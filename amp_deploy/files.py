@@ -84,6 +84,9 @@ def hash_file_cached(path: str | Path, cache: dict) -> str:
     Multi-GB weights and ONNX files would otherwise be read in full by every build.
     """
     path = Path(path)
+    if path.is_dir():  # a checkpoint folder (config.json, weights, processor): the hash of its files
+        return hash_obj({p.relative_to(path).as_posix(): hash_file_cached(p, cache)
+                         for p in sorted(path.rglob("*")) if p.is_file()})
     st = path.stat()
     key = str(path.resolve())
     hit = cache.get(key)

@@ -7,6 +7,8 @@ path; an unknown key is an error, and so is a wrong type (no silent coercion of 
 from __future__ import annotations
 
 import json
+import os
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -19,13 +21,13 @@ from amp_deploy.deploy.export import Exporter, Precision
 from amp_deploy.deploy.runtimes import RuntimeName
 from amp_deploy.errors import UserError
 from amp_deploy.files import SAFE_NAME
-from amp_deploy.prune.score import Criterion, Taylor
+from amp_deploy.prune.score import Criterion, SearchLoss, Taylor
 
 NAME_PATTERN = SAFE_NAME  # a recipe name: names out/NAME and Triton entries
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True, allow_inf_nan=False)
 
 
 def _f(default: Any = ..., description: str = "", *, factory: Any = None, **kw) -> Any:
@@ -50,7 +52,8 @@ class ModelSpec(_Strict):
     source: ModelSource = _f("timm", "timm | open_clip | transformers (optional extra) | checkpoint (a "
                                      "pruned.safetensors of ours)")
     name: str | None = _f(None, "the factory's model name (timm.list_models(), open_clip.list_models())")
-    pretrained: bool | str = _f(False, "true (hub weights), false (seeded random init), or a local weights file")
+    pretrained: bool | str = _f(False, "true (hub weights), false (seeded random init), a local weights file, or "
+                                           "(transformers) a checkpoint folder")
     kwargs: dict[str, Any] = _f(description="passed to the factory (depth, img_size, num_classes, ...); open_clip: "
                                       "pretrained names the weights tag", factory=dict)
     mlp_sites: MlpSitesSpec | None = _f(None, "where the MLPs are, for a model family not found automatically")
@@ -61,8 +64,13 @@ class ModelSpec(_Strict):
             raise ValueError(f"model.name is required for source {self.source!r}")
         if self.source == "checkpoint" and not isinstance(self.pretrained, str):
             raise ValueError("source 'checkpoint' needs model.pretrained: the path of a pruned.safetensors")
-        if isinstance(self.pretrained, str) and not Path(self.pretrained).is_file():
-            raise ValueError(f"model.pretrained: weights file not found: {self.pretrained}")
+        if isinstance(self.pretrained, str):
+            path = Path(self.pretrained)
+            if path.is_dir() and self.source != "transformers":
+                raise ValueError(f"model.pretrained: {path} is a folder; {self.source} takes a weights file "
+                                 "(a folder is a transformers checkpoint: model.source transformers)")
+            if not path.exists():
+                raise ValueError(f"model.pretrained: weights file not found: {self.pretrained}")
         return self
 
 
@@ -76,6 +84,9 @@ class DataSpec(_Strict):
     workers: int | None = _f(None, "DataLoader worker processes reading calibration images (default: one per "
                                    "spare core, at most 8; 0 reads in the main process)", ge=0)
     seed: int = _f(0, "seeds the split, synthetic images and a random-init model")
+    class_names: str | None = _f(None, "a text file of readable class names, one per line in the sorted class "
+                                       "folder order, for zero-shot and the image-text view (default: the folder "
+                                       "names; ImageNet WordNet ids are looked up)")
 
     @model_validator(mode="after")
     def _check(self) -> DataSpec:
@@ -84,22 +95,36 @@ class DataSpec(_Strict):
                 raise ValueError("data.path is required when data.source is 'folder'")
             if not Path(self.path).is_dir():
                 raise ValueError(f"data.path: not a directory: {self.path}")
+        cores = os.cpu_count() or 1
+        if self.workers is not None and self.workers > cores:
+            raise ValueError(f"data.workers: {self.workers} is more than this machine's {cores} cores")
+        if self.class_names is not None and not Path(self.class_names).is_file():
+            raise ValueError(f"data.class_names: file not found: {self.class_names}")
         return self
 
 
 class PruneSpec(_Strict):
     criterion: Criterion = _f("entropy", "entropy (label-free) | ce (labels) | magnitude | random")
     search: Literal["adaptive", "uniform"] = _f("adaptive", "adaptive (per-block binary search) | uniform")
-    threshold: float = _f(0.01, "adaptive: the validation loss (nats) each block may add", ge=0)
+    threshold: float = _f(0.01, "adaptive: the search loss (nats) each block may add over the last accepted "
+                                "loss; with search_loss divergence: nats of KL from the original model", ge=0)
     keep_ratio: float | None = _f(None, "uniform: fraction of hidden neurons kept", gt=0, le=1)
     target_params: float | None = _f(None, "adaptive: a parameter budget as a fraction of the original "
                                            "(an outer search over the threshold)", gt=0, le=1)
-    taylor: Taylor = _f("abs", "rank neurons by mean |a*g| (abs, the paper's) or mean a*g (signed)")
-    temperature: float = _f(15.0, "inverse temperature of the entropy over embeddings (15 CLIP, 20 DINOv2)", gt=0)
-    loss_view: Literal["image-image", "image-text"] = _f(
-        "image-image", "entropy over image-image similarities (the reference code's default for every family) "
-                       "or, for open_clip models with a class folder, over image-text and text-image similarities "
-                       "with the class prompts")
+    taylor: Taylor = _f("abs", "abs: per image |sum over tokens of a*g|, averaged (the reference code's); "
+                               "token: per token |a*g|, averaged; signed: the signed token sum")
+    temperature: float | None = _f(None, "inverse temperature T of the loss's softmax (over T * similarities, or "
+                                         "T * logits); default 15 for image-image and image-text (the reference's "
+                                         "CLIP value; its DINOv2 configs use 20), 1 for predictions", gt=0)
+    loss_view: Literal["auto", "predictions", "image-image", "image-text"] = _f(
+        "auto", "what the entropy is taken over: auto = predictions (softmax of the logits) for a classifier head, "
+                "image-image (the batch's feature similarities, the reference code's loss) for an embedding model; "
+                "image-text: open_clip models with a class folder, image-text and text-image similarities with the "
+                "class prompts")
+    search_loss: SearchLoss = _f("divergence", "what the width search holds each block to: divergence (KL of the "
+                                               "original's distribution to the pruned model's, in the loss view: 0 "
+                                               "unpruned, never below) or entropy (the level, as the reference code; "
+                                               "it can fall as neurons go). The ce criterion searches with ce")
     steps: int = _f(6, "bisection steps per block", ge=1, le=20)
     align: int = _f(1, "kept widths are multiples of this (e.g. 64 for tensor cores)", ge=1)
     cache: bool = _f(True, "replay the hidden states entering each block during the search (false: the "
@@ -110,8 +135,9 @@ class PruneSpec(_Strict):
     def _check(self) -> PruneSpec:
         if self.search == "uniform" and self.keep_ratio is None:
             raise ValueError("prune.keep_ratio is required when prune.search is 'uniform'")
-        if self.loss_view == "image-text" and self.criterion != "entropy":
-            raise ValueError("prune.loss_view: image-text is a form of the entropy criterion (prune.criterion: entropy)")
+        if self.loss_view != "auto" and self.criterion == "ce":
+            raise ValueError(f"prune.loss_view: {self.loss_view} is a view of the label-free loss; the ce criterion "
+                             "uses the labels")
         if self.search == "uniform" and self.target_params is not None:
             raise ValueError("prune.target_params works with prune.search 'adaptive' (it searches the threshold)")
         return self
@@ -222,6 +248,9 @@ class Recipe(_Strict):
         if self.prune.loss_view == "image-text" and (self.model.source != "open_clip" or self.data.source != "folder"):
             raise ValueError("prune.loss_view: image-text needs an open_clip model (its text tower) and a class "
                              "folder (data.source: folder with one subfolder per class) for the prompts")
+        if self.distill.path is not None and self.data.source != "folder":
+            raise ValueError(f"distill.path works with data.source folder; with {self.data.source} the "
+                             "distillation images are the data source's own (remove distill.path)")
         if self.compile.precision == "bf16" and self.export.opset < 22:
             raise ValueError(f"compile.precision bf16 needs export.opset >= 22 (ONNX allows bfloat16 Conv from "
                              f"opset 22), got {self.export.opset}")
@@ -260,7 +289,7 @@ def _submodel(annotation: Any) -> type[BaseModel] | None:
 
 # Keys holding paths: relative paths are resolved against the recipe's folder (in the file) or
 # the working directory (on the command line), so a build does not depend on where it runs.
-_PATH_KEYS = (("model", "pretrained"), ("data", "path"), ("distill", "path"))
+_PATH_KEYS = (("model", "pretrained"), ("data", "path"), ("data", "class_names"), ("distill", "path"))
 
 
 def parse_override(item: str) -> tuple[list[str], Any]:
@@ -269,7 +298,7 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     if not sep or not key or any(not part for part in key.split(".")):
         raise UserError(f"override {item!r}: expected KEY=VALUE with a dotted key, e.g. prune.threshold=0.02")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else None
+        value = yaml.load(raw, Loader=_StrictLoader) if raw.strip() else None  # noqa: S506 - a SafeLoader
     except yaml.YAMLError:
         value = raw
     return key.split("."), value
@@ -303,6 +332,17 @@ class _StrictLoader(yaml.SafeLoader):
                 raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
             seen.add(key)
         return super().construct_mapping(node, deep)
+
+
+# YAML 1.2's float rule: PyYAML (YAML 1.1) reads 1e-3 and 3e4 as strings; users write numbers so.
+_StrictLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+                |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+                |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
+                |[-+]?\.(?:inf|Inf|INF)
+                |\.(?:nan|NaN|NAN))$""", re.X),
+    list("-+0123456789."))
 
 
 def read_yaml(path: str | Path) -> dict:

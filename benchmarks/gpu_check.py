@@ -12,7 +12,12 @@ failure never hides the others:
   latency    original vs pruned ViT-L/14 and ViT-g/14 (widths from a real budget search removing
              about 40% of MLP neurons, and the same widths aligned to 64): torch eager fp16 and
              torch.compile at batch 1, 32, 128: p50, throughput, and the FLOP ratio beside them
-Writes OUT/gpu_check.json and OUT/gpu_check.md with the device's name and the date.
+Sections run most important first, each checked against the time left (`--budget`, 540 s: one
+10-minute device call with the machine's start excluded) and skipped as "not run (time)" when its
+estimate does not fit; results are saved after every section (and latency rows as they are
+measured) to OUT/gpu_check.json and OUT/gpu_check.md (OUT: `--out`, default $OUT, the folder the
+device tool brings back), with the device's name and the date; the table is printed at the end.
+The quickstart build runs in a temporary folder; only its report.json is kept (OUT/quickstart_report.json).
 
 `--cpu-smoke` runs the same code on tiny models on the CPU (no pytest, no torch.compile, no
 quickstart rerun) in well under a minute: it proves the script, never a GPU figure.
@@ -24,6 +29,7 @@ import argparse
 import copy
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -38,9 +44,9 @@ from _common import print_table  # noqa: E402
 
 from amp_deploy.data import load_synthetic_data  # noqa: E402
 from amp_deploy.measure.metrics import count_flops, latency  # noqa: E402
-from amp_deploy.prune.families import Loaded, count_params, load_timm  # noqa: E402
+from amp_deploy.prune.families import Loaded, count_params, load_timm, spread_init  # noqa: E402
 from amp_deploy.prune.rebuild import apply_widths  # noqa: E402
-from amp_deploy.prune.score import loss_fn, taylor_scores  # noqa: E402
+from amp_deploy.prune.score import DEFAULT_TEMPERATURE, Divergence, default_view, loss_fn, taylor_scores  # noqa: E402
 from amp_deploy.prune.search import adaptive_widths, budget_widths, uniform_widths, width_grid  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -57,28 +63,40 @@ SMOKE = {
 
 
 class Check:
-    """Runs sections, keeps their results and timings; a failing section is recorded, not raised."""
+    """Runs sections in order of importance, saving after each; a failing section is recorded, not
+    raised, and a section whose estimate does not fit the time left is recorded "not run (time)"."""
 
-    def __init__(self, budget_s: float) -> None:
-        self.start, self.budget_s, self.sections = time.perf_counter(), budget_s, {}
+    def __init__(self, budget_s: float, save: Callable[[], None]) -> None:
+        self.start, self.budget_s, self.sections, self.save = time.perf_counter(), budget_s, {}, save
 
     def elapsed(self) -> float:
         return time.perf_counter() - self.start
 
-    def run(self, name: str, fn: Callable[[], dict], skip: str | None = None) -> None:
+    def left(self) -> float:
+        return self.budget_s - self.elapsed()
+
+    def run(self, name: str, fn: Callable[[dict], dict | None], skip: str | None = None, estimate_s: float = 0.0) -> None:
+        """`fn(record)` fills `record` as it measures (figures survive a failure half-way) and may return more."""
+        if skip is None and estimate_s > self.left():
+            skip = f"time: needs about {estimate_s:.0f} s, {max(self.left(), 0):.0f} s of the {self.budget_s:.0f} s left"
         if skip:
             self.sections[name] = {"status": "not run", "reason": skip}
             print(f"[{name}] not run: {skip}", flush=True)
+            self.save()
             return
         t0 = time.perf_counter()
         print(f"[{name}] ...", flush=True)
+        record: dict = {"status": "running"}
+        self.sections[name] = record
         try:
-            self.sections[name] = {"status": "ok", **fn()}
+            record.update(fn(record) or {})
+            record["status"] = "ok"
         except Exception as e:  # noqa: BLE001 - a section that breaks is a result, the others still run
-            self.sections[name] = {"status": "failed", "reason": f"{type(e).__name__}: {e}"[:500],
-                                   "traceback": traceback.format_exc()[-2000:]}
-        self.sections[name]["seconds"] = round(time.perf_counter() - t0, 1)
-        print(f"[{name}] {self.sections[name]['status']} in {self.sections[name]['seconds']} s", flush=True)
+            record.update(status="failed", reason=f"{type(e).__name__}: {e}"[:500],
+                          traceback=traceback.format_exc()[-2000:])
+        record["seconds"] = round(time.perf_counter() - t0, 1)
+        print(f"[{name}] {record['status']} in {record['seconds']} s", flush=True)
+        self.save()
 
 
 def _sync(device: torch.device) -> None:
@@ -99,6 +117,7 @@ def _peak(device: torch.device) -> int | None:
 def _model(spec: tuple[str, dict], device: torch.device, seed: int = 0) -> Loaded:
     torch.manual_seed(seed)
     loaded = load_timm(spec[0], False, spec[1])
+    spread_init(loaded.model)  # LayerScale 1e-5 at random init makes every embedding alike: checks would prove nothing
     loaded.model.to(device)
     return loaded
 
@@ -111,23 +130,31 @@ def _data(loaded: Loaded, calibration: int, validation: int):
 # --- sections --------------------------------------------------------------------------------------
 
 
-def section_pytest() -> dict:
+def section_pytest(record: dict) -> dict:
     res = subprocess.run([sys.executable, "-m", "pytest", "-m", "gpu or trt", "-q", "-rs", "-p", "no:cacheprovider"],
                          cwd=REPO, capture_output=True, text=True, timeout=240)
-    tail = [ln for ln in res.stdout.splitlines() if ln.strip()][-12:]
+    lines = [ln for ln in res.stdout.splitlines() if ln.strip()]
+    summary = next((ln.strip("= ") for ln in reversed(lines) if re.search(r"\d+ (passed|failed|skipped|deselected)|"
+                                                                          r"no tests ran", ln)), "")
     if res.returncode not in (0, 5):
-        raise RuntimeError(f"pytest exit {res.returncode}: {' | '.join(tail[-3:])}")
-    return {"exit": res.returncode, "summary": tail[-1] if tail else "", "skips": [ln for ln in tail if "SKIP" in ln]}
+        raise RuntimeError(f"pytest exit {res.returncode}: {summary or ' | '.join(lines[-3:])}")
+    return {"exit": res.returncode, "summary": summary, "skips": [ln for ln in lines if "SKIP" in ln][:12]}
 
 
-def section_quickstart(device: torch.device, out: Path) -> dict:
-    folder = out / "quickstart"
-    cmd = [sys.executable, "-m", "amp_deploy.cli", "build", str(REPO / "recipes" / "quickstart.yaml"), "--out",
-           str(folder), "--device", device.type, "--force", "runtimes=[onnxruntime, torch]"]
-    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-    if res.returncode != 0:
-        raise RuntimeError(f"build exit {res.returncode}: {res.stderr.strip().splitlines()[-1:]}")
-    rep = json.loads((folder / "report.json").read_text())
+def section_quickstart(device: torch.device, out: Path, record: dict) -> dict:
+    """The quickstart build in a temporary folder; only its report.json is kept, under OUT."""
+    import shutil
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp) / "quickstart"
+        cmd = [sys.executable, "-m", "amp_deploy.cli", "build", str(REPO / "recipes" / "quickstart.yaml"), "--out",
+               str(folder), "--device", device.type, "--force", "runtimes=[onnxruntime, torch]"]
+        res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+        if res.returncode != 0:
+            raise RuntimeError(f"build exit {res.returncode}: {res.stderr.strip().splitlines()[-1:]}")
+        shutil.copyfile(folder / "report.json", out / "quickstart_report.json")
+    rep = json.loads((out / "quickstart_report.json").read_text())
     rows = {n: {"status": r["status"], "speedup": r.get("speedup"), "max_abs_err": (r.get("parity") or {}).get(
         "max_abs_err"), "settings": r.get("settings")} for n, r in rep["runtimes"].items()}
     return {"params_ratio": rep["params"]["ratio"], "accuracy": [rep["fidelity"]["accuracy_original"],
@@ -135,14 +162,25 @@ def section_quickstart(device: torch.device, out: Path) -> dict:
             "device": rep["environment"]["device"], "gpu": rep["environment"]["gpu"]}
 
 
+def _view(loaded: Loaded) -> tuple[str, float]:
+    view = default_view(loaded.output)
+    return view, 20.0 if view == "image-image" else DEFAULT_TEMPERATURE[view]  # DINOv2: the reference's 20
+
+
+def _search_loss(loaded: Loaded) -> Divergence:
+    """The build's default search loss (divergence from the original, in the scoring view)."""
+    return Divergence(*_view(loaded))
+
+
 def _score(loaded: Loaded, batches, device, autocast: bool, checkpointing: bool):
-    loss = loss_fn("entropy", loaded.output, 20.0)
+    loss = loss_fn("entropy", *_view(loaded))
     return taylor_scores(loaded, batches, loss, device, autocast=autocast, checkpointing=checkpointing)["abs"]
 
 
-def largest_batch(loaded: Loaded, device: torch.device, start: int, limit: int) -> dict:
-    """Double the calibration batch until one fwd+bwd (bf16, checkpointing) runs out of memory."""
-    fits, tried = None, []
+def largest_batch(loaded: Loaded, device: torch.device, start: int, limit: int, record: dict) -> None:
+    """Double the calibration batch until one fwd+bwd (bf16, checkpointing) runs out of memory; each
+    batch is written into `record` as soon as it is measured (a failure keeps the figures before it)."""
+    record.update(largest_fitting=None, tried=[], limit=limit)
     b = start
     while b <= limit:
         _peak_reset(device)
@@ -150,47 +188,62 @@ def largest_batch(loaded: Loaded, device: torch.device, start: int, limit: int) 
             x = torch.randn(b, *loaded.input_size, device=device)
             _score(loaded, [(x, None)], device, autocast=True, checkpointing=True)
             _sync(device)
-            fits = b
-            tried.append([b, "fits", _peak(device)])
+            record["largest_fitting"] = b
+            record["tried"].append([b, "fits", _peak(device)])
         except torch.OutOfMemoryError:
-            tried.append([b, "out of memory", None])
+            record["tried"].append([b, "out of memory", None])
+            break
+        except Exception as e:  # noqa: BLE001 - another allocation failure ends the probe, figures kept
+            record["tried"].append([b, f"failed: {type(e).__name__}: {str(e)[:200]}", None])
             break
         finally:
             x = None
         b *= 2
     _peak_reset(device)
-    return {"largest_fitting": fits, "tried": tried, "limit": limit}
 
 
-def section_scale(models: dict, device: torch.device, smoke: bool, calibration: int, validation: int) -> dict:
+def section_scale(models: dict, device: torch.device, smoke: bool, calibration: int, validation: int,
+                  record: dict) -> None:
     loaded = _model(models["giant"], device)
     data = _data(loaded, calibration, validation)
-    result: dict = {"model": models["giant"][0], "params": count_params(loaded.model), "images":
-                    [calibration, validation], "input": list(loaded.input_size)}
+    record.update(model=models["giant"][0], params=count_params(loaded.model), images=[calibration, validation],
+                  input=list(loaded.input_size))
+    warm = [next(data.calibration.batches(32))]
+    _score(loaded, warm, device, autocast=True, checkpointing=True)  # warm-up: kernels, allocator, autotuning
     _peak_reset(device)
     _sync(device)
     t0 = time.perf_counter()
     scores = _score(loaded, data.calibration.batches(32), device, autocast=True, checkpointing=True)
     _sync(device)
     secs = time.perf_counter() - t0
-    result["score"] = {"seconds": round(secs, 2), "images_per_s": round(calibration / secs, 1),
-                       "peak_bytes": _peak(device), "batch": 32, "bf16_autocast": True, "checkpointing": True}
-    loss = loss_fn("entropy", loaded.output, 20.0)
-    threshold = 0.01
-    for mode in ("cached", "naive"):
+    record["score"] = {"seconds": round(secs, 2), "images_per_s": round(calibration / secs, 1),
+                       "peak_bytes": _peak(device), "batch": 32, "bf16_autocast": True, "checkpointing": True,
+                       "warmed_up": True}
+    record["scores_spread"] = _spread(scores)
+    loss = _search_loss(loaded)
+    # both schemes warmed alike: one untimed cached search first, then naive, cached (timed) in turn
+    adaptive_widths(copy.deepcopy(loaded), scores, data.validation, loss=loss, threshold=0.01, batch_size=32,
+                    device=device, cached=True, autocast=True, steps=1)
+    for mode in ("naive", "cached"):
         target = copy.deepcopy(loaded)
         _peak_reset(device)
         _sync(device)
         t0 = time.perf_counter()
-        res = adaptive_widths(target, scores, data.validation, loss=loss, threshold=threshold, batch_size=32,
+        res = adaptive_widths(target, scores, data.validation, loss=loss, threshold=0.01, batch_size=32,
                               device=device, cached=mode == "cached", autocast=True)
         _sync(device)
-        result[f"search_{mode}"] = {"seconds": round(time.perf_counter() - t0, 2), "peak_bytes": _peak(device),
+        record[f"search_{mode}"] = {"seconds": round(time.perf_counter() - t0, 2), "peak_bytes": _peak(device),
                                     "block_forwards": res.block_forwards, "widths": res.widths}
         del target
-    result["search_same_widths"] = result["search_cached"]["widths"] == result["search_naive"]["widths"]
-    result["largest_calibration_batch"] = largest_batch(loaded, device, 4 if smoke else 64, 16 if smoke else 2048)
-    return result
+    record["search_same_widths"] = record["search_cached"]["widths"] == record["search_naive"]["widths"]
+    record["largest_calibration_batch"] = {}
+    largest_batch(loaded, device, 4 if smoke else 64, 16 if smoke else 2048, record["largest_calibration_batch"])
+
+
+def _spread(scores: list[torch.Tensor]) -> dict:
+    """Whether the scores say anything: their largest value and the mean per-block coefficient of variation."""
+    cv = [float(s.std() / s.mean().clamp_min(1e-30)) for s in scores]
+    return {"max": float(max(s.max() for s in scores)), "cv_mean": sum(cv) / len(cv)}
 
 
 def _spearman(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -198,13 +251,14 @@ def _spearman(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(torch.corrcoef(torch.stack([ra, rb]))[0, 1])
 
 
-def section_bf16(models: dict, device: torch.device, calibration: int, validation: int) -> dict:
+def section_bf16(models: dict, device: torch.device, calibration: int, validation: int, record: dict) -> dict:
     loaded = _model(models["base"], device)
     data = _data(loaded, calibration, validation)
     s32 = _score(loaded, data.calibration.batches(32), device, autocast=False, checkpointing=False)
     s16 = _score(loaded, data.calibration.batches(32), device, autocast=True, checkpointing=False)
     rho = [_spearman(a, b) for a, b in zip(s32, s16)]
-    loss = loss_fn("entropy", loaded.output, 15.0)
+    record.update(spearman_min=min(rho), scores_spread=_spread(s32))
+    loss = _search_loss(loaded)
     widths = {}
     for name, s in (("fp32", s32), ("bf16", s16)):
         widths[name] = adaptive_widths(copy.deepcopy(loaded), s, data.validation, loss=loss, threshold=0.01,
@@ -225,14 +279,15 @@ def _variants(spec, device, validation: int, calibration: int) -> tuple[dict[str
     data = _data(base, calibration, validation)
     scores = _score(base, data.calibration.batches(32), device, autocast=device.type == "cuda",
                     checkpointing=device.type == "cuda")
-    loss = loss_fn("entropy", base.output, 20.0)
+    loss = _search_loss(base)
     target = int((1 - 0.4 * mlp_fraction(base)) * count_params(base.model))
 
     def run(m: Loaded, t: float):
         return adaptive_widths(m, scores, data.validation, loss=loss, threshold=t, batch_size=32, device=device,
                                autocast=device.type == "cuda")
 
-    pruned, res, threshold, _ = budget_widths(lambda: copy.deepcopy(base), target, run, rounds=6)
+    pruned, res, threshold, _ = budget_widths(lambda: copy.deepcopy(base), target, run, rounds=4,
+                                              tolerance=int(0.02 * count_params(base.model)))
     widths, source = res.widths, f"adaptive search, budget {target / count_params(base.model):.3f}, threshold {threshold:.3g}"
     removed = 1 - sum(widths) / sum(base.widths())
     if abs(removed - 0.4) > 0.1:  # a random-init model's entropy can be flat: say so, time a 40% cut anyway
@@ -247,53 +302,72 @@ def _variants(spec, device, validation: int, calibration: int) -> tuple[dict[str
 
 
 def section_latency(check: Check, models: dict, device: torch.device, smoke: bool, batches: list[int],
-                    validation: int, compile_until_s: float) -> dict:
-    out = {}
+                    validation: int, compile_needs_s: float, record: dict) -> None:
+    """Eager rows for ViT-L then ViT-g; torch.compile rows for ViT-L only, when the time left allows."""
     for key in ("large", "giant"):
         variants, source = _variants(models[key], device, validation, max(64, validation))
         size = variants["original"].input_size
         flops = {k: count_flops(v.model, size) for k, v in variants.items()}
         removed = 1 - sum(variants["pruned"].widths()) / sum(variants["original"].widths())
-        rows = []
-        modes = ["eager"] + ([] if smoke else ["compile"])
-        for mode in modes:
-            if mode == "compile" and check.elapsed() > compile_until_s:
-                rows.append({"mode": mode, "status": f"not run: past the time budget ({compile_until_s:.0f} s)"})
-                continue
-            rows += _latency_rows(variants, mode, device, batches, flops)
-        out[key] = {"model": models[key][0], "mlp_removed": removed, "widths_from": source, "flops": flops,
-                    "widths": {k: v.widths() for k, v in variants.items()}, "rows": rows}
+        rows: list[dict] = []
+        record[key] = {"model": models[key][0], "mlp_removed": removed, "widths_from": source, "flops": flops,
+                       "widths": {k: v.widths() for k, v in variants.items()}, "rows": rows}
+        rows += _latency_rows(variants, "eager", device, batches, flops)
+        check.save()
+        if key == "large" and not smoke:
+            if check.left() < compile_needs_s:
+                rows.append({"mode": "compile", "status": f"not run (time): {check.left():.0f} s left, compile "
+                                                          f"rows need about {compile_needs_s:.0f} s"})
+            else:
+                rows += _latency_rows(variants, "compile", device, batches, flops)
+            check.save()
         del variants
         _peak_reset(device)
-    return out
+
+
+def _compiled(model: torch.nn.Module) -> tuple[torch.nn.Module, Callable[[], int]]:
+    """torch.compile with a fresh Dynamo state (each variant its own cache and recompile budget), and
+    a probe: how many graphs Dynamo compiled since (0: the model ran eager, whatever it is called)."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    return torch.compile(model, dynamic=True), lambda: int(counters["stats"]["unique_graphs"])
 
 
 def _latency_rows(variants: dict, mode: str, device, batches: list[int], flops: dict) -> list[dict]:
     from amp_deploy.deploy.runtimes import Runner
 
     dtype = torch.float16 if device.type == "cuda" else torch.float32
-    runners = {}
-    for k, v in variants.items():
-        m = copy.deepcopy(v.model).to(device, dtype).eval()
-        if mode == "compile":
-            m = torch.compile(m, dynamic=True)  # one compile serves every batch size
-
-        @torch.inference_mode()
-        def run(x, m=m):
-            return m(x)
-
-        runners[k] = Runner(run, sync=(torch.cuda.synchronize if device.type == "cuda" else None),
-                            events=device.type == "cuda")
     rows = []
     for b in batches:
         x = torch.randn(b, *variants["original"].input_size, device=device, dtype=dtype)
+        runners, graphs = {}, {}
+        for k, v in variants.items():
+            m = copy.deepcopy(v.model).to(device, dtype).eval()
+            if mode == "compile":
+                m, graphs[k] = _compiled(m)
+                with torch.inference_mode():
+                    m(x)  # compile now, for this batch size, before any timing
+
+            @torch.inference_mode()
+            def run(x, m=m):
+                return m(x)
+
+            runners[k] = Runner(run, sync=(torch.cuda.synchronize if device.type == "cuda" else None),
+                                events=device.type == "cuda")
         st = latency(runners, x, 3 if device.type == "cpu" else 10, 5 if device.type == "cpu" else 30, 0.0)
         for k in ("pruned", "aligned64"):
+            compiled = mode != "compile" or (graphs[k]() > 0 and graphs["original"]() > 0)
             speed = st["original"]["p50"] / st[k]["p50"]
-            rows.append({"mode": mode, "batch": b, "variant": k, "p50_ms": [st["original"]["p50"], st[k]["p50"]],
+            dev = [st[n].get("device", {}).get("p50") for n in ("original", k)]
+            rows.append({"mode": mode if compiled else "compile (fell back to eager: no graph ran)", "batch": b,
+                         "variant": k, "p50_ms": [st["original"]["p50"], st[k]["p50"]], "device_p50_ms": dev,
                          "images_per_s": [st["original"]["throughput"], st[k]["throughput"]], "speedup": speed,
                          "flop_speedup": flops["original"] / flops[k],
                          "realised_over_flop": speed / (flops["original"] / flops[k])})
+        del runners
     return rows
 
 
@@ -323,18 +397,21 @@ def render(result: dict) -> str:
         lines += ["", f"bf16 vs fp32 scores ({bf['model']}): Spearman min {bf['spearman_min']:.4f}, mean "
                   f"{bf['spearman_mean']:.4f}; widths agree: {bf['widths_agree']}."]
     la = result["sections"].get("latency", {})
-    for m in (la.values() if la.get("status") == "ok" else []):
+    for m in la.values():  # rows measured before a failure or the deadline are shown too
         if not isinstance(m, dict) or "rows" not in m:
             continue
         lines += ["", f"Latency {m['model']} ({m['mlp_removed']:.0%} of MLP neurons removed; widths: {m['widths_from']})", "",
-                  "| mode | batch | variant | p50 ms original -> pruned | images/s | speedup | FLOP speedup | realised/FLOP |",
-                  "|---|---:|---|---:|---:|---:|---:|---:|"]
+                  "| mode | batch | variant | p50 ms original -> pruned (host) | device p50 ms | images/s | speedup | "
+                  "FLOP speedup | realised/FLOP |",
+                  "|---|---:|---|---:|---:|---:|---:|---:|---:|"]
         for r in m["rows"]:
             if "status" in r:
-                lines.append(f"| {r['mode']} | | | {r['status']} | | | | |")
+                lines.append(f"| {r['mode']} | | | {r['status']} | | | | | |")
                 continue
+            dev = r.get("device_p50_ms") or [None, None]
+            dev_s = f"{dev[0]:.3f} -> {dev[1]:.3f}" if None not in dev else "n/a"
             lines.append(f"| {r['mode']} | {r['batch']} | {r['variant']} | {r['p50_ms'][0]:.3f} -> {r['p50_ms'][1]:.3f} | "
-                         f"{r['images_per_s'][0]:.0f} -> {r['images_per_s'][1]:.0f} | {r['speedup']:.2f}x | "
+                         f"{dev_s} | {r['images_per_s'][0]:.0f} -> {r['images_per_s'][1]:.0f} | {r['speedup']:.2f}x | "
                          f"{r['flop_speedup']:.2f}x | {r['realised_over_flop']:.2f} |")
     return "\n".join(lines) + "\n"
 
@@ -342,9 +419,10 @@ def render(result: dict) -> str:
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--cpu-smoke", action="store_true", help="tiny models on the CPU: proves the script, not a GPU")
-    ap.add_argument("--out", default=str(REPO / "out" / "gpu_check"), help="folder for gpu_check.json and .md")
-    ap.add_argument("--budget", type=float, default=480.0, help="seconds; torch.compile rows start only before "
-                                                                 "70%% of it has passed")
+    ap.add_argument("--out", default=os.environ.get("OUT") or str(REPO / "out" / "gpu_check"),
+                    help="folder for gpu_check.json, gpu_check.md and quickstart_report.json (default: $OUT)")
+    ap.add_argument("--budget", type=float, default=540.0, help="seconds for the whole check: a section that would "
+                                                                 "not fit the time left is recorded 'not run (time)'")
     args = ap.parse_args(argv)
     smoke = args.cpu_smoke
     if not smoke and not torch.cuda.is_available():
@@ -353,22 +431,36 @@ def main(argv: list[str] | None = None) -> dict:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     models = SMOKE if smoke else FULL
-    check = Check(args.budget)
-    check.run("pytest", section_pytest, skip="--cpu-smoke (the suite itself runs this script)" if smoke else None)
-    check.run("quickstart", lambda: section_quickstart(device, out), skip="--cpu-smoke" if smoke else None)
-    cal, val = (16, 8) if smoke else (256, 128)
-    check.run("scale", lambda: section_scale(models, device, smoke, cal, val))
-    check.run("bf16", lambda: section_bf16(models, device, cal, val))
-    check.run("latency", lambda: section_latency(check, models, device, smoke, [1, 2] if smoke else [1, 32, 128],
-                                                 8 if smoke else 32, 0.7 * args.budget))
     name = "CPU (smoke)" if smoke else torch.cuda.get_device_name()
     result = {"device": name, "date": time.strftime("%Y-%m-%d"), "smoke": smoke, "torch": torch.__version__,
-              "seconds": round(check.elapsed(), 1), "sections": check.sections, "host": os.uname().nodename}
-    (out / "gpu_check.json").write_text(json.dumps(result, indent=2, default=str))
-    (out / "gpu_check.md").write_text(render(result))
-    print_table(["section", "status", "seconds"], [[k, v["status"], v.get("seconds")] for k, v in check.sections.items()],
-                f"gpu_check on {name}, {result['seconds']} s")
+              "host": os.uname().nodename, "budget_s": args.budget}
+
+    def save() -> None:  # after every section: a check cut short still leaves its figures
+        result.update(seconds=round(check.elapsed(), 1), sections=check.sections)
+        _write(out / "gpu_check.json", json.dumps(result, indent=2, default=str))
+        _write(out / "gpu_check.md", render(result))
+
+    check = Check(args.budget, save)
+    cal, val = (16, 8) if smoke else (256, 128)
+    # the figures that matter most first: AMP at scale, then latency, bf16, the quickstart, the GPU tests
+    check.run("scale", lambda r: section_scale(models, device, smoke, cal, val, r), estimate_s=0 if smoke else 120)
+    check.run("latency", lambda r: section_latency(check, models, device, smoke, [1, 2] if smoke else [1, 32, 128],
+                                                   8 if smoke else 32, 0 if smoke else 150, r),
+              estimate_s=0 if smoke else 150)
+    check.run("bf16", lambda r: section_bf16(models, device, cal, val, r), estimate_s=0 if smoke else 40)
+    check.run("quickstart", lambda r: section_quickstart(device, out, r), skip="--cpu-smoke" if smoke else None,
+              estimate_s=60)
+    check.run("pytest", section_pytest, skip="--cpu-smoke (the suite itself runs this script)" if smoke else None,
+              estimate_s=120)
+    save()
+    print((out / "gpu_check.md").read_text(), flush=True)
     return result
+
+
+def _write(path: Path, text: str) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
 
 
 if __name__ == "__main__":

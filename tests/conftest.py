@@ -96,3 +96,21 @@ def tiny_recipe(tmp_path, **sections) -> "Path":
     path = tmp_path / "tiny.yaml"
     path.write_text(yaml.safe_dump(doc))
     return path
+
+
+from amp_deploy.prune.families import spread_init  # noqa: E402,F401 - re-exported for the tests
+
+
+def assert_not_degenerate(outputs: torch.Tensor | None = None, scores: list[torch.Tensor] | None = None,
+                          widths: list[int] | None = None, floor: list[int] | None = None) -> None:
+    """What a pruning check on a random-init model needs: features that differ between images, scores
+    that are not all ~0, and (after a search) widths not all at the search's floor."""
+    if outputs is not None:
+        f = torch.nn.functional.normalize(outputs.float().flatten(1), dim=-1)
+        off = (f @ f.T)[~torch.eye(len(f), dtype=torch.bool)]
+        assert off.mean() < 0.99 and off.std() > 1e-3, f"features all alike: cosines {off.mean():.6f} +- {off.std():.2e}"
+    if scores is not None:
+        top = max(float(s.abs().max()) for s in scores)
+        assert top > 1e-9, f"scores degenerate: largest {top:.2e}"
+    if widths is not None and floor is not None:
+        assert widths != floor, f"every block cut to the search's floor {floor}"

@@ -42,7 +42,7 @@ def test_a_failed_compile_is_not_recorded_and_the_next_build_tries_again(tmp_pat
 
 
 def test_tensorrt_version_comes_from_the_distribution_that_provides_the_module(tmp_path, monkeypatch):
-    from amp_deploy.build import manifest
+    from amp_deploy.pipeline import manifest
 
     pkg, dist = tmp_path / "tensorrt", tmp_path / "tensorrt_cu13_bindings-11.4.0.106.dist-info"
     pkg.mkdir()

@@ -8,6 +8,8 @@ import pytest
 import torch
 from torch import nn
 
+from tests.conftest import assert_not_degenerate, spread_init
+
 from amp_deploy import load_pruned
 from amp_deploy.checkpoint import save_pruned
 from amp_deploy.data import load_synthetic_data
@@ -16,7 +18,8 @@ from amp_deploy.deploy.runtimes import onnxruntime_runner
 from amp_deploy.errors import UserError
 from amp_deploy.prune.families import find_sites, load_model
 from amp_deploy.prune.rebuild import apply_widths, keep_top
-from amp_deploy.prune.score import loss_fn, taylor_scores
+from amp_deploy.measure.metrics import count_flops
+from amp_deploy.prune.score import DEFAULT_TEMPERATURE, Divergence, default_view, loss_fn, taylor_scores
 from amp_deploy.prune.search import adaptive_widths, uniform_widths
 
 HF_SMALL = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 128,
@@ -40,6 +43,10 @@ FAMILIES = {
         ("ViTModel", "", {}), ("ViTForImageClassification", "", {"num_labels": 10}), ("CLIPVisionModel", "", {}),
         ("CLIPVisionModelWithProjection", "", {"projection_dim": 32}), ("Dinov2Model", "", {}),
         ("Dinov2Model", "_swiglu", {"use_swiglu_ffn": True}), ("SiglipVisionModel", "", {})]},
+    # DINOv2's processor crops 224 whatever the config says: a 32-pixel crop keeps the test small
+    **{f"hf_Dinov2Model{tag}": ("transformers", "Dinov2Model", {"config": {**HF_SMALL, **extra}, "processor": {
+        "size": {"shortest_edge": 32}, "crop_size": {"height": 32, "width": 32}}})
+       for tag, extra in [("", {}), ("_swiglu", {"use_swiglu_ffn": True})]},
     "open_clip_vit": ("open_clip", "ViT-B-32", {
         "embed_dim": 32,
         "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "patch_size": 16, "head_width": 32},
@@ -47,30 +54,62 @@ FAMILIES = {
 }
 
 
-def _load(key):
+# timm families run in both forms: a classifier head (num_classes 10) and the embedding (num_classes 0)
+FORMS = [(key, form) for key, (source, _, _) in FAMILIES.items()
+         for form in (("head", "embedding") if source == "timm" else ("own",))]
+
+
+def _load(key, form="own", spread=True):
     source, name, kwargs = FAMILIES[key]
+    if form != "own":
+        kwargs = {**kwargs, "num_classes": 10 if form == "head" else 0}
     loaded = load_model(source, name, False, kwargs)
-    for m in loaded.model.modules():  # non-trivial norms over hidden neurons, so slicing them shows
-        if isinstance(m, nn.LayerNorm) and m.weight is not None:
-            with torch.no_grad():
-                m.weight.uniform_(0.5, 1.5)
-                m.bias.uniform_(-0.1, 0.1)
+    if spread:
+        spread_init(loaded.model)
     return loaded
 
 
-@pytest.mark.parametrize("key", FAMILIES)
-def test_family_prunes_round_trips_and_exports(key, tmp_path):
-    loaded = _load(key)
+def _floor(widths, steps):
+    """The smallest width a bisection of `steps` steps can reach on [1, h]."""
+    out = []
+    for h in widths:
+        left, right = -1, h - 1
+        for _ in range(steps):
+            mid = (left + right) // 2
+            if mid <= left:
+                break
+            right = mid
+        out.append(right + 1)
+    return out
+
+
+@pytest.mark.parametrize("key,form", FORMS)
+def test_family_prunes_round_trips_and_exports(key, form, tmp_path):
+    loaded = _load(key, form)
     original = loaded.widths()
     reference = copy.deepcopy(loaded)
     data = load_synthetic_data(calibration=8, validation=8, holdout=4, seed=0, transform=loaded.transform, size=loaded.input_size[1:])
     assert next(data.calibration.batches(8))[0].shape[1:] == loaded.input_size  # a stream of the model's input
-    loss = loss_fn("entropy", loaded.output, 15.0)
+    view = default_view(loaded.output)
+    loss = loss_fn("entropy", view, DEFAULT_TEMPERATURE[view])
     scores = taylor_scores(loaded, data.calibration.batches(4), loss, torch.device("cpu"))["abs"]
     assert [len(s) for s in scores] == original
+    with torch.no_grad():
+        assert_not_degenerate(reference.model(data.validation.images), scores)
 
-    res = adaptive_widths(loaded, scores, data.validation, batch_size=4, loss=loss, threshold=0.05, steps=4)
+    search = Divergence(view, DEFAULT_TEMPERATURE[view])
+    # how far every block cut to the floor moves the model: ~0 would make any search pass; the
+    # threshold is a small part of it, so a search that means something cannot reach the floor
+    floored = copy.deepcopy(reference)
+    apply_widths(floored, scores, _floor(original, 4))
+    with torch.no_grad():
+        x = data.validation.images
+        floor_loss = float(search(floored.model(x), None, reference.model(x)).mean())
+    assert floor_loss > 1e-8, f"the model's output does not depend on its MLPs: {floor_loss:.2e}"
+    res = adaptive_widths(loaded, scores, data.validation, batch_size=8, loss=search,
+                          threshold=floor_loss / (4 * len(original)), steps=4)
     assert all(1 <= w <= h for w, h in zip(res.widths, original)) and loaded.widths() == res.widths
+    assert_not_degenerate(widths=res.widths, floor=_floor(original, 4))
     for w, h in zip(uniform_widths(original, 0.5, 8), original):
         assert (w % 8 == 0 or w == h) and abs(w - h / 2) <= 4
 
@@ -78,6 +117,7 @@ def test_family_prunes_round_trips_and_exports(key, tmp_path):
     pruned = copy.deepcopy(reference)
     apply_widths(pruned, scores, widths)
     _check_same_neurons(reference, pruned, scores, widths)
+    assert 0 < count_flops(pruned.model, pruned.input_size) < count_flops(reference.model, reference.input_size)
     save_pruned(pruned, tmp_path / "p.safetensors", original)
     back = load_pruned(tmp_path / "p.safetensors")
     x = data.holdout.images
@@ -87,6 +127,16 @@ def test_family_prunes_round_trips_and_exports(key, tmp_path):
     path = export_onnx(pruned.model, tmp_path / "p.onnx", pruned.input_size, opset=18, batch_min=1, batch_opt=2, batch_max=4)
     out = onnxruntime_runner(path).run(x.numpy())
     assert np.abs(out - ref_out.numpy()).max() <= 1e-4
+
+
+def test_a_degenerate_random_init_fails_the_family_check():
+    """timm's DINOv2 factory as it comes (LayerScale 1e-5, class-token pooling): every image gets the
+    same embedding, so a family test on it would pass whatever pruning did; the check refuses it."""
+    loaded = _load("dinov2_reg4", "embedding", spread=False)
+    data = load_synthetic_data(calibration=8, validation=8, holdout=4, seed=0, transform=loaded.transform,
+                               size=loaded.input_size[1:])
+    with torch.no_grad(), pytest.raises(AssertionError, match="features all alike"):
+        assert_not_degenerate(loaded.model(data.validation.images))
 
 
 def _check_same_neurons(ref, pruned, scores, widths):

@@ -26,3 +26,60 @@ def test_gpu_check_cpu_smoke_runs_every_section_it_can(tmp_path):
         assert {r["batch"] for r in rows} == {1, 2} and all(r["flop_speedup"] > 1 for r in rows)
     md = (tmp_path / "gpu_check.md").read_text()
     assert "not GPU figures" in md and "realised/FLOP" in md
+
+
+def test_the_smoke_saves_under_out_and_prints_the_table(tmp_path):
+    """What the device tool brings back: a few files under --out, the table on stdout."""
+    res = subprocess.run([sys.executable, str(REPO / "benchmarks" / "gpu_check.py"), "--cpu-smoke", "--out",
+                          str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stdout + res.stderr
+    files = sorted(p.name for p in tmp_path.rglob("*") if p.is_file())
+    assert files == ["gpu_check.json", "gpu_check.md"], files
+    assert "| section | status | seconds | note |" in res.stdout and "| scale | ok |" in res.stdout
+
+
+def test_a_section_that_does_not_fit_the_time_left_is_not_run(tmp_path):
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import gpu_check
+
+    saves = []
+    check = gpu_check.Check(10.0, lambda: saves.append(1))
+    check.run("fits", lambda r: r.update(first=1) or {"second": 2}, estimate_s=1)
+    check.run("too long", lambda r: {}, estimate_s=60)
+
+    def half(r):
+        r["measured"] = 3
+        raise RuntimeError("allocation failed")
+
+    check.run("breaks", half)
+    s = check.sections
+    assert s["fits"]["status"] == "ok" and s["fits"]["first"] == 1 and s["fits"]["second"] == 2
+    assert s["too long"]["status"] == "not run" and s["too long"]["reason"].startswith("time:")
+    assert s["breaks"]["status"] == "failed" and s["breaks"]["measured"] == 3  # figures before the failure stay
+    assert len(saves) == 3  # saved after every section
+
+
+def test_the_carried_wheels_import_the_package_on_their_own(tmp_path):
+    """The wheels `make gpu-wheels` carries to the GPU machine, installed alone into an empty folder,
+    are what amp_deploy's recipe layer (pydantic) imports there."""
+    import re
+
+    wheels = re.search(r"^GPU_WHEELS\s*:=\s*(.+)$", (REPO / "Makefile").read_text(), re.M).group(1).split()
+    dl = subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:",
+                         "--python-version", f"{sys.version_info.major}.{sys.version_info.minor}", "-d",
+                         str(tmp_path / "whl"), *wheels], capture_output=True, text=True, timeout=300)
+    if dl.returncode != 0 and "Could not find" not in dl.stderr:
+        import pytest
+
+        pytest.skip(f"no package index reachable to download the carried wheels: {dl.stderr.strip()[-200:]}")
+    assert dl.returncode == 0, dl.stderr
+    site = tmp_path / "site"
+    inst = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--target",
+                           str(site), *map(str, (tmp_path / "whl").glob("*.whl"))], capture_output=True, text=True)
+    assert inst.returncode == 0, inst.stderr
+    code = ("import pydantic, pydantic_core, typing_extensions, amp_deploy.recipe as r; "
+            "print(pydantic_core.__file__, typing_extensions.__file__); r.Recipe")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env={"PYTHONPATH": f"{site}:{REPO}", "PATH": "/usr/bin:/bin"})
+    assert run.returncode == 0, run.stderr
+    assert all(p.startswith(str(site)) for p in run.stdout.split()), run.stdout  # the carried copies, not the venv's

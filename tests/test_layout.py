@@ -26,10 +26,10 @@ def test_the_layer_contracts_hold():
 def test_an_import_of_build_from_prune_breaks_them(tmp_path):
     shutil.copytree(REPO / "amp_deploy", tmp_path / "amp_deploy", ignore=shutil.ignore_patterns("__pycache__", "assets"))
     victim = tmp_path / "amp_deploy" / "prune" / "score.py"
-    victim.write_text(victim.read_text() + "\n\ndef _leak():\n    from amp_deploy.build.context import Context  # noqa\n")
+    victim.write_text(victim.read_text() + "\n\ndef _leak():\n    from amp_deploy.pipeline.context import Context  # noqa\n")
     res = _lint(tmp_path)
     assert res.returncode != 0
-    assert "amp_deploy.prune.score -> amp_deploy.build.context" in res.stdout, res.stdout
+    assert "amp_deploy.prune.score -> amp_deploy.pipeline.context" in res.stdout, res.stdout
 
 
 def test_every_package_opens_with_a_one_line_docstring():

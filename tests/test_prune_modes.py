@@ -7,9 +7,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from amp_deploy.build.context import Context
-from amp_deploy.build.run import run_stages
-from amp_deploy.build.stages import PRUNE_STAGES
+from amp_deploy.pipeline.context import Context
+from amp_deploy.pipeline.run import run_stages
+from amp_deploy.pipeline.stages import PRUNE_STAGES
 from amp_deploy.recipe import load_recipe
 
 from .conftest import QUICKSTART, build, tiny_recipe

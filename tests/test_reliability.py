@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
-from amp_deploy.build.lock import FolderLock
+from amp_deploy.pipeline.lock import FolderLock
 from amp_deploy.data import load_folder_data, to_rgb
 from amp_deploy.errors import UserError
 from amp_deploy.prune.families import read_state_dict
@@ -72,7 +72,7 @@ def test_a_live_lock_refuses_a_second_build(tmp_path):
     holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
         time.sleep(0.2)
-        from amp_deploy.build.lock import _start_time
+        from amp_deploy.pipeline.lock import _start_time
 
         (out / ".lock").write_text(json.dumps({"host": os.uname().nodename, "pid": holder.pid,
                                                 "start": _start_time(holder.pid)}))
@@ -149,7 +149,7 @@ def test_output_path_that_is_a_file(tmp_path):
 
 
 def test_no_space_left_is_a_clear_error(tmp_path, monkeypatch):
-    from amp_deploy.build.folder import BuildFolder
+    from amp_deploy.pipeline.folder import BuildFolder
 
     def full(*_a, **_k):
         raise OSError(28, "No space left on device", "scores.safetensors")
@@ -209,8 +209,8 @@ def test_empty_folder_and_too_few_images_exit_2(tmp_path):
 
 
 def test_another_machine_recompiles_and_revalidates_but_keeps_the_pruning(monkeypatch):
-    from amp_deploy.build import manifest
-    from amp_deploy.build.stages import STAGES
+    from amp_deploy.pipeline import manifest
+    from amp_deploy.pipeline.stages import STAGES
     from amp_deploy.recipe import load_recipe
 
     recipe = load_recipe(QUICKSTART)

@@ -45,8 +45,8 @@ def test_build_settings_follow_the_recipe():
 
 
 def test_compile_settings_come_from_the_recipe_sections(tmp_path):
-    from amp_deploy.build.context import Context
-    from amp_deploy.build.stages import compile_settings
+    from amp_deploy.pipeline.context import Context
+    from amp_deploy.pipeline.stages import compile_settings
     from amp_deploy.recipe import load_recipe
 
     r = load_recipe(QUICKSTART, ["compile.precision=bf16", "export.opset=22", "compile.workspace_mib=512",

@@ -48,27 +48,143 @@ def test_taylor_scores_equal_a_times_grad_by_hand():
     batches = [(torch.randn(6, 4, 8), None), (torch.randn(6, 4, 8), None)]
     got = taylor_scores(_loaded(net), batches, loss_fn("entropy", "logits", 15.0), torch.device("cpu"))
 
-    expect_abs = torch.zeros(3, 16)
-    expect_signed = torch.zeros(3, 16)
+    expect = {k: torch.zeros(3, 16) for k in ("abs", "token", "signed")}
     for x, _ in batches:
         acts, h = [], x
         for blk in net.blocks:
             a = blk.mlp.act(blk.mlp.fc1(h))
             acts.append(a)
             h = h + blk.mlp.fc2(a)
-        loss = entropy(net.head(h.mean(1)), "logits", 15.0).mean()
+        loss = entropy(15.0 * net.head(h.mean(1)), "predictions", 1.0).mean()
         grads = torch.autograd.grad(loss, acts)
         for i, (a, g) in enumerate(zip(acts, grads)):
-            expect_abs[i] += (a * g).abs().mean((0, 1)) / len(batches)
-            expect_signed[i] += (a * g).mean((0, 1)) / len(batches)
+            expect["abs"][i] += (a * g).sum(1).abs().mean(0) / len(batches)  # per image |token sum|
+            expect["token"][i] += (a * g).abs().mean((0, 1)) / len(batches)
+            expect["signed"][i] += (a * g).sum(1).mean(0) / len(batches)
 
     assert [s.shape for s in got["abs"]] == [torch.Size([16])] * 3
-    torch.testing.assert_close(torch.stack(got["abs"]), expect_abs)
-    torch.testing.assert_close(torch.stack(got["signed"]), expect_signed)
+    for k, v in expect.items():
+        torch.testing.assert_close(torch.stack(got[k]), v)
     assert all((s >= 0).all() for s in got["abs"])
     assert (torch.stack(got["signed"]) < 0).any()  # signed scores really keep their sign
     assert got["abs"][1][3] == 0 and got["abs"][0][5] == 0
     assert not any(p.requires_grad is False for p in net.parameters())  # frozen only while scoring
+
+
+class EmbedNet(TokenNet):
+    """Tokens in, an embedding out (the mean token): what DINOv2 and CLIP towers serve."""
+
+    def forward(self, x):
+        return self.blocks(x).mean(1)
+
+
+def _reference_scores(net, batches, temp_inv):
+    """The reference code's formula, written directly: hook fc2's input, image-image entropy of the
+    L2-normalised features at inverse temperature temp_inv, s_j = |sum over tokens of a_j g_j| per
+    image, averaged over the batch's images, summed over batches and divided by their number."""
+    saved = []
+
+    def keep(module, args, out):
+        args[0].retain_grad()
+        saved.append(args[0])
+
+    hooks = [blk.mlp.fc2.register_forward_hook(keep) for blk in net.blocks]
+    total = [torch.zeros(blk.mlp.fc2.in_features) for blk in net.blocks]
+    for x, _ in batches:
+        saved.clear()
+        x = x.clone().requires_grad_(True)
+        f = torch.nn.functional.normalize(net(x), dim=-1)
+        p = torch.softmax(temp_inv * f @ f.T, dim=-1)
+        (-(p * torch.log(p)).sum(-1)).mean().backward()
+        for i, a in enumerate(saved):
+            total[i] += (a * a.grad).sum(1).abs().mean(0)
+    for h in hooks:
+        h.remove()
+    net.zero_grad()
+    return [t / len(batches) for t in total]
+
+
+def _reference_search(net, scores, x, temp_inv, threshold, steps):
+    """The reference search, written directly on masks (zeroed fc1 rows and fc2 columns, the whole
+    model every step): last block first, bisection over the width, accept a candidate when the
+    validation entropy grew by at most `threshold` over the last accepted loss."""
+    def val_loss():
+        with torch.no_grad():
+            f = torch.nn.functional.normalize(net(x), dim=-1)
+            p = torch.softmax(temp_inv * f @ f.T, dim=-1)
+            return float((-(p * torch.log(p)).sum(-1)).mean())
+
+    def mask(i, w):
+        mlp, orig = net.blocks[i].mlp, originals[i]
+        keep = torch.zeros(len(scores[i]), dtype=torch.bool)
+        keep[scores[i].argsort(descending=True)[:w]] = True
+        with torch.no_grad():
+            mlp.fc1.weight.copy_(orig[0] * keep[:, None])
+            mlp.fc1.bias.copy_(orig[1] * keep)
+            mlp.fc2.weight.copy_(orig[2] * keep[None, :])
+
+    originals = [(b.mlp.fc1.weight.clone(), b.mlp.fc1.bias.clone(), b.mlp.fc2.weight.clone()) for b in net.blocks]
+    prev, widths = val_loss(), []
+    for i in reversed(range(len(net.blocks))):
+        h = len(scores[i])
+        left, right, best, best_loss = -1, h - 1, None, prev  # over widths 1..h (index k: width k + 1)
+        for _ in range(steps):
+            mid = (left + right) // 2
+            if mid <= left:
+                break
+            mask(i, mid + 1)
+            cand = val_loss()
+            if cand - prev <= threshold:
+                right, best, best_loss = mid, mid + 1, cand
+            else:
+                left = mid
+        mask(i, best if best is not None else h)
+        prev = best_loss
+        widths.insert(0, best if best is not None else h)
+    return widths
+
+
+def test_scores_and_widths_equal_the_reference_formula():
+    """Issue 18: our scores equal the reference formula to float precision, and the cached search
+    with the reference's entropy level gives the reference search's widths at the same threshold."""
+    torch.manual_seed(0)
+    net = EmbedNet(d=16, h=32, depth=4)
+    batches = [(torch.randn(8, 5, 16), None) for _ in range(3)]
+    loaded = Loaded(net.eval(), *find_sites(net), "embedding", transform=None, input_size=(5, 16, 1))
+    ours = taylor_scores(loaded, batches, loss_fn("entropy", "image-image", 20.0), torch.device("cpu"))["abs"]
+    ref = _reference_scores(copy.deepcopy(net), batches, 20.0)
+    for a, b in zip(ours, ref):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-9)
+    x = torch.randn(24, 5, 16)
+    for threshold in (0.002, 0.01, 0.05):
+        res = adaptive_widths(copy.deepcopy(loaded), ours, Split(x, None), batch_size=24,
+                              loss=loss_fn("entropy", "image-image", 20.0), threshold=threshold, steps=6)
+        assert res.widths == _reference_search(copy.deepcopy(net), ref, x, 20.0, threshold, 6), threshold
+
+
+def test_a_falling_loss_is_recorded_and_divergence_cannot_fall():
+    """A level criterion that falls as neurons go lets every block be cut to the floor; the search
+    records it. The divergence from the original is 0 unpruned and never below."""
+    from amp_deploy.prune.score import Divergence
+
+    torch.manual_seed(0)
+    net = EmbedNet(d=16, h=32, depth=3)
+    loaded = Loaded(net.eval(), *find_sites(net), "embedding", transform=None, input_size=(5, 16, 1))
+    x = Split(torch.randn(24, 5, 16), None)
+    scores = [torch.rand(32) for _ in range(3)]
+
+    with torch.no_grad():
+        target = net(x.images)
+
+    def falling(out, labels):  # lower the further the output moves from the original's: pruning lowers it
+        return -((out - target[: len(out)]) ** 2).sum(-1)
+
+    res = adaptive_widths(copy.deepcopy(loaded), scores, x, batch_size=24, loss=falling, threshold=1e-6, steps=6)
+    assert len(res.fell) == 3 and all(f["loss"] < f["loss_before"] for f in res.fell)
+    assert res.widths == [1, 1, 1]  # every block cut to the floor by the falling criterion
+    div = adaptive_widths(copy.deepcopy(loaded), scores, x, batch_size=24, loss=Divergence("image-image", 20.0),
+                          threshold=1e-6, steps=6)
+    assert div.base_loss == 0.0 and not div.fell and all(v >= -1e-9 for v in div.losses)
 
 
 def _known_answer_net(keep: list[int]) -> TokenNet:
@@ -158,7 +274,7 @@ def test_torchrun_launched_by_the_user_scores_and_a_later_build_skips_it(tmp_pat
     one, two = tmp_path / "one", tmp_path / "two"
     assert build(recipe, "--out", one).exit_code == 0
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           "-m", "amp_deploy.build.launch", str(two), "cpu", "score", "--recipe", str(recipe), "prune.steps=3"]
+           "-m", "amp_deploy.pipeline.launch", str(two), "cpu", "score", "--recipe", str(recipe), "prune.steps=3"]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]
     res = build(recipe, "--out", two)

@@ -20,12 +20,29 @@ from amp_deploy.errors import require_finite
 from amp_deploy.numerics import fp32_reference
 
 
+class _Totals:
+    """Stands in for FlopCounterMode's module tracker: we need the total only. The tracker hooks
+    every module's backward, which fails inside some heads (timm's SigLIP attention-pool head:
+    "Expected gradient function to be set"), so counting would break on those families."""
+
+    parents = frozenset({"Global"})
+
+    def __enter__(self) -> _Totals:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        return None
+
+
 def count_flops(model: torch.nn.Module, input_size: tuple[int, int, int]) -> int:
-    """Forward FLOPs for one image, counted by torch.utils.flop_counter."""
+    """Forward FLOPs for one image, counted by torch.utils.flop_counter (totals, no per-module
+    breakdown)."""
     from torch.utils.flop_counter import FlopCounterMode
 
     x = torch.randn(1, *input_size, device=next(model.parameters()).device)
-    with FlopCounterMode(display=False) as counter, torch.no_grad():
+    counter = FlopCounterMode(display=False)
+    counter.mod_tracker = _Totals()
+    with counter, torch.no_grad():
         model(x)
     return int(counter.get_total_flops())
 
@@ -50,14 +67,18 @@ def predict_labelled(model: torch.nn.Module, split: Split | Stream, batch_size: 
     return out, (torch.cat(labels) if labels and labels[0] is not None else None)
 
 
+KNN_K, KNN_T = 20, 0.07  # DINO/DINOv2's k-NN evaluation: k = 20, votes weighted by exp(cosine / 0.07)
+KNN_METHOD = f"weighted k-NN, k = {KNN_K}, votes exp(cosine / {KNN_T}) (DINO/DINOv2 evaluation)"
+
+
 def knn_top1(train: torch.Tensor, train_labels: torch.Tensor, test: torch.Tensor, test_labels: torch.Tensor,
-             k: int = 20) -> float:
-    """k-NN top-1 in percent: each test feature takes the class with the largest summed cosine
-    similarity among its k nearest (cosine) training features."""
+             k: int = KNN_K, temperature: float = KNN_T) -> float:
+    """k-NN top-1 in percent, as DINO and DINOv2 evaluate features: each test feature takes the
+    class with the largest sum of exp(cosine / temperature) among its k nearest training features."""
     a, b = F.normalize(test.float().flatten(1), dim=-1), F.normalize(train.float().flatten(1), dim=-1)
     sims, idx = (a @ b.T).topk(min(k, len(b)), dim=-1)
     classes = int(max(train_labels.max(), test_labels.max())) + 1
-    votes = torch.zeros(len(a), classes).scatter_add_(1, train_labels[idx], sims)
+    votes = torch.zeros(len(a), classes).scatter_add_(1, train_labels[idx], (sims / temperature).exp())
     return (votes.argmax(-1) == test_labels).float().mean().item() * 100
 
 

@@ -36,12 +36,15 @@ def fidelity(ref_original: torch.Tensor, ref_pruned: torch.Tensor, labels: torch
 
 
 def embedding_fidelity(refs: dict[str, torch.Tensor], labels: torch.Tensor, train: dict[str, torch.Tensor],
-                       train_labels: torch.Tensor | None, class_emb: torch.Tensor | None, k: int = 20) -> dict[str, Any]:
-    """The paper's measures for embedding models, original and pruned: k-NN top-1 (k, cosine) of the
-    holdout against the calibration images' features, and zero-shot top-1 from class embeddings."""
+                       train_labels: torch.Tensor | None, class_emb: torch.Tensor | None,
+                       k: int = M.KNN_K) -> dict[str, Any]:
+    """The paper's measures for embedding models, original and pruned: k-NN top-1 (weighted vote,
+    as DINO/DINOv2) of the holdout against the calibration images' features, and zero-shot top-1
+    from class embeddings."""
     out: dict[str, Any] = {}
     if train_labels is not None:
-        out["knn_top1"] = {"k": k, **{m: M.knn_top1(train[m], train_labels, refs[m], labels, k) for m in MODELS}}
+        out["knn_top1"] = {"k": k, "method": M.KNN_METHOD, "bank": len(train_labels),
+                           **{m: M.knn_top1(train[m], train_labels, refs[m], labels, k) for m in MODELS}}
     if class_emb is not None:
         out["zero_shot_top1"] = {m: M.zero_shot_top1(refs[m], class_emb, labels) for m in MODELS}
     return out

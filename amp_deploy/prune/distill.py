@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from amp_deploy.errors import require_finite
+from amp_deploy.errors import UserError, require_finite
 from amp_deploy.prune.score import rank_world
 
 DistillLoss = Literal["kl", "cosine", "mse"]
@@ -62,7 +62,24 @@ class DistillState:
     losses: list[float] = field(default_factory=list)  # mean loss of each finished epoch
 
 
-def distill(student: nn.Module, teacher: nn.Module, images: torch.Tensor, *, epochs: int, lr: float,
+NO_DECAY_NAMES = ("pos_embed", "position_embedding", "cls_token", "reg_token", "register_tokens", "mask_token",
+                  "dist_token", "class_embedding", "positional_embedding")
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """AdamW groups as ViT recipes use them (timm's param_groups_weight_decay): no decay for 1-D
+    parameters (norm weights, biases, layer scales), position embeddings and class/register tokens."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        last = name.rsplit(".", 1)[-1]
+        skip = p.ndim <= 1 or any(n in name for n in NO_DECAY_NAMES) or last in NO_DECAY_NAMES
+        (no_decay if skip else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def distill(student: nn.Module, teacher: nn.Module, images, *, epochs: int, lr: float,
             batch_size: int, warmup: float, weight_decay: float, loss: DistillLoss, temperature: float = 1.0,
             seed: int = 0, device: torch.device | None = None, augment: Augment | None = None,
             autocast: bool = False, resume: DistillState | None = None,
@@ -73,7 +90,8 @@ def distill(student: nn.Module, teacher: nn.Module, images: torch.Tensor, *, epo
     Args:
         student: the pruned model; trained in place.
         teacher: the original model; frozen, in eval mode.
-        images: the training images (already through the model's eval transform), on the CPU.
+        images: the training images (already through the model's eval transform) as a tensor on
+            the CPU, or a `data.Stream` read batch by batch (its `read(chunks)`).
         epochs: passes over `images`.
         lr: peak learning rate of AdamW.
         batch_size: the global batch (split across processes).
@@ -93,7 +111,7 @@ def distill(student: nn.Module, teacher: nn.Module, images: torch.Tensor, *, epo
     rank, world = rank_world()
     student.to(device).train()
     teacher.to(device).eval().requires_grad_(False)
-    opt = torch.optim.AdamW(student.parameters(), lr=lr, weight_decay=weight_decay)
+    opt = torch.optim.AdamW(param_groups(student, weight_decay), lr=lr, weight_decay=weight_decay)
     state = DistillState(student.state_dict(), opt.state_dict(), 0)
     if resume is not None:
         student.load_state_dict(resume.student)
@@ -105,38 +123,65 @@ def distill(student: nn.Module, teacher: nn.Module, images: torch.Tensor, *, epo
         gen = torch.Generator().manual_seed(seed * 100_003 + epoch)
         order = torch.randperm(len(images), generator=gen)
         summed, count = 0.0, 0
-        for i in range(per_epoch):
-            batch = images[order[i * batch_size:(i + 1) * batch_size]]
+        for i, batch in _epoch_batches(images, order, batch_size, per_epoch):
             if augment is not None:
                 batch = augment(batch, gen)  # every rank augments the whole global batch alike
             for g in opt.param_groups:
                 g["lr"] = lr_at(epoch * per_epoch + i, total, warm, lr)
             step_loss = _step(student, teacher, opt, batch.tensor_split(world)[rank], len(batch), loss,
                               temperature, device, autocast, world)
+            if not math.isfinite(step_loss):
+                raise UserError(f"distill: the loss became {step_loss} at epoch {epoch + 1}, step {i + 1}: the "
+                                f"training diverged; lower distill.lr (now {lr:g})")
             summed += step_loss * len(batch)
             count += len(batch)
             on_step(len(batch), step_loss)
-        state = DistillState(student.state_dict(), opt.state_dict(), epoch + 1, [*state.losses, summed / count])
+        if not all(torch.isfinite(p).all() for p in student.parameters()):  # never keep a non-finite model
+            raise UserError(f"distill: the weights hold NaN or Inf after epoch {epoch + 1}: the training diverged; "
+                            f"lower distill.lr (now {lr:g})")
+        state = DistillState(student.state_dict(), opt.state_dict(), epoch + 1, [*state.losses, summed / max(count, 1)])
         on_epoch(state)
     return state
 
 
+def _epoch_batches(images, order: torch.Tensor, batch_size: int, per_epoch: int):
+    """(step index, global batch) in the epoch's order: sliced from a tensor, or read from a stream."""
+    chunks = [order[i * batch_size:(i + 1) * batch_size].tolist() for i in range(per_epoch)]
+    if isinstance(images, torch.Tensor):
+        for i, chunk in enumerate(chunks):
+            yield i, images[chunk]
+    else:
+        yield from images.read(chunks)
+
+
 def _step(student: nn.Module, teacher: nn.Module, opt: torch.optim.Optimizer, shard: torch.Tensor, global_n: int,
           kind: DistillLoss, temperature: float, device: torch.device, autocast: bool, world: int) -> float:
-    """One optimizer step on the global batch; returns its mean loss (over every rank's images)."""
-    shard = shard.to(device)
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-        with torch.no_grad():
-            target = teacher(shard)
-        out = student(shard)
-    require_finite(out.detach(), "distill")
-    total = distill_loss(kind, out, target, temperature).sum()
+    """One optimizer step on the global batch; returns its mean loss (over every rank's images).
+
+    A rank whose share is empty (the last batch of an epoch has fewer images than processes) runs no
+    forward but still joins every all-reduce with zero gradients; across processes every parameter
+    that trains has a gradient (zeros where unused), so all ranks reduce the same tensors in order.
+    """
     opt.zero_grad(set_to_none=True)
-    (total / global_n).backward()
-    summed = total.detach().double()
+    summed = torch.zeros((), dtype=torch.float64, device=device)
+    if len(shard):
+        shard = shard.to(device)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+            with torch.no_grad():
+                target = teacher(shard)
+            out = student(shard)
+        require_finite(target, "distill (the original model)")
+        if not torch.isfinite(out.detach()).all():  # the teacher's are finite: the student diverged
+            raise UserError("distill: the pruned model's outputs became NaN or Inf: the training diverged; "
+                            "lower distill.lr")
+        total = distill_loss(kind, out, target, temperature).sum()
+        (total / global_n).backward()
+        summed = total.detach().double()
     if world > 1:
         for p in student.parameters():
-            if p.grad is not None:
+            if p.requires_grad:
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
                 torch.distributed.all_reduce(p.grad)
         torch.distributed.all_reduce(summed)
     opt.step()

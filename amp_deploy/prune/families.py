@@ -362,22 +362,75 @@ class _HFImageModel(nn.Module):
         return getattr(self.model(pixel_values=x), self.field)
 
 
-# transformers classes amp-deploy knows: the output it serves and the normalisation its processor uses
-HF_CLASSES: dict[str, tuple[str, tuple[float, ...], tuple[float, ...]]] = {
-    "ViTModel": ("pooler_output", (0.5,) * 3, (0.5,) * 3),
-    "ViTForImageClassification": ("logits", (0.5,) * 3, (0.5,) * 3),
-    "CLIPVisionModel": ("pooler_output", (0.4815, 0.4578, 0.4082), (0.2686, 0.2613, 0.2758)),
-    "CLIPVisionModelWithProjection": ("image_embeds", (0.4815, 0.4578, 0.4082), (0.2686, 0.2613, 0.2758)),
-    "Dinov2Model": ("pooler_output", (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
-    "SiglipVisionModel": ("pooler_output", (0.5,) * 3, (0.5,) * 3),
+IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
+# transformers classes amp-deploy knows: the output it serves, its image processor class and that
+# processor's settings where a checkpoint folder brings no preprocessor_config.json (the hub's own)
+HF_CLASSES: dict[str, tuple[str, str, dict[str, Any]]] = {
+    "ViTModel": ("pooler_output", "ViTImageProcessor", {}),
+    "ViTForImageClassification": ("logits", "ViTImageProcessor", {}),
+    "CLIPVisionModel": ("pooler_output", "CLIPImageProcessor", {}),
+    "CLIPVisionModelWithProjection": ("image_embeds", "CLIPImageProcessor", {}),
+    # facebook/dinov2-*: resize the short side to 256 (bicubic), crop 224, ImageNet statistics
+    "Dinov2Model": ("pooler_output", "BitImageProcessor",
+                    {"size": {"shortest_edge": 256}, "crop_size": {"height": 224, "width": 224}, "resample": 3,
+                     "image_mean": IMAGENET_MEAN, "image_std": IMAGENET_STD}),
+    "SiglipVisionModel": ("pooler_output", "SiglipImageProcessor", {}),
 }
+
+
+class HFTransform:
+    """A PIL image -> the pixel tensor the checkpoint's own image processor makes (picklable, so
+    DataLoader workers under spawn take it)."""
+
+    def __init__(self, processor: Any) -> None:
+        self.processor = processor
+
+    def __call__(self, image: Any) -> torch.Tensor:
+        return self.processor(images=image, return_tensors="pt")["pixel_values"][0]
+
+
+def _processor(name: str, folder: str | None, overrides: dict[str, Any]) -> Any:
+    """The checkpoint folder's preprocessor_config.json, else the class's settings; `overrides`
+    (model.kwargs.processor) change single settings, e.g. a smaller crop_size."""
+    import transformers
+
+    _, cls_name, defaults = HF_CLASSES[name]
+    cls = getattr(transformers, cls_name)
+    if not isinstance(overrides, dict):
+        raise UserError(f"model.kwargs.processor: expected a mapping of {cls_name} settings, got "
+                        f"{type(overrides).__name__}")
+    try:
+        if folder and (Path(folder) / "preprocessor_config.json").is_file():
+            return cls.from_pretrained(folder, local_files_only=True, **overrides)
+        return cls(**{**defaults, **overrides})
+    except (TypeError, ValueError, KeyError) as e:
+        raise UserError(f"model.kwargs.processor: {cls_name} refused them: {first_line(e)}") from None
+
+
+def _sized(size: int) -> dict[str, Any]:
+    """Processor settings for a model built from a config alone: its image_size in and out."""
+    return {"size": {"height": size, "width": size}, "crop_size": {"height": size, "width": size}}
+
+
+def _processor_size(proc: Any) -> tuple[int, int]:
+    """The processor's output size: the crop where it crops, else its resize target."""
+    size = proc.crop_size if getattr(proc, "do_center_crop", False) else proc.size
+    size = dict(size) if not isinstance(size, dict) else size
+    if size.get("height") and size.get("width"):
+        return int(size["height"]), int(size["width"])
+    edge = size.get("shortest_edge")
+    if edge:
+        return int(edge), int(edge)
+    raise UserError(f"model.kwargs.processor: cannot tell the input size from {type(proc).__name__} size {size}")
 
 
 def load_transformers(name: str, pretrained: bool | str, kwargs: dict[str, Any],
                       mlp_sites: dict[str, Any] | None = None) -> Loaded:
     """A Hugging Face transformers vision tower: `name` is its class (e.g. Dinov2Model); built from
     `kwargs.config` (random init), from the hub checkpoint `kwargs.checkpoint` (pretrained: true), or
-    from a local directory or weights file (pretrained: PATH)."""
+    from a local folder (config.json + weights) or weights file (pretrained: PATH). Images go
+    through the checkpoint's own image processor (`kwargs.processor` overrides its settings);
+    `kwargs.attn_implementation` (eager, sdpa) is kept when the pruned model is rebuilt."""
     try:
         import transformers
     except ImportError:
@@ -385,37 +438,99 @@ def load_transformers(name: str, pretrained: bool | str, kwargs: dict[str, Any],
                         ) from None
     if name not in HF_CLASSES:
         raise unknown_model_error(name, list(HF_CLASSES), "transformers")
+    unknown = set(kwargs) - {"config", "checkpoint", "processor", "attn_implementation"}
+    if unknown:
+        raise UserError(f"model.kwargs: unknown for transformers: {', '.join(sorted(unknown))} (known: config, "
+                        "checkpoint, processor, attn_implementation)")
     cls = getattr(transformers, name)
-    field, mean, std = HF_CLASSES[name]
+    field = HF_CLASSES[name][0]
     model = _hf_model(cls, pretrained, kwargs).eval()
-    size = model.config.image_size
+    folder = pretrained if isinstance(pretrained, str) and Path(pretrained).is_dir() else None
+    source = folder or (kwargs.get("checkpoint") if pretrained is True else None)
+    overrides = kwargs.get("processor") or {}
+    if source is None and not overrides and not HF_CLASSES[name][2]:
+        # built from a config alone, a model with fixed position embeddings (ViT, CLIP, SigLIP) takes
+        # its config's image_size; DINOv2 interpolates them and keeps its processor's 224 crop
+        overrides = _sized(int(getattr(model.config, "image_size", 224)))
+    proc = _processor(name, source, overrides)
+    size = _processor_size(proc)
     wrapped = _HFImageModel(model, field)
     blocks, sites = find_sites(wrapped, mlp_sites)
-    import torchvision.transforms as T
-
-    transform = T.Compose([T.Resize(size), T.CenterCrop(size), T.ToTensor(), T.Normalize(mean, std)])
     output: Output = "logits" if field == "logits" else "embedding"
-    # the resolved config rebuilds the architecture with no hub access (a pruned checkpoint needs that)
-    spec = {"source": "transformers", "name": name, "kwargs": {"config": model.config.to_dict()},
-            "mlp_sites": mlp_sites}
-    return Loaded(wrapped, blocks, sites, output, transform, (3, size, size), spec)
+    # the resolved config and processor rebuild the architecture and its inputs with no hub access
+    # (a pruned checkpoint needs that), in the attention kernel the original ran
+    spec_kwargs = {"config": model.config.to_dict(), "processor": proc.to_dict(),
+                   "attn_implementation": model.config._attn_implementation}
+    spec = {"source": "transformers", "name": name, "kwargs": spec_kwargs, "mlp_sites": mlp_sites}
+    return Loaded(wrapped, blocks, sites, output, HFTransform(proc), (3, *size), spec)
+
+
+def _hf_config(cls, kwargs: dict[str, Any]):
+    config = kwargs.get("config") or {}
+    if not isinstance(config, dict):
+        raise UserError(f"model.kwargs.config: expected a mapping of {cls.config_class.__name__} settings, got "
+                        f"{type(config).__name__}")
+    config = {k: v for k, v in config.items() if k not in ("model_type", "architectures", "transformers_version")}
+    try:
+        cfg = cls.config_class(**config)
+    except (TypeError, ValueError) as e:
+        raise UserError(f"model.kwargs.config: {cls.config_class.__name__} refused it: {first_line(e)}") from None
+    for key in ("patch_size", "image_size", "hidden_size", "num_hidden_layers", "num_attention_heads"):
+        value = getattr(cfg, key, None)
+        if isinstance(value, (int, float)) and value <= 0:
+            raise UserError(f"model.kwargs.config.{key}: must be positive, got {value}")
+    return cfg
 
 
 def _hf_model(cls, pretrained: bool | str, kwargs: dict[str, Any]) -> nn.Module:
-    config = dict(kwargs.get("config") or {})
-    for k in ("model_type", "architectures", "transformers_version"):
-        config.pop(k, None)
+    attn = kwargs.get("attn_implementation")
+    if attn is not None and attn not in ("eager", "sdpa", "flash_attention_2", "flex_attention"):
+        raise UserError(f"model.kwargs.attn_implementation: expected eager or sdpa, got {attn!r}")
+    extra = {"attn_implementation": attn} if attn else {}
     if pretrained is True and not kwargs.get("checkpoint"):
         raise UserError("model.kwargs.checkpoint: name the hub checkpoint (e.g. facebook/dinov2-base)")
-    from_files = pretrained is True or (isinstance(pretrained, str) and Path(pretrained).is_dir())
-    with factory_errors("transformers", cls.__name__, from_files, f" from {kwargs.get('checkpoint') or pretrained}"):
-        if pretrained is True:
-            return cls.from_pretrained(kwargs["checkpoint"], **config)
-        if from_files:
-            return cls.from_pretrained(pretrained, local_files_only=True, **config)
-        model = cls(cls.config_class(**config))
+    if pretrained is True or (isinstance(pretrained, str) and Path(pretrained).is_dir()):
+        return _hf_from_files(cls, pretrained, kwargs, extra)
+    cfg = _hf_config(cls, kwargs)
+    with factory_errors("transformers", cls.__name__, False):
+        try:
+            model = cls._from_config(cfg, **extra)
+        except ZeroDivisionError as e:
+            raise UserError(f"model.kwargs.config: {cls.config_class.__name__} does not build: {first_line(e)}") from None
     if isinstance(pretrained, str):
         load_weights(model, pretrained)
+    return model
+
+
+def _hf_from_files(cls, pretrained: bool | str, kwargs: dict[str, Any], extra: dict[str, Any]) -> nn.Module:
+    """from_pretrained (hub cache, or a local folder), refusing weights that do not match the model."""
+    source = kwargs["checkpoint"] if pretrained is True else str(pretrained)
+    overrides = kwargs.get("config") or {}
+    if not isinstance(overrides, dict):
+        raise UserError(f"model.kwargs.config: expected a mapping, got {type(overrides).__name__}")
+    local = pretrained is not True
+    if local and not (Path(source) / "config.json").is_file():
+        raise UserError(f"model.pretrained: {source} has no config.json (a transformers checkpoint folder: "
+                        "config.json and model.safetensors)")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # "Loading weights" bars: the build's own progress says what runs
+    try:
+        with factory_errors("transformers", cls.__name__, not local, f" from {source}"):
+            model, info = cls.from_pretrained(source, local_files_only=local, output_loading_info=True,
+                                              **extra, **overrides)
+    except UserError as e:
+        if not local:
+            raise
+        raise UserError(f"model.pretrained: {source}: {str(e).split(': ', 1)[-1]}") from None
+    except Exception as e:  # noqa: BLE001 - wrong shapes, unreadable files: one line naming the folder
+        raise UserError(f"model.pretrained: {source}: weights do not fit {cls.__name__} built from its config "
+                        f"({type(e).__name__}: {first_line(e, 200)})") from None
+    bad = {k: sorted(info.get(k) or []) for k in ("missing_keys", "unexpected_keys", "mismatched_keys")}
+    if any(bad.values()):
+        detail = "; ".join(f"{k.replace('_', ' ')}: {', '.join(map(str, v[:4]))}{' ...' if len(v) > 4 else ''}"
+                           for k, v in bad.items() if v)
+        raise UserError(f"model.pretrained: {source}: the weights do not match {cls.__name__} ({detail})")
     return model
 
 
@@ -439,6 +554,36 @@ def load_model(source: FactorySource, name: str, pretrained: bool | str, kwargs:
         mlp_sites: where the MLPs are, for a model family not found automatically.
     """
     return LOADERS[source](name, pretrained, dict(kwargs), mlp_sites)
+
+
+# --- random-init models for checks ---------------------------------------------------------------
+
+LAYER_SCALE_NAMES = ("gamma", "lambda1", "scale")  # timm LayerScale.gamma, transformers Dinov2LayerScale.lambda1
+EVA_GAMMAS = ("gamma_1", "gamma_2")  # timm EvaBlock's layer scales (EVA02, DINOv3), plain block parameters
+
+
+def spread_init(model: nn.Module) -> nn.Module:
+    """A random-init model whose features differ between images, so that pruning checks mean something.
+
+    DINOv2-style factories initialise LayerScale to 1e-5: every block adds almost nothing, embeddings
+    of different images have cosine ~1, the entropy is log(batch) and every score ~0; and ViT
+    factories draw Linear weights with std 0.02, so MLP branches barely move the residual stream.
+    Layer scales are set to 1, Linear layers get PyTorch's default (fan-in scaled) initialisation
+    so that every branch counts, and norms get non-trivial affine weights.
+    """
+    with torch.no_grad():
+        for name, module in model.named_modules():
+            if isinstance(module, nn.Linear):
+                module.reset_parameters()
+            for pname, p in module.named_parameters(recurse=False):
+                layer_scale = "scale" in type(module).__name__.lower() or "ls" in name.rsplit(".", 1)[-1]
+                if pname in EVA_GAMMAS or (layer_scale and pname in LAYER_SCALE_NAMES):
+                    p.fill_(1.0)
+            if isinstance(module, nn.LayerNorm) and module.weight is not None:
+                module.weight.uniform_(0.5, 1.5)
+                if module.bias is not None:
+                    module.bias.uniform_(-0.1, 0.1)
+    return model
 
 
 def site_dicts(sites: list[MlpSite]) -> list[dict[str, Any]]:

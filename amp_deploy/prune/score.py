@@ -1,15 +1,31 @@
 """Importance of every MLP hidden neuron (AMP, step 1).
 
-First-order Taylor: hook the input `a` of each block's fc_out, take its gradient `g = dL/da` under
-a loss, and score neuron j by the mean over images and tokens of |a_j * g_j|. The loss is
-label-free by default: the entropy of the model's own predictions. Parameters are frozen; only
-activations carry gradients. Sums are kept per batch and divided by the number of batches, and
-all-reduced across processes when torch.distributed is initialised.
+First-order Taylor, as the reference code (visresearch/AMP) scores: hook the input `a` of each
+block's fc_out, take its gradient `g = dL/da` under a loss, and score neuron j per image by
+|sum over tokens of a_j * g_j|, averaged over the images of a batch. The loss is label-free by
+default: the entropy of the model's own predictions. Parameters are frozen; only activations carry
+gradients. Per-batch scores are summed and divided by the number of batches, and all-reduced
+across processes when torch.distributed is initialised.
+
+Views (what the softmax of the loss is taken over), each with an inverse temperature T:
+- image-image: T * cosine similarities of the batch's features (the reference's loss for CLIP and
+  DINOv2 towers; T = 15 CLIP, 20 DINOv2 in its configs);
+- predictions: T * class logits (a classifier head; T = 1 by default);
+- image-text: T * image-to-prompt similarities, both directions (CLIP with its text tower).
+Across processes every rank takes its own batch (similarities are B x B, not the reference's
+B x B*world): scores do not depend on the number of processes, and a threshold means the same
+on one GPU and on eight.
+
+The search (search.py) measures the same view either as a level (the entropy, as the reference
+does) or as the departure from the original model (`divergence`: KL of the original's
+distribution to the pruned model's, per image), which is zero for the unpruned model and cannot
+fall below it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+import contextlib
+from collections.abc import Callable, Iterable, Iterator
 from typing import Literal
 
 import torch
@@ -20,7 +36,13 @@ from amp_deploy.numerics import fp32_reference
 from amp_deploy.prune.families import Loaded, Output
 
 Criterion = Literal["entropy", "ce", "magnitude", "random"]
-Taylor = Literal["abs", "signed"]  # rank neurons by mean |a*g| (the paper's default) or mean a*g
+# per image |token sum of a*g| (the reference's default), per token |a*g| (its commented-out
+# variant), or the signed token sum
+Taylor = Literal["abs", "token", "signed"]
+TAYLOR_KINDS: tuple[str, ...] = Taylor.__args__
+View = Literal["predictions", "image-image", "image-text"]
+SearchLoss = Literal["divergence", "entropy"]
+DEFAULT_TEMPERATURE = {"predictions": 1.0, "image-image": 15.0, "image-text": 15.0}
 
 
 def rank_world() -> tuple[int, int]:
@@ -30,29 +52,63 @@ def rank_world() -> tuple[int, int]:
     return 0, 1
 
 
-def entropy(out: torch.Tensor, output: Output, temperature: float) -> torch.Tensor:
+def view_logits(out: torch.Tensor, view: View, temperature: float) -> torch.Tensor:
+    """The logits the loss's softmax is taken over (rows): T * logits, or T * the batch's cosine
+    similarities (image-image)."""
+    out = out.float()
+    if view == "image-image":
+        f = F.normalize(out.flatten(1), dim=-1)
+        return temperature * f @ f.T
+    return temperature * out
+
+
+def entropy(out: torch.Tensor, view: View | str, temperature: float) -> torch.Tensor:
     """Per-image entropy (nats) of the model's predictions; no labels.
 
-    Logits: entropy of softmax(logits). Embeddings: L2-normalise the batch, softmax over
-    `temperature * f @ f.T`, entropy of each row.
+    `view` "logits"/"predictions": entropy of softmax(T * logits); "embedding"/"image-image": L2-normalise
+    the batch, softmax over `T * f @ f.T`, entropy of each row.
     """
-    out = out.float()
-    if output == "embedding":
-        f = F.normalize(out.flatten(1), dim=-1)
-        out = temperature * f @ f.T
-    logp = F.log_softmax(out, dim=-1)
+    logp = F.log_softmax(view_logits(out, _view(view), temperature), dim=-1)
     return -(logp.exp() * logp).sum(-1)
+
+
+def _view(view: str) -> View:
+    return {"logits": "predictions", "embedding": "image-image"}.get(view, view)  # type: ignore[return-value]
+
+
+def default_view(output: str) -> View:
+    """predictions for a classifier head, image-image for an embedding model."""
+    return "predictions" if output == "logits" else "image-image"
 
 
 def image_text_entropy(out: torch.Tensor, text: torch.Tensor, temperature: float) -> torch.Tensor:
     """AMP's CLIP criterion with the text tower: the entropy of image-to-text and of text-to-image
     similarities, averaged. Per image: half its own image-to-text entropy plus half the batch's mean
     text-to-image entropy, so that the mean over images is the paper's average of the two."""
-    logits = temperature * F.normalize(out.float().flatten(1), dim=-1) @ F.normalize(text.float(), dim=-1).T
-    i2t, t2i = F.log_softmax(logits, dim=1), F.log_softmax(logits, dim=0)
+    i2t, t2i = _image_text_logp(out, text, temperature)
     h_i2t = -(i2t.exp() * i2t).sum(1)
     h_t2i = -(t2i.exp() * t2i).sum(0).mean()
     return 0.5 * h_i2t + 0.5 * h_t2i
+
+
+def _image_text_logp(out: torch.Tensor, text: torch.Tensor, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    logits = temperature * F.normalize(out.float().flatten(1), dim=-1) @ F.normalize(text.float(), dim=-1).T
+    return F.log_softmax(logits, dim=1), F.log_softmax(logits, dim=0)
+
+
+def divergence(out: torch.Tensor, ref: torch.Tensor, view: View, temperature: float,
+               text: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-image KL(original || pruned) of the view's distributions: 0 for the original model.
+
+    image-image: row i of softmax(T * f f^T) of the original's features against the pruned model's;
+    predictions: the class distributions; image-text: both directions, averaged as in the entropy.
+    """
+    if view == "image-text":
+        (p1, p0), (q1, q0) = _image_text_logp(ref, text, temperature), _image_text_logp(out, text, temperature)
+        return 0.5 * (p1.exp() * (p1 - q1)).sum(1) + 0.5 * (p0.exp() * (p0 - q0)).sum(0).mean()
+    logp = F.log_softmax(view_logits(ref, view, temperature), dim=-1)
+    logq = F.log_softmax(view_logits(out, view, temperature), dim=-1)
+    return (logp.exp() * (logp - logq)).sum(-1)
 
 
 def class_embeddings(encode_text: Callable[[list[str]], torch.Tensor], classes: list[str]) -> torch.Tensor:
@@ -67,18 +123,61 @@ def class_embeddings(encode_text: Callable[[list[str]], torch.Tensor], classes: 
     return torch.stack(out)
 
 
-def loss_fn(criterion: Criterion, output: Output, temperature: float, text: torch.Tensor | None = None) -> Callable:
-    """`fn(out, labels) -> per-image loss` for a criterion that needs gradients.
+def loss_fn(criterion: Criterion, view: View | str, temperature: float, text: torch.Tensor | None = None) -> Callable:
+    """`fn(out, labels) -> per-image loss` for a criterion that needs gradients (scoring).
 
-    `text` (class embeddings from the text tower) turns the entropy into the image-text one.
+    `view`: predictions | image-image | image-text (the older "logits"/"embedding" name the first
+    two); `text` (class embeddings from the text tower) is needed for image-text.
     """
     if criterion == "ce":
-        def ce(out: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
+        def ce(out: torch.Tensor, labels: torch.Tensor | None, ref: torch.Tensor | None = None) -> torch.Tensor:
             return F.cross_entropy(out.float(), labels, reduction="none")
         return ce
-    if text is not None:
-        return lambda out, labels: image_text_entropy(out, text.to(out.device), temperature)
-    return lambda out, labels: entropy(out, output, temperature)
+    if text is not None or view == "image-text":
+        if text is None:
+            raise ValueError("the image-text view needs the class prompts' text embeddings")
+        return lambda out, labels, ref=None: image_text_entropy(out, text.to(out.device), temperature)
+    return lambda out, labels, ref=None: entropy(out, view, temperature)
+
+
+class Divergence:
+    """The search loss `divergence`: `fn(out, labels, ref) -> per-image KL` of the original's
+    distribution (`ref`: the unpruned model's outputs on the same batch) to the pruned model's."""
+
+    reference = True  # the search hands it the original's outputs
+
+    def __init__(self, view: View | str, temperature: float, text: torch.Tensor | None = None) -> None:
+        self.view, self.temperature, self.text = _view(view), temperature, text
+
+    def __call__(self, out: torch.Tensor, labels: torch.Tensor | None, ref: torch.Tensor) -> torch.Tensor:
+        text = self.text.to(out.device) if self.text is not None else None
+        return divergence(out, ref.to(out.device), self.view, self.temperature, text)
+
+
+def search_loss_fn(kind: SearchLoss, criterion: Criterion, view: View | str, temperature: float,
+                   text: torch.Tensor | None = None) -> Callable:
+    """The search's loss: the criterion's own loss as a level (`entropy`, the reference's; `ce`
+    with labels), or `divergence` from the original in the same view."""
+    if kind == "divergence" and criterion != "ce":
+        return Divergence(view, temperature, text)
+    return loss_fn(criterion, view, temperature, text)
+
+
+@contextlib.contextmanager
+def loss_features(loaded: Loaded, view: str) -> Iterator[None]:
+    """While scoring and searching, open_clip towers give the features BEFORE `visual.proj`, as the
+    reference code scores them (it sets proj = None); the image-text view keeps the projection,
+    which maps into the text tower's space."""
+    model = loaded.model
+    proj = getattr(model, "proj", None)
+    if loaded.spec.get("source") != "open_clip" or view == "image-text" or proj is None:
+        yield
+        return
+    model.proj = None
+    try:
+        yield
+    finally:
+        model.proj = proj
 
 
 class _Probe(torch.autograd.Function):
@@ -104,7 +203,7 @@ class _Probe(torch.autograd.Function):
 
 def taylor_scores(loaded: Loaded, batches: Iterable, loss: Callable, device: torch.device, *,
                   autocast: bool = False, checkpointing: bool = False) -> dict[str, list[torch.Tensor]]:
-    """Mean over batches of the per-batch |a*g| (and signed a*g) at each fc_out input.
+    """Mean over batches of the per-batch Taylor scores at each fc_out input.
 
     Args:
         loaded: the model; its parameters are frozen while scoring and restored after.
@@ -116,12 +215,13 @@ def taylor_scores(loaded: Loaded, batches: Iterable, loss: Callable, device: tor
             that giant models fit; the scores are the same.
 
     Returns:
-        {"abs": [...], "signed": [...]}: one tensor of h scores per block, all-reduced across
-        processes when torch.distributed is initialised.
+        {"abs": [...], "token": [...], "signed": [...]} (see `Taylor`): one tensor of h scores per
+        block, all-reduced across processes when torch.distributed is initialised.
     """
     model = loaded.model
     n = len(loaded.sites)
-    sums = {"abs": [None] * n, "signed": [None] * n}
+    # zeros to start from: a rank that gets no batch still joins the all-reduce with its (empty) sums
+    sums = {k: [torch.zeros(w, device=device) for w in loaded.widths()] for k in TAYLOR_KINDS}
 
     def pre_hook(i: int):
         def hook(_mod, args):
@@ -163,21 +263,25 @@ def _set_checkpointing(model: torch.nn.Module, enable: bool) -> None:
 
 
 def _accumulate(sums: dict, i: int, a: torch.Tensor, g: torch.Tensor) -> None:
-    prod = (a.float() * g.float()).flatten(0, -2)  # (images * tokens, h)
-    for key, val in (("abs", prod.abs().mean(0)), ("signed", prod.mean(0))):
-        sums[key][i] = val if sums[key][i] is None else sums[key][i] + val
+    """One batch's scores: per image |sum over tokens of a*g| averaged over the images (the
+    reference's), per token |a*g| averaged over images and tokens, and the signed token sum."""
+    prod = a.float() * g.float()  # (images, tokens..., h)
+    per_image = prod.flatten(1, -2).sum(1) if prod.dim() > 2 else prod  # (images, h)
+    values = {"abs": per_image.abs().mean(0), "token": prod.flatten(0, -2).abs().mean(0), "signed": per_image.mean(0)}
+    for key, val in values.items():
+        sums[key][i] = sums[key][i] + val.to(sums[key][i].device)
 
 
 def _finish(sums: dict, batches: int) -> dict[str, list[torch.Tensor]]:
-    if batches == 0:
-        raise ValueError("no calibration batches")
-    total = torch.tensor(float(batches))
     stacked = {k: torch.cat(v) for k, v in sums.items()}
+    total = torch.tensor(float(batches), device=stacked["abs"].device)
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         for v in stacked.values():
             torch.distributed.all_reduce(v)
-        total = total.to(stacked["abs"].device)
         torch.distributed.all_reduce(total)
+    if total.item() == 0:
+        raise UserError("score: no calibration image could be read (every file was unreadable or the set is "
+                        "empty); check data.path and data.calibration")
     sizes = [len(v) for v in sums["abs"]]
     return {k: [s.cpu() / total.cpu() for s in v.split(sizes)] for k, v in stacked.items()}
 

@@ -5,6 +5,11 @@ validation loss grows by at most `threshold` over the last accepted loss. Blocks
 whole while i is searched, so the hidden states entering block i never change during its search:
 they are computed once (one full pass at the start) and replayed, and each step runs only blocks
 i..end. `cached=False` runs every step through the whole model, as the reference code does.
+
+A loss with `reference = True` (score.Divergence) is handed the unpruned model's outputs on the
+same batch, recorded in the first pass. A level loss (the reference's entropy) can FALL as neurons
+go: a block whose accepted loss fell below the loss before it by more than the threshold is
+recorded in `SearchResult.fell`, so the build can say that the criterion, not redundancy, chose it.
 """
 
 from __future__ import annotations
@@ -50,6 +55,7 @@ class SearchResult:
     block_forwards: int = 0
     block_forwards_naive: int = 0
     steps: list[list[tuple[int, float, bool]]] = field(default_factory=list)  # per block: (w, loss, ok)
+    fell: list[dict] = field(default_factory=list)  # blocks whose accepted loss fell by more than the threshold
 
 
 class _Evaluator:
@@ -61,6 +67,7 @@ class _Evaluator:
         self.batches = list(val.batches(batch_size))
         self.depth = len(loaded.sites)
         self.inputs: list[list[torch.Tensor]] = [[] for _ in range(self.depth)]
+        self.refs: list[torch.Tensor] | None = [] if getattr(loss, "reference", False) else None
         self.block_forwards = 0
         self.cached_bytes = 0
 
@@ -104,7 +111,13 @@ class _Evaluator:
                 out = self.loaded.model(x.to(self.device))
             require_finite(out, f"search (block {start})")
             labels = labels.to(self.device) if labels is not None else None
-            total += self.loss(out, labels).double().sum().item()
+            if self.refs is None:
+                value = self.loss(out, labels)
+            else:
+                if len(self.refs) <= b:  # the first pass: the unpruned model's outputs are the reference
+                    self.refs.append(out.float())
+                value = self.loss(out, labels, self.refs[b])
+            total += value.double().sum().item()
             count += len(x)
         self.block_forwards += self.depth - start
         return total / count
@@ -142,8 +155,11 @@ def adaptive_widths(loaded: Loaded, scores: list[torch.Tensor], val: Split, *, l
         loaded: the unpruned model; pruned in place.
         scores: per block, the importance of each hidden neuron (higher is kept first).
         val: validation images (and labels, for the ce criterion).
-        loss: `fn(out, labels) -> per-image loss`, from `loss_fn`.
-        threshold: the validation loss a block may add over the last accepted loss.
+        loss: `fn(out, labels) -> per-image loss` (`loss_fn`), or with `reference = True`
+            `fn(out, labels, ref)` (`score.Divergence`).
+        threshold: the validation loss a block may add over the last accepted loss (nats of the
+            loss: with `divergence`, of KL from the original, so the whole model departs by at most
+            about depth * threshold).
         batch_size: validation batch size.
         steps: bisection steps per block.
         align: kept widths are multiples of this (and the full width).
@@ -159,7 +175,10 @@ def adaptive_widths(loaded: Loaded, scores: list[torch.Tensor], val: Split, *, l
         result = SearchResult(widths=loaded.widths(), losses=[], base_loss=prev)
         naive = ev.depth  # the reference scheme: the whole model for the first pass and every step
         for i in reversed(range(ev.depth)):
+            before = prev
             result.widths[i], prev, trace = _bisect_block(loaded, i, scores[i], ev, prev, threshold, steps, align)
+            if prev < before - threshold:
+                result.fell.append({"block": i, "width": result.widths[i], "loss_before": before, "loss": prev})
             naive += ev.depth * len(trace)
             result.losses.append(prev)
             result.steps.append(trace)
@@ -207,13 +226,16 @@ def uniform_widths(widths: list[int], keep_ratio: float, align: int) -> list[int
 
 
 def budget_widths(fresh: Callable[[], Loaded], target_params: int, run: Callable[[Loaded, float], SearchResult],
-                  rounds: int = 12) -> tuple[Loaded, SearchResult, float, list[tuple[float, int, int]]]:
+                  rounds: int = 12, tolerance: int = 0, start: float = 1e-3
+                  ) -> tuple[Loaded, SearchResult, float, list[tuple[float, int, int]]]:
     """Outer search over the threshold for the largest model within `target_params` parameters.
 
     `fresh()` gives an unpruned copy; `run(loaded, threshold)` prunes it adaptively. A larger
-    threshold prunes more, so the smallest threshold that meets the budget is bisected for.
-    Returns the pruned copy, its search, the threshold and every (threshold, params, block
-    forwards) tried.
+    threshold prunes more, so the smallest threshold that meets the budget is bisected for: from
+    `start`, the threshold is multiplied or divided by 4 until the budget is bracketed, then
+    bisected (geometrically: thresholds span decades) for at most `rounds` steps, stopping early
+    once the model is within `tolerance` parameters under the budget. Returns the pruned copy, its
+    search, the threshold and every (threshold, params, block forwards) tried.
     """
     tried: list[tuple[float, int, int]] = []
 
@@ -224,15 +246,23 @@ def budget_widths(fresh: Callable[[], Loaded], target_params: int, run: Callable
         tried.append((t, params, res.block_forwards))
         return loaded, res, params
 
-    lo, hi = 0.0, 1e-3
-    best = attempt(hi)
+    lo, hi, best = 0.0, start, attempt(start)
+    if best[2] <= target_params:  # shrink until the budget is missed (or the threshold is negligible)
+        while hi > 1e-9 and best[2] < target_params - tolerance:
+            cand = attempt(hi / 4)
+            if cand[2] > target_params:
+                lo = hi / 4
+                break
+            hi, best = hi / 4, cand
     while best[2] > target_params and hi < 1e3:  # grow until the budget is met (or nothing is left)
         lo, hi = hi, hi * 4
         best = attempt(hi)
     best_t = hi
     if best[2] <= target_params:
         for _ in range(rounds):
-            mid = (lo + hi) / 2
+            if best[2] >= target_params - tolerance or lo <= 0:
+                break
+            mid = (lo * hi) ** 0.5
             cand = attempt(mid)
             if cand[2] <= target_params:
                 hi, best, best_t = mid, cand, mid

@@ -1,4 +1,4 @@
-"""Stages across processes: `torchrun --nproc_per_node N -m amp_deploy.build.launch OUT DEVICE STAGE`.
+"""Stages across processes: `torchrun --nproc_per_node N -m amp_deploy.pipeline.launch OUT DEVICE STAGE`.
 
 Every rank holds the whole model. Scoring: each rank takes every N-th calibration batch and the
 score sums are all-reduced. Distillation: each rank takes its share of every global batch and the
@@ -22,7 +22,7 @@ from amp_deploy.errors import UserError
 def launch_stage(stage: str, out: Path, nproc: int, device: str) -> None:
     """Run one stage in `nproc` processes with torchrun; raise if any rank fails."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           "-m", "amp_deploy.build.launch", str(out), device, stage]
+           "-m", "amp_deploy.pipeline.launch", str(out), device, stage]
     res = subprocess.run(cmd, capture_output=True, text=True)
     if res.returncode != 0:
         tail = [ln for ln in (res.stderr or res.stdout).splitlines() if ln.strip()][-1:] or ["no output"]
@@ -41,11 +41,11 @@ def main(argv: list[str] | None = None) -> None:
     import argparse
     import time
 
-    from amp_deploy.build.context import Context
-    from amp_deploy.build.stages import STAGES
+    from amp_deploy.pipeline.context import Context
+    from amp_deploy.pipeline.stages import STAGES
     from amp_deploy.recipe import load_recipe
 
-    ap = argparse.ArgumentParser(prog="python -m amp_deploy.build.launch")
+    ap = argparse.ArgumentParser(prog="python -m amp_deploy.pipeline.launch")
     ap.add_argument("out")
     ap.add_argument("device", choices=["cpu", "cuda"])
     ap.add_argument("stage", nargs="?", default="score", choices=[s.name for s in STAGES if s.parallel])
@@ -76,10 +76,10 @@ def _folder(ctx, standalone: bool):
     """Rank 0 of a standalone launch: preflight, the folder, its lock, and recording the stage."""
     import contextlib
 
-    from amp_deploy.build.lock import FolderLock
-    from amp_deploy.build.manifest import Manifest, stage_keys
-    from amp_deploy.build.preflight import preflight, prepare_out
-    from amp_deploy.build.stages import STAGES
+    from amp_deploy.pipeline.lock import FolderLock
+    from amp_deploy.pipeline.manifest import Manifest, stage_keys
+    from amp_deploy.pipeline.preflight import preflight, prepare_out
+    from amp_deploy.pipeline.stages import STAGES
     from amp_deploy.recipe import dump_recipe
 
     if not standalone or dist.get_rank() != 0:

@@ -11,13 +11,25 @@ import time
 
 import torch
 
-from amp_deploy.build.context import Context, Stage
-from amp_deploy.build.validate_stage import stage_validate
+from amp_deploy.pipeline.context import Context, Stage
+from amp_deploy.pipeline.validate_stage import stage_validate
 from amp_deploy.checkpoint import load_pruned_model, save_pruned
+from amp_deploy.data import Split
 from amp_deploy.errors import UserError, first_line
 from amp_deploy.prune.families import Loaded, count_params
 from amp_deploy.prune.rebuild import apply_widths
-from amp_deploy.prune.score import loss_fn, magnitude_scores, random_scores, rank_world, taylor_scores
+from amp_deploy.prune.score import (
+    DEFAULT_TEMPERATURE,
+    TAYLOR_KINDS,
+    default_view,
+    loss_features,
+    loss_fn,
+    magnitude_scores,
+    random_scores,
+    rank_world,
+    search_loss_fn,
+    taylor_scores,
+)
 from amp_deploy.prune.search import adaptive_widths, budget_widths, uniform_widths
 
 
@@ -37,27 +49,57 @@ def stage_score(ctx: Context) -> None:
                 yield b
                 advance(1)
 
-        sums = taylor_scores(loaded, batches(), _loss(ctx, loaded, p.criterion), ctx.device,
-                             autocast=ctx.device.type == "cuda", checkpointing=p.checkpointing)
+        with loss_features(loaded, view_of(ctx, loaded)):
+            sums = taylor_scores(loaded, batches(), _loss(ctx, loaded, p.criterion), ctx.device,
+                                 autocast=ctx.device.type == "cuda", checkpointing=p.checkpointing)
     else:
         s = magnitude_scores(loaded) if p.criterion == "magnitude" else random_scores(loaded, ctx.recipe.data.seed)
-        sums = {"abs": s, "signed": [t.clone() for t in s]}
+        sums = {k: [t.clone() for t in s] for k in TAYLOR_KINDS}
+    skipped = _summed(data.calibration.skipped if p.criterion in ("entropy", "ce") else 0)
     if rank == 0:  # rank 0 alone writes
         ctx.folder.write_scores(sums, {"criterion": p.criterion, "seconds": f"{time.perf_counter() - start:.3f}",
-                                       "skipped_unreadable": str(data.calibration.skipped)})
+                                       "skipped_unreadable": str(skipped)})
+
+
+def _summed(count: int) -> int:
+    """A count summed over the processes of a torchrun stage (each rank read its own batches)."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return count
+    t = torch.tensor(count, dtype=torch.float64)
+    if torch.distributed.get_backend() == "nccl":
+        t = t.cuda()
+    torch.distributed.all_reduce(t)
+    return int(t.item())
+
+
+def view_of(ctx: Context, loaded: Loaded) -> str:
+    """The recipe's loss view; auto: predictions for a classifier head, image-image otherwise."""
+    view = ctx.recipe.prune.loss_view
+    return default_view(loaded.output) if view == "auto" else view
+
+
+def temperature_of(ctx: Context, loaded: Loaded) -> float:
+    t = ctx.recipe.prune.temperature
+    return DEFAULT_TEMPERATURE[view_of(ctx, loaded)] if t is None else t
+
+
+def _text(ctx: Context, loaded: Loaded):
+    """The class prompts' embeddings for the image-text view (None for the other views)."""
+    from amp_deploy.prune.score import class_embeddings
+
+    if view_of(ctx, loaded) != "image-text":
+        return None
+    if loaded.encode_text is None or not ctx.data().classes:
+        raise UserError("prune.loss_view: image-text needs a CLIP text tower and class folders")
+    return class_embeddings(loaded.encode_text, ctx.data().class_names())
 
 
 def _loss(ctx: Context, loaded: Loaded, criterion: str):
-    """The recipe's loss: image-image entropy, or with prune.loss_view image-text the entropy against
-    the class prompts' embeddings from the unpruned text tower."""
-    from amp_deploy.prune.score import class_embeddings
+    """The scoring loss: the entropy in the recipe's view (or ce with labels)."""
+    return loss_fn(criterion, view_of(ctx, loaded), temperature_of(ctx, loaded), _text(ctx, loaded))
 
-    p, text = ctx.recipe.prune, None
-    if criterion == "entropy" and p.loss_view == "image-text":
-        if loaded.encode_text is None or not ctx.data().classes:
-            raise UserError("prune.loss_view: image-text needs a CLIP text tower and class folders")
-        text = class_embeddings(loaded.encode_text, ctx.data().classes)
-    return loss_fn(criterion, loaded.output, p.temperature, text)
+
+BUDGET_TOLERANCE = 0.005  # prune.target_params: stop within half a percent of the parameters under the budget
 
 
 def stage_search(ctx: Context) -> None:
@@ -78,12 +120,15 @@ def stage_search(ctx: Context) -> None:
 
 def _adaptive_search(ctx: Context, loaded: Loaded, scores) -> dict:
     p, data = ctx.recipe.prune, ctx.data()
-    loss = _loss(ctx, loaded, "ce" if p.criterion == "ce" else "entropy")
+    criterion = "ce" if p.criterion == "ce" else "entropy"
+    loss = search_loss_fn(p.search_loss, criterion, view_of(ctx, loaded), temperature_of(ctx, loaded),
+                          _text(ctx, loaded))
 
     def run(target: Loaded, threshold: float, on_block=None):
-        return adaptive_widths(target, scores, data.validation, loss=loss, threshold=threshold,
-                               batch_size=ctx.recipe.data.batch_size, steps=p.steps, align=p.align,
-                               device=ctx.device, cached=p.cache, on_block=on_block)
+        with loss_features(target, view_of(ctx, target)):
+            return adaptive_widths(target, scores, data.validation, loss=loss, threshold=threshold,
+                                   batch_size=ctx.recipe.data.batch_size, steps=p.steps, align=p.align,
+                                   device=ctx.device, cached=p.cache, on_block=on_block)
 
     extra: dict = {}
     if p.target_params is None:
@@ -97,11 +142,22 @@ def _adaptive_search(ctx: Context, loaded: Loaded, scores) -> dict:
             advance(1)
             return run(target, threshold)
 
-        _, res, threshold, tried = budget_widths(ctx.original, budget, run_counted)
+        _, res, threshold, tried = budget_widths(ctx.original, budget, run_counted,
+                                                 tolerance=int(BUDGET_TOLERANCE * count_params(loaded.model)))
         extra = dict(threshold=threshold, target_params=p.target_params, budget_params=budget,
                      thresholds_tried=tried, block_forwards_all_thresholds=sum(t[2] for t in tried))
+    if res.fell:
+        ctx.reporter.log(falling_loss_warning(res.fell))
     return dict(widths=res.widths, base_loss=res.base_loss, losses=res.losses, block_forwards=res.block_forwards,
-                block_forwards_naive=res.block_forwards_naive, steps=res.steps, **extra)
+                block_forwards_naive=res.block_forwards_naive, steps=res.steps, loss_fell=res.fell,
+                search_loss=p.search_loss if criterion != "ce" else "ce", **extra)
+
+
+def falling_loss_warning(fell: list[dict]) -> str:
+    """What to say when the search loss FELL as neurons were removed (the level criterion rewards it)."""
+    blocks = ", ".join(f"{f['block']} (width {f['width']}, {f['loss_before']:.4f} -> {f['loss']:.4f})" for f in fell)
+    return (f"search: the loss fell as neurons were removed in block {blocks}: those widths were chosen by the "
+            "criterion, not by redundancy; prune.search_loss=divergence holds each block to the original instead")
 
 
 def stage_rebuild(ctx: Context) -> None:
@@ -122,10 +178,12 @@ def stage_distill(ctx: Context) -> None:
     if d.epochs == 0:
         return None
     teacher, student = ctx.original(), load_pruned_model(f.rebuilt)
-    images = ctx.distill_images().images
-    fingerprint = hash_obj({"distill": ctx.recipe.to_dict()["distill"], "data": ctx.recipe.to_dict()["data"],
+    split = ctx.distill_images()
+    images = split.images if isinstance(split, Split) else split  # a stream is read batch by batch
+    data_settings = {k: v for k, v in ctx.recipe.to_dict()["data"].items() if k != "workers"}  # same images
+    fingerprint = hash_obj({"distill": ctx.recipe.to_dict()["distill"], "data": data_settings,
                             "rebuilt": hash_file(f.rebuilt)})
-    resume = f.read_distill_checkpoint(fingerprint)
+    resume = f.read_distill_checkpoint(fingerprint, ctx.reporter.log)
     if resume is not None:
         ctx.reporter.log(f"distill: resuming after epoch {resume.epoch} of {d.epochs} (from {f.distill_checkpoint.name})")
     rank, _ = rank_world()
@@ -146,7 +204,9 @@ def stage_distill(ctx: Context) -> None:
         return None  # rank 0 alone writes
     student.model.cpu()
     save_pruned(student, f.pruned, f.read_search()["original_widths"])
-    f.write_distill_log({"epochs": d.epochs, "images": len(images), "losses": state.losses,
+    skipped = getattr(split, "skipped", 0)  # unreadable files met in the last epoch (every rank reads them all)
+    f.write_distill_log({"epochs": d.epochs, "images": len(images), "skipped_unreadable": skipped,
+                         "losses": state.losses,
                          "resumed_after_epoch": resume.epoch if resume else None,
                          "seconds": round(time.perf_counter() - start, 3), "loss": loss, "lr": d.lr})
     f.distill_checkpoint.unlink(missing_ok=True)

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Literal
 
-import yaml
-
-from amp_deploy.build.folder import BuildFolder
 from amp_deploy.deploy.triton import write_model_repository
 from amp_deploy.errors import UserError
+from amp_deploy.pipeline.folder import BuildFolder
+from amp_deploy.pipeline.manifest import Manifest
 
 
 def triton_entry(out: Path, repo: Path, name: str | None = None,
@@ -19,7 +17,7 @@ def triton_entry(out: Path, repo: Path, name: str | None = None,
     """Write REPO/NAME (NAME: the recipe's name by default) serving the build's pruned (or original)
     model as ONNX or as its TensorRT plan."""
     folder = BuildFolder(Path(out))
-    recipe = (yaml.safe_load(folder.recipe.read_text()) or {}) if folder.recipe.is_file() else {}
+    recipe = folder.read_recipe_doc()
     onnx_path = folder.onnx(which)
     if not onnx_path.is_file():
         raise UserError(f"{out}: no {onnx_path.name}; run `amp-deploy build` (or `export`) first")
@@ -28,7 +26,7 @@ def triton_entry(out: Path, repo: Path, name: str | None = None,
         plan = folder.plan(which)
         if not plan.is_file():
             raise UserError(f"{out}: no {plan.name}; build engines with `amp-deploy compile` on a GPU with TensorRT")
-    stages = list(json.loads(folder.manifest.read_text()).get("stages", {})) if folder.manifest.is_file() else []
+    stages = list(Manifest(folder.manifest).stages)
     max_batch = int(((recipe.get("export") or {}).get("batch") or {}).get("max", 8))
     return write_model_repository(repo, name or recipe.get("name") or folder.root.name, onnx_path=onnx_path,
                                   max_batch=max_batch, plan_path=plan,

@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from amp_deploy.errors import first_line
 from amp_deploy.files import atomic_path, write_json, write_text
 
 Which = str  # "original" | "pruned"
@@ -126,8 +127,9 @@ class BuildFolder:
         with atomic_path(self.distill_checkpoint) as tmp:
             save_file(tensors, str(tmp), metadata=meta)
 
-    def read_distill_checkpoint(self, fingerprint: str):
-        """The saved state, or None when there is none or it belongs to other settings or weights."""
+    def read_distill_checkpoint(self, fingerprint: str, say=lambda message: None):
+        """The saved state, or None when there is none or it belongs to other settings or weights
+        (then `say` is told why the distillation starts over)."""
         from safetensors import SafetensorError, safe_open
 
         from amp_deploy.prune.distill import DistillState
@@ -138,10 +140,13 @@ class BuildFolder:
             with safe_open(str(self.distill_checkpoint), framework="pt") as f:
                 meta = f.metadata()
                 if meta.get("fingerprint") != fingerprint:
+                    say(f"distill: {self.distill_checkpoint.name} was saved with other settings or weights; "
+                        "starting over")
                     return None
                 tensors = {k: f.get_tensor(k) for k in f.keys()}
-        except (SafetensorError, OSError, ValueError):
-            return None  # unreadable: start over
+        except (SafetensorError, OSError, ValueError) as e:
+            say(f"distill: {self.distill_checkpoint.name} is unreadable ({first_line(e, 80)}); starting over")
+            return None
         student = {k.removeprefix("student."): v for k, v in tensors.items() if k.startswith("student.")}
         state: dict[int, dict] = {}
         for k, v in tensors.items():
@@ -192,3 +197,9 @@ class BuildFolder:
 
     def write_recipe(self, text: str) -> None:
         write_text(self.recipe, text)
+
+    def read_recipe_doc(self) -> dict[str, Any]:
+        """The saved (resolved) recipe as a mapping; empty when the folder has none."""
+        from amp_deploy.recipe import read_yaml
+
+        return read_yaml(self.recipe) if self.recipe.is_file() else {}

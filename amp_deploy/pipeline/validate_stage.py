@@ -12,10 +12,10 @@ from typing import Any
 
 import torch
 
-from amp_deploy.build.context import Context
+from amp_deploy.pipeline.context import Context
 from amp_deploy.checkpoint import load_pruned_model
 from amp_deploy.deploy.runtimes import Runner
-from amp_deploy.errors import GateFailed
+from amp_deploy.errors import GateFailed, UserError
 from amp_deploy.measure import metrics as M
 from amp_deploy.measure.report import SCHEMA, apply_fidelity_gate, apply_parity_gate, environment
 from amp_deploy.measure.validation import fidelity, runtime_row
@@ -105,7 +105,9 @@ def build_report(ctx: Context) -> dict[str, Any]:
         "distill": f.read_distill_log() if f.distilled else None,
         "data": {"source": r.data.source, "calibration": len(data.calibration),
                  "validation": len(data.validation), "holdout": len(holdout), "classes": data.classes,
-                 "skipped_unreadable": data.skipped + int(f.scores_meta().get("skipped_unreadable", 0))},
+                 "skipped_unreadable": data.skipped + int(f.scores_meta().get("skipped_unreadable", 0)),
+                 "skipped_unreadable_distill": (f.read_distill_log().get("skipped_unreadable", 0)
+                                                if f.distilled else None)},
         "runtimes": {name: _row(ctx, name, models, holdout.images, refs) for name in r.runtimes},
         "environment": environment(str(ctx.device)),
         "validate_settings": {"warmup": r.validate_.warmup, "warmup_seconds": r.validate_.warmup_seconds,
@@ -121,8 +123,17 @@ def _embedding_measures(ctx: Context, original, models: dict, refs: dict, labels
 
     data, bs = ctx.data(), ctx.recipe.data.batch_size
     feats = {k: M.predict_labelled(m, data.calibration, bs, torch.device("cpu")) for k, m in models.items()}
-    emb = class_embeddings(original.encode_text, data.classes) if original.encode_text and data.classes else None
-    return embedding_fidelity(refs, labels, {k: v[0] for k, v in feats.items()}, feats["original"][1], emb)
+    emb, why = None, None
+    if original.encode_text and data.classes:
+        try:
+            emb = class_embeddings(original.encode_text, data.class_names())
+        except UserError as e:  # no readable names: zero-shot is not measured, and the report says why
+            why = f"zero-shot top-1 not measured: {e}"
+            ctx.reporter.log(why)
+    out = embedding_fidelity(refs, labels, {k: v[0] for k, v in feats.items()}, feats["original"][1], emb)
+    if why:
+        out["zero_shot_top1"] = {"status": "not measured", "reason": why}
+    return out
 
 
 def _prune_section(ctx: Context, search: dict) -> dict[str, Any]:

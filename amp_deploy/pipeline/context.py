@@ -10,9 +10,9 @@ from typing import Protocol
 
 import torch
 
-from amp_deploy.build.folder import BuildFolder
+from amp_deploy.pipeline.folder import BuildFolder
 from amp_deploy.checkpoint import load_any
-from amp_deploy.data import Data, Split, default_workers, load_data
+from amp_deploy.data import Data, Split, Stream, default_workers, load_data
 from amp_deploy.errors import UserError
 from amp_deploy.prune.families import Loaded
 from amp_deploy.recipe import Recipe
@@ -107,13 +107,18 @@ class Context:
         loaded.model.to(self.device)
         return loaded
 
-    def distill_images(self) -> Split:
+    def distill_images(self) -> Split | Stream:
         """The images distillation trains on (never holdout or validation images)."""
         from amp_deploy.data import distill_split
 
         d = self.recipe
         return distill_split(d.data.source, self.data(), distill_path=d.distill.path, validation=d.data.validation,
-                             seed=d.data.seed, transform=(self._original or self.original()).transform)
+                             seed=d.data.seed, transform=(self._original or self.original()).transform,
+                             workers=self.workers())
+
+    def workers(self) -> int:
+        w = self.recipe.data.workers
+        return default_workers() if w is None else w
 
     def data(self) -> Data:
         """Calibration, validation and holdout images, through the model's own eval transform."""
@@ -123,5 +128,6 @@ class Context:
             self._data = load_data(d.source, d.path, calibration=d.calibration, validation=d.validation,
                                    holdout=d.holdout, seed=d.seed, transform=base.transform,
                                    input_size=base.input_size,
-                                   workers=default_workers() if d.workers is None else d.workers)
+                                   workers=self.workers())
+            self._data.names_file = d.class_names
         return self._data

@@ -9,12 +9,12 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 
-from amp_deploy.build.context import Context, Stage
-from amp_deploy.build.lock import FolderLock
-from amp_deploy.build.manifest import Manifest, stage_keys
-from amp_deploy.build.preflight import preflight, prepare_out
-from amp_deploy.build.stages import STAGES
-from amp_deploy.errors import UserError
+from amp_deploy.pipeline.context import Context, Stage
+from amp_deploy.pipeline.lock import FolderLock
+from amp_deploy.pipeline.manifest import Manifest, stage_keys
+from amp_deploy.pipeline.preflight import preflight, prepare_out
+from amp_deploy.pipeline.stages import STAGES
+from amp_deploy.errors import GateFailed, StageFailed, UserError, first_line
 from amp_deploy.files import remove_stray_temps
 from amp_deploy.recipe import dump_recipe
 
@@ -47,12 +47,12 @@ def run_stages(ctx: Context, names: Sequence[str], force: bool = False) -> dict[
 def _run_one(ctx: Context, manifest: Manifest, stage: Stage, key: str) -> str:
     start = time.perf_counter()
     if stage.parallel and ctx.nproc > 1:
-        from amp_deploy.build.launch import launch_stage
+        from amp_deploy.pipeline.launch import launch_stage
 
         launch_stage(stage.name, ctx.folder.root, ctx.nproc, ctx.device.type)
         unrecorded = None
     else:
-        unrecorded = stage.run(ctx)
+        unrecorded = _guarded(ctx, stage)
     seconds = time.perf_counter() - start
     ctx.reporter.clear_tasks()
     if unrecorded:  # finished without a result worth keeping: the next build tries again
@@ -61,6 +61,22 @@ def _run_one(ctx: Context, manifest: Manifest, stage: Stage, key: str) -> str:
     manifest.record(stage.name, key, seconds, stage.outputs(ctx.folder))
     ctx.reporter.log(f"{stage.name}: done in {seconds:.1f}s")
     return "ran"
+
+
+def _guarded(ctx: Context, stage: Stage) -> str | None:
+    """Run a stage; an unexpected exception becomes one line naming the stage (nothing is recorded,
+    and the stage's files are only ever written atomically, so nothing is half-written)."""
+    try:
+        return stage.run(ctx)
+    except (UserError, GateFailed, KeyboardInterrupt, MemoryError):
+        raise
+    except OSError as e:
+        if e.errno == 28:  # ENOSPC: the CLI names it
+            raise
+        raise StageFailed(f"stage '{stage.name}' failed: {type(e).__name__}: {first_line(e)}") from e
+    except Exception as e:  # noqa: BLE001 - anything else is a defect or an unforeseen input: say where
+        raise StageFailed(f"stage '{stage.name}' failed: {type(e).__name__}: {first_line(e)} "
+                          "(amp-deploy --debug shows the traceback)") from e
 
 
 def _require_previous(ctx: Context, manifest: Manifest, stage: Stage, keys: dict[str, str]) -> None:

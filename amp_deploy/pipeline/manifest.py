@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from amp_deploy._version import __version__
-from amp_deploy.build.context import Stage
+from amp_deploy.pipeline.context import Stage
 from amp_deploy.files import hash_file_cached, hash_obj, write_json
 from amp_deploy.recipe import Recipe
 
@@ -50,6 +50,7 @@ def _section(doc: dict, dotted: str) -> Any:
 def stage_keys(recipe: Recipe, stages: Sequence[Stage], hashes: dict | None = None) -> dict[str, str]:
     """The key of every stage; `hashes` caches file hashes by size and mtime (manifest.json's)."""
     doc = recipe.to_dict()
+    doc["data"].pop("workers", None)  # how many processes read the images changes no result
     weights = doc["model"]["pretrained"]
     hashes = {} if hashes is None else hashes
     extra = {"weights": hash_file_cached(weights, hashes) if isinstance(weights, str) else weights,
