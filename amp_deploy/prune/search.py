@@ -247,8 +247,10 @@ def budget_widths(fresh: Callable[[], Loaded], target_params: int, run: Callable
         return loaded, res, params
 
     lo, hi, best = 0.0, start, attempt(start)
-    if best[2] <= target_params:  # shrink until the budget is missed (or the threshold is negligible)
-        while hi > 1e-9 and best[2] < target_params - tolerance:
+    if best[2] <= target_params:  # shrink until the budget is missed (at most `rounds` times)
+        for _ in range(rounds):
+            if best[2] >= target_params - tolerance:
+                break
             cand = attempt(hi / 4)
             if cand[2] > target_params:
                 lo = hi / 4
