@@ -43,6 +43,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _common import print_table  # noqa: E402
 
 from amp_deploy.data import load_synthetic_data  # noqa: E402
+from amp_deploy.files import write_text  # noqa: E402
 from amp_deploy.measure.metrics import count_flops, latency  # noqa: E402
 from amp_deploy.prune.families import Loaded, count_params, load_timm, spread_init  # noqa: E402
 from amp_deploy.prune.rebuild import apply_widths  # noqa: E402
@@ -437,8 +438,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     def save() -> None:  # after every section: a check cut short still leaves its figures
         result.update(seconds=round(check.elapsed(), 1), sections=check.sections)
-        _write(out / "gpu_check.json", json.dumps(result, indent=2, default=str))
-        _write(out / "gpu_check.md", render(result))
+        write_text(out / "gpu_check.json", json.dumps(result, indent=2, default=str))
+        write_text(out / "gpu_check.md", render(result))
 
     check = Check(args.budget, save)
     cal, val = (16, 8) if smoke else (256, 128)
@@ -456,11 +457,6 @@ def main(argv: list[str] | None = None) -> dict:
     print((out / "gpu_check.md").read_text(), flush=True)
     return result
 
-
-def _write(path: Path, text: str) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
 
 
 if __name__ == "__main__":

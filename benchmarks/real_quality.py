@@ -40,7 +40,7 @@ from _common import print_table, write_json  # noqa: E402
 
 from amp_deploy.data import load_folder_data  # noqa: E402
 from amp_deploy.measure.metrics import knn_top1, predict  # noqa: E402
-from amp_deploy.prune.distill import distill  # noqa: E402
+from amp_deploy.prune.distill import distill, hflip  # noqa: E402
 from amp_deploy.prune.families import count_params, load_transformers  # noqa: E402
 from amp_deploy.prune.rebuild import apply_widths  # noqa: E402
 from amp_deploy.prune.score import Divergence, loss_fn, magnitude_scores, random_scores, taylor_scores  # noqa: E402
@@ -177,7 +177,7 @@ def main() -> None:
                 images = distill_images(args, base)
                 distill(student.model, copy.deepcopy(base.model), images, epochs=args.epochs, lr=3e-4, batch_size=64,
                         warmup=1.0, weight_decay=0.05, loss="cosine", seed=0,
-                        augment=lambda x, g: torch.where(torch.rand(len(x), 1, 1, 1, generator=g) < 0.5, x.flip(-1), x))
+                        augment=hflip)
                 student.model.eval()
                 m = evaluate(student.model, train, holdout, bank_ref, hold_ref, args.batch)
                 secs = time.perf_counter() - t

@@ -14,7 +14,7 @@ import torch.multiprocessing as mp
 from PIL import Image
 from safetensors.torch import load_file
 
-from amp_deploy.prune.distill import distill, distill_loss, lr_at
+from amp_deploy.prune.distill import distill, distill_loss, hflip, lr_at
 
 from .conftest import FAST, QUICKSTART, assert_one_line_error, build, tiny_recipe
 
@@ -102,7 +102,7 @@ def _setup():
 
 
 def _flip(x, gen):
-    return torch.where(torch.rand(len(x), 1, 1, 1, generator=gen) < 0.5, x.flip(-1), x)
+    return hflip(x, gen)
 
 
 def _train(student, teacher, images):

@@ -222,7 +222,9 @@ def _augmentation(ctx: Context):
 
         return shift
     if source == "folder":
-        return lambda x, gen: torch.where(torch.rand(len(x), 1, 1, 1, generator=gen) < 0.5, x.flip(-1), x)
+        from amp_deploy.prune.distill import hflip
+
+        return hflip
     return None
 
 

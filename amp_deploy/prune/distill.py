@@ -29,6 +29,11 @@ DistillLoss = Literal["kl", "cosine", "mse"]
 Augment = Callable[[torch.Tensor, torch.Generator], torch.Tensor]
 
 
+def hflip(batch: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """Augment: flip each image left-right with probability 1/2 (drawn from `gen`, alike on every rank)."""
+    return torch.where(torch.rand(len(batch), 1, 1, 1, generator=gen) < 0.5, batch.flip(-1), batch)
+
+
 def default_loss(output: str) -> DistillLoss:
     """KL on logits for classifiers, cosine on the embedding for embedding models."""
     return "kl" if output == "logits" else "cosine"

@@ -575,8 +575,8 @@ def spread_init(model: nn.Module) -> nn.Module:
         for name, module in model.named_modules():
             if isinstance(module, nn.Linear):
                 module.reset_parameters()
+            layer_scale = "scale" in type(module).__name__.lower() or "ls" in name.rsplit(".", 1)[-1]
             for pname, p in module.named_parameters(recurse=False):
-                layer_scale = "scale" in type(module).__name__.lower() or "ls" in name.rsplit(".", 1)[-1]
                 if pname in EVA_GAMMAS or (layer_scale and pname in LAYER_SCALE_NAMES):
                     p.fill_(1.0)
             if isinstance(module, nn.LayerNorm) and module.weight is not None:
