@@ -147,6 +147,7 @@ app.command("prune")(_stage_command(("score", "search", "rebuild"),
                                     "Score neurons, search widths and write pruned.safetensors."))
 app.command("distill")(_stage_command(("distill",), "Distil the pruned model from the original (distill.epochs > 0)."))
 app.command("export")(_stage_command(("export",), "Export original.onnx and pruned.onnx."))
+app.command("quantize")(_stage_command(("quantize",), "Quantize the exported models (quantize.formats)."))
 app.command("compile")(_stage_command(("compile",), "Compile TensorRT engines from the ONNX files."))
 app.command("validate")(_stage_command(("validate",), "Measure parity, fidelity, latency; write the report."))
 

@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from amp_deploy.checkpoint import ModelSource
 from amp_deploy.data import DataSource
 from amp_deploy.deploy.export import Exporter, Precision
+from amp_deploy.deploy.quantize import DEFAULT_ORT_OPS, CalibrationMethod, Format, runtime_of
 from amp_deploy.deploy.runtimes import RuntimeName
 from amp_deploy.errors import UserError
 from amp_deploy.files import SAFE_NAME
@@ -212,6 +213,14 @@ class FidelityGate(_Strict):
     accuracy_drop: float | None = _f(None, "at most this accuracy drop, in points", ge=0)
 
 
+class QuantGate(_Strict):
+    """Parity of a quantized model with the fp32 model it was quantized from (holdout images)."""
+
+    cosine_mean: float = _f(0.99, "at least this mean per-image cosine with the fp32 model", ge=-1, le=1)
+    cosine_min: float = _f(0.9, "at least this per-image cosine for every image", ge=-1, le=1)
+    max_abs_err: float | None = _f(None, "optional: at most this absolute difference (scale depends on the model)", gt=0)
+
+
 class ValidateSpec(_Strict):
     batch_sizes: list[int] = _f(description="timed batch sizes (inside export.batch)", factory=lambda: [1, 8], min_length=1)
     warmup: int = _f(10, "warm-up rounds before timing", ge=0)
@@ -221,6 +230,27 @@ class ValidateSpec(_Strict):
     parity: ParityGate = _f(description="parity limits for fp32 runtimes (breach: exit 1)", factory=ParityGate)
     parity_reduced: ParityGate = _f(description="parity limits for fp16/bf16/tf32 runtimes (breach: exit 1)", factory=_reduced_gate)
     fidelity: FidelityGate = _f(description="optional limits on pruned vs original (breach: exit 1)", factory=FidelityGate)
+    parity_int8: QuantGate = _f(description="INT8 rows (quantize.formats) vs their fp32 model (breach: exit 1)",
+                                factory=QuantGate)
+    parity_fp8: QuantGate = _f(description="FP8 rows (quantize.formats) vs their fp32 model (breach: exit 1)",
+                               factory=QuantGate)
+
+
+class QuantizeSpec(_Strict):
+    """Post-training quantization of the exported models, calibrated on the calibration images."""
+
+    formats: list[Format] = _f(description="what to make: onnxruntime-int8 (ONNX Runtime static QDQ) | tensorrt-int8 "
+                                           "| tensorrt-fp8 (NVIDIA Model Optimizer Q/DQ, compiled strongly typed); "
+                                           "empty: no quantization", factory=list)
+    calibration: int = _f(256, "images calibrated on: the first of data.calibration (never holdout or validation)",
+                          ge=1)
+    method: CalibrationMethod = _f("minmax", "onnxruntime-int8 activation ranges: minmax | entropy | percentile")
+    per_channel: bool = _f(True, "onnxruntime-int8: one weight scale per output channel")
+    activations: Literal["uint8", "int8"] = _f("uint8", "onnxruntime-int8 activation type (uint8: the fast "
+                                                         "u8s8 kernels on x86)")
+    op_types: list[str] = _f(description="onnxruntime-int8: operator types quantized; the rest stays float",
+                             factory=lambda: list(DEFAULT_ORT_OPS), min_length=1)
+    preprocess: bool = _f(True, "onnxruntime-int8: ONNX Runtime's quant_pre_process first (graph optimisations)")
 
 
 class Recipe(_Strict):
@@ -233,6 +263,8 @@ class Recipe(_Strict):
     distill: DistillSpec = _f(description="recovery by distillation from the original (off by default)",
                               factory=DistillSpec)
     export: ExportSpec = _f(description="ONNX export", factory=ExportSpec)
+    quantize: QuantizeSpec = _f(description="INT8/FP8 post-training quantization (off by default)",
+                                factory=QuantizeSpec)
     compile: CompileSpec = _f(description="TensorRT engines", factory=CompileSpec)
     runtimes: list[RuntimeName] = _f(description="runtimes to validate: " + " | ".join(RuntimeName.__args__),
                                      factory=lambda: ["onnxruntime", "tensorrt"])
@@ -254,7 +286,25 @@ class Recipe(_Strict):
         if self.compile.precision == "bf16" and self.export.opset < 22:
             raise ValueError(f"compile.precision bf16 needs export.opset >= 22 (ONNX allows bfloat16 Conv from "
                              f"opset 22), got {self.export.opset}")
+        self._check_quantize()
         return self
+
+    def _check_quantize(self) -> None:
+        q = self.quantize
+        if not q.formats:
+            return
+        for fmt in q.formats:
+            if runtime_of(fmt) not in self.runtimes:
+                raise ValueError(f"quantize.formats: {fmt} is validated on {runtime_of(fmt)}, which is not in runtimes "
+                                 f"{self.runtimes}")
+        if len(set(q.formats)) != len(q.formats):
+            raise ValueError(f"quantize.formats: {q.formats} names a format twice")
+        if self.data.source == "synthetic":
+            raise ValueError("quantize: calibration needs real images (data.source digits or folder); synthetic noise "
+                             "would set the activation ranges of noise")
+        if q.calibration > self.data.calibration:
+            raise ValueError(f"quantize.calibration: {q.calibration} images asked, data.calibration has "
+                             f"{self.data.calibration}")
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json", by_alias=True)

@@ -81,7 +81,7 @@ def major_version(version: str) -> int:
 class BuildSettings:
     """Everything an engine build depends on, from the recipe (plain values)."""
 
-    precision: Precision
+    precision: Precision | str  # fp32 | fp16 | bf16, or int8 | fp8 for a Q/DQ graph (strongly typed)
     batch_min: int
     batch_opt: int
     batch_max: int

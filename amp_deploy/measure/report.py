@@ -14,6 +14,7 @@ import torch
 
 SCHEMA = "amp-deploy.report/1"
 REDUCED = ("fp16", "bf16", "tf32")  # runtime precisions judged with validate.parity_reduced
+QUANTIZED = ("int8", "fp8")  # judged with quantize.gate.PRECISION instead
 
 
 def environment(device: str) -> dict[str, Any]:
@@ -44,6 +45,8 @@ def parity_breaches(report: dict, max_abs_err: float, cosine_min: float,
     """Runtimes whose outputs differ from torch's beyond the limits (fp16/bf16/tf32 rows: `reduced`)."""
     out = []
     for name, row in report["runtimes"].items():
+        if row.get("precision") in QUANTIZED:
+            continue
         lim_err, lim_cos = reduced if reduced and row.get("precision") in REDUCED else (max_abs_err, cosine_min)
         for k in ("original", "pruned"):
             p = (row.get("parity") or {}).get(k)
@@ -84,6 +87,27 @@ def apply_parity_gate(report: dict, max_abs_err: float, cosine_min: float,
     return breaches
 
 
+def apply_quantization_gate(report: dict, gates: dict[str, dict[str, float | None]]) -> list[str]:
+    """Quantized rows against the fp32 model they were made from, with each precision's limits
+    (`gates`: precision -> cosine_mean, cosine_min, max_abs_err or None); returns the breaches."""
+    out = []
+    for name, row in report["runtimes"].items():
+        limits = gates.get(row.get("precision"))
+        if limits is None or not row.get("parity"):
+            continue
+        for k in ("original", "pruned"):
+            p = row["parity"][k]
+            if not p["cosine_mean"] >= limits["cosine_mean"]:
+                out.append(f"{name} {k}: cosine_mean {p['cosine_mean']:.5f} < {limits['cosine_mean']:g}")
+            if not p["cosine_min"] >= limits["cosine_min"]:
+                out.append(f"{name} {k}: cosine_min {p['cosine_min']:.5f} < {limits['cosine_min']:g}")
+            if limits.get("max_abs_err") is not None and not p["max_abs_err"] <= limits["max_abs_err"]:
+                out.append(f"{name} {k}: max_abs_err {p['max_abs_err']:.3g} > {limits['max_abs_err']:g}")
+    if any(r.get("precision") in QUANTIZED for r in report["runtimes"].values()):
+        report.setdefault("gates", {})["quantization"] = {"passed": not out, "breaches": out, "limits": gates}
+    return out
+
+
 def _mib(n: int | None) -> str:
     return "n/a" if n is None else f"{n / 2**20:.1f} MiB"
 
@@ -104,6 +128,49 @@ def _distill_md(rep: dict) -> list[str]:
             f"| accuracy % | {_fmt(b['accuracy_pruned'], '.2f')} | {_fmt(rep['fidelity']['accuracy_pruned'], '.2f')} |",
             f"| top-1 agreement | {_fmt(b['top1_agreement'], '.4f')} | {_fmt(rep['fidelity']['top1_agreement'], '.4f')} |",
             f"| cosine mean | {b['cosine_mean']:.5f} | {rep['fidelity']['cosine_mean']:.5f} |", ""]
+
+
+def _quantization_md(rep: dict) -> list[str]:
+    """Quantized rows: their parity with the fp32 model, their fidelity to the original, and what
+    pruning and quantization each bought in latency (against the original fp32 model)."""
+    q = rep.get("quantize")
+    if not q:
+        return []
+    rows = {n: r for n, r in rep["runtimes"].items() if r.get("precision") in QUANTIZED}
+    lines = ["## Quantization", "", f"Calibrated on {q.get('calibration_images')} calibration images "
+             "(never the holdout). Parity: against the fp32 model it was quantized from; fidelity: against the "
+             "original fp32 model.", "",
+             "| row | model | parity cosine mean | fidelity cosine mean | top-1 agreement | accuracy % | k-NN top-1 % "
+             "| file bytes |", "|---|---|---:|---:|---:|---:|---:|---:|"]
+    for name, row in rows.items():
+        if row["status"] != "ok":
+            lines.append(f"| {name} | | {row['status']}: {row.get('reason', '')} | | | | | |")
+            continue
+        for k in ("original", "pruned"):
+            par, fid = row["parity"][k], (row.get("fidelity") or {}).get(k, {})
+            agree = fid.get("top1_agreement")
+            lines.append(f"| {name} | {k} | {par['cosine_mean']:.5f} | {_fmt(fid.get('cosine_mean'), '.5f')} | "
+                         f"{_fmt(agree and agree * 100, '.2f')} | {_fmt(fid.get('accuracy'), '.2f')} | "
+                         f"{_fmt(fid.get('knn_top1'), '.2f')} | {row['memory'][k]['weights_bytes']:,} |")
+    base_name = next((n for n in ("onnxruntime", "tensorrt") if rep["runtimes"].get(n, {}).get("status") == "ok"), None)
+    if base_name:
+        base = rep["runtimes"][base_name]["latency_ms"]
+        lines += ["", f"Latency p50 in ms, and speedup over the original fp32 model on {base_name} (each row's two "
+                  "models interleaved; rows measured one after another):", ""]
+        batches = list(base["original"])
+        lines += ["| model | " + " | ".join(f"b={b}" for b in batches) + " |", "|---|" + "---:|" * len(batches)]
+        entries = [(f"original {base_name} fp32", base["original"]), (f"pruned {base_name} fp32", base["pruned"])]
+        entries += [(f"{k} {name}", r["latency_ms"][k]) for name, r in rows.items() if r["status"] == "ok"
+                    for k in ("original", "pruned")]
+        for label, lat in entries:
+            cells = [f"{lat[b]['p50']:.3f} ({base['original'][b]['p50'] / lat[b]['p50']:.2f}x)" if b in lat else "n/a"
+                     for b in batches]
+            lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    problems = [f"{fmt} {k}: {p}" for fmt, per in q.get("formats", {}).items() for k, info in per.items()
+                for p in info.get("coverage_problems", [])]
+    lines += ["", "Q/DQ placement: every matrix product of every block quantized." if not problems
+              else "Q/DQ placement problems: " + "; ".join(problems), ""]
+    return lines
 
 
 def render_md(rep: dict) -> str:
@@ -130,6 +197,7 @@ def render_md(rep: dict) -> str:
                      f"{zs['original']:.2f}% -> {zs['pruned']:.2f}%")
     lines.append("")
     lines += _distill_md(rep)
+    lines += _quantization_md(rep)
     env, vs = rep.get("environment", {}), rep.get("validate_settings", {})
     lines += ["## Runtimes", "",
               f"Measured on {env.get('cpu')} ({env.get('cpu_count')} CPUs)"

@@ -53,7 +53,9 @@ def embedding_fidelity(refs: dict[str, torch.Tensor], labels: torch.Tensor, trai
 def runtime_row(make: Callable[[Which], Runner], *, precision: str, holdout: torch.Tensor,
                 refs: dict[str, torch.Tensor], batch_sizes: list[int], batch_range: tuple[int, int],
                 warmup: int, iterations: int, warmup_seconds: float = 0.0, parity: bool = True,
-                weights_bytes: Callable[[Which], int], on_batch: Callable[[], None] = lambda: None) -> dict[str, Any]:
+                weights_bytes: Callable[[Which], int], on_batch: Callable[[], None] = lambda: None,
+                extra: Callable[[dict[str, Runner], dict[str, torch.Tensor]], dict[str, Any]] | None = None
+                ) -> dict[str, Any]:
     """Measure one runtime: a row with status "ok", or "skipped"/"failed" and the reason.
 
     Args:
@@ -67,6 +69,8 @@ def runtime_row(make: Callable[[Which], Runner], *, precision: str, holdout: tor
         parity: compare with `refs` (not for the eager torch row, which *is* the reference).
         weights_bytes: size on disk (or in memory) of each model's weights.
         on_batch: called after each timed batch size (progress).
+        extra: given the runners and their outputs on `holdout`, what goes under the row's
+            "fidelity" (a quantized row: its price against the original fp32 model).
     """
     try:
         runners, host_peak, device_peak = _start(make, M.batch_of(holdout, max(batch_sizes)))
@@ -77,8 +81,11 @@ def runtime_row(make: Callable[[Which], Runner], *, precision: str, holdout: tor
     except Exception as e:  # noqa: BLE001 - a runtime that breaks is a report row, not a crash
         return {"status": "failed", "reason": f"{type(e).__name__}: {first_line(e, 400)}"}
     row: dict[str, Any] = {"status": "ok", "precision": precision, "settings": runners["original"].info}
+    outputs: dict[str, torch.Tensor] = {}
     if parity:
-        row["parity"] = parity_of(runners, holdout, refs, batch_range)
+        row["parity"] = parity_of(runners, holdout, refs, batch_range, outputs)
+    if extra is not None:
+        row["fidelity"] = extra(runners, outputs)
     row["latency_ms"] = {k: {} for k in MODELS}
     for b in batch_sizes:
         stats = M.latency(runners, M.batch_of(holdout, b), warmup, iterations, warmup_seconds)
@@ -120,6 +127,38 @@ def _start(make: Callable[[Which], Runner], largest) -> tuple[dict, dict, dict]:
     return runners, host_peak, device_peak
 
 
+class RunnerModel:
+    """A runner called like a torch model (tensor in, tensor out), in batches its profile accepts."""
+
+    def __init__(self, runner: Runner, batch_range: tuple[int, int]) -> None:
+        self.runner, self.batch_range = runner, batch_range
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        lo, hi = self.batch_range
+        n = len(x)
+        if n < lo:
+            x = M.repeat_to(x, lo)
+        parts = [torch.from_numpy(self.runner.run(x[a:b].numpy())).float() for a, b in chunks(len(x), lo, hi)]
+        spans = chunks(len(x), lo, hi)
+        out = torch.empty((len(x), *parts[0].shape[1:]))
+        for (a, b), part in zip(spans, parts):
+            out[a:b] = part
+        return out[:n]
+
+
+def quantized_fidelity(outputs: dict[str, torch.Tensor], ref_original: torch.Tensor, labels: torch.Tensor | None,
+                       output: str) -> dict[str, Any]:
+    """What quantization costs against the original fp32 model: the quantized original (quantization
+    alone) and the quantized pruned model (pruning and quantization together)."""
+    out = {}
+    for k in MODELS:
+        f = fidelity(ref_original, outputs[k], labels, output)
+        del f["cosines"], f["accuracy_original"]
+        f["accuracy"] = f.pop("accuracy_pruned")
+        out[k] = f
+    return out
+
+
 def chunks(n: int, lo: int, hi: int) -> list[tuple[int, int]]:
     """Split n images into (start, stop) batches of at most `hi`; a last batch under `lo` is widened
     backwards (overlapping the one before) so that every batch stays inside the engine's profile."""
@@ -130,8 +169,9 @@ def chunks(n: int, lo: int, hi: int) -> list[tuple[int, int]]:
 
 
 def parity_of(runners: dict[str, Runner], holdout: torch.Tensor, refs: dict[str, torch.Tensor],
-              batch_range: tuple[int, int]) -> dict[str, Any]:
-    """Each runner's outputs on every holdout image vs the torch reference; the worst of both models."""
+              batch_range: tuple[int, int], outputs: dict[str, torch.Tensor] | None = None) -> dict[str, Any]:
+    """Each runner's outputs on every holdout image vs the torch reference; the worst of both models.
+    `outputs`, when given, receives each runner's outputs (the holdout's, in order)."""
     lo, hi = batch_range
     if len(holdout) < lo:
         holdout, refs = M.repeat_to(holdout, lo), {k: M.repeat_to(v, lo) for k, v in refs.items()}
@@ -141,6 +181,8 @@ def parity_of(runners: dict[str, Runner], holdout: torch.Tensor, refs: dict[str,
         for a, b in chunks(len(holdout), lo, hi):
             got[a:b] = torch.from_numpy(r.run(holdout[a:b].numpy())).float().reshape(got[a:b].shape)
         per[k] = M.agreement(refs[k], got)
+        if outputs is not None:
+            outputs[k] = got
     worst = {"max_abs_err": max(p["max_abs_err"] for p in per.values()),
              "cosine_min": min(p["cosine_min"] for p in per.values())}
     return {**worst, **per}

@@ -85,13 +85,23 @@ class BuildFolder:
         """The fp32 export (`pruned.onnx`), or the half-precision one TensorRT builds from."""
         return self.root / (f"{which}.onnx" if precision == "fp32" else f"{which}.{precision}.onnx")
 
-    def plan(self, which: Which) -> Path:
-        return self.root / f"{which}.plan"
+    def quantized(self, which: Which, fmt: str) -> Path:
+        """A quantized model: `pruned.onnxruntime-int8.onnx`, `original.tensorrt-fp8.onnx`, ..."""
+        return self.root / f"{which}.{fmt}.onnx"
+
+    @property
+    def quantize_log(self) -> Path:
+        return self.root / "quantize.json"
+
+    def quantized_files(self, formats: list[str]) -> list[Path]:
+        return [self.quantized(w, f) for f in formats for w in ("original", "pruned")]
+
+    def plan(self, which: Which, fmt: str | None = None) -> Path:
+        """The engine of `which` (fp16/bf16/fp32 from the export), or of a TensorRT Q/DQ format."""
+        return self.root / (f"{which}.plan" if fmt is None else f"{which}.{fmt}.plan")
 
     def plan_sidecar(self, which: Which) -> Path:
-        from amp_deploy.deploy.tensorrt_engine import sidecar_path
-
-        return sidecar_path(self.plan(which))
+        return _sidecar(self.plan(which))
 
     # --- scores ----------------------------------------------------------------------------------
     def write_scores(self, sums: dict[str, list[torch.Tensor]], meta: dict[str, str]) -> None:
@@ -169,6 +179,12 @@ class BuildFolder:
     def read_search(self) -> dict[str, Any]:
         return json.loads(self.search.read_text())
 
+    def write_quantize_log(self, log: dict[str, Any]) -> None:
+        write_json(self.quantize_log, log)
+
+    def read_quantize_log(self) -> dict[str, Any]:
+        return json.loads(self.quantize_log.read_text()) if self.quantize_log.is_file() else {}
+
     def write_compile_status(self, status: dict[str, Any]) -> None:
         write_json(self.compile_status, status)
 
@@ -179,8 +195,10 @@ class BuildFolder:
         """Plans and sidecars that the compile stage recorded as built (none when it skipped)."""
         if not self.compile_status.is_file():
             return []
-        engines = self.read_compile_status().get("engines") or {}
-        return [p for which in engines for p in (self.plan(which), self.plan_sidecar(which))]
+        status = self.read_compile_status()
+        plans = [self.plan(which) for which in status.get("engines") or {}]
+        plans += [self.plan(which, fmt) for fmt, engines in (status.get("quantized") or {}).items() for which in engines]
+        return [p for plan in plans for p in (plan, _sidecar(plan))]
 
     def write_report(self, report: dict[str, Any]) -> None:
         """report.json, report.md and the plots they link to."""
@@ -203,3 +221,9 @@ class BuildFolder:
         from amp_deploy.recipe import read_yaml
 
         return read_yaml(self.recipe) if self.recipe.is_file() else {}
+
+
+def _sidecar(plan: Path) -> Path:
+    from amp_deploy.deploy.tensorrt_engine import sidecar_path
+
+    return sidecar_path(plan)

@@ -55,6 +55,19 @@ def preflight(recipe: Recipe) -> None:
             raise UserError(f"data.path: {d.path} has {have} image files but the recipe asks for {want} "
                             "(data.calibration + validation + holdout)")
     _distill_preflight(recipe)
+    _quantize_preflight(recipe)
+
+
+def _quantize_preflight(recipe: Recipe) -> None:
+    """Model Optimizer present with the API the TensorRT formats need; FP8 only on a GPU that has it."""
+    from amp_deploy.deploy.quantize import modelopt_problem, runtime_of
+    from amp_deploy.pipeline.stages import fp8_capable
+
+    trt = [f for f in recipe.quantize.formats if runtime_of(f) == "tensorrt"]
+    if trt and (problem := modelopt_problem()):
+        raise UserError(f"quantize.formats {trt}: {problem}")
+    for fmt in trt:
+        fp8_capable(fmt)
 
 
 def _classes_fit(recipe: Recipe, classes: list[str] | None) -> None:

@@ -269,6 +269,36 @@ def stage_export(ctx: Context) -> None:
         advance(1)
 
 
+def stage_quantize(ctx: Context) -> None:
+    """INT8/FP8 copies of both exports, calibrated on the first quantize.calibration calibration images."""
+    from amp_deploy.deploy import quantize as Q
+
+    q, f = ctx.recipe.quantize, ctx.folder
+    log: dict = {"formats": {}}
+    if q.formats:
+        b = ctx.recipe.export.batch
+        reader = Q.CalibrationReader(Q.calibration_batches(ctx.data().calibration.batches(ctx.recipe.data.batch_size),
+                                                           q.calibration, b.max))
+        log["calibration_images"] = len(reader)
+        advance = ctx.reporter.task("quantize: calibrating", 2 * len(q.formats))
+        for fmt in q.formats:
+            log["formats"][fmt] = {}
+            for which in ("original", "pruned"):
+                start = time.perf_counter()
+                src, dst = f.onnx(which), f.quantized(which, fmt)
+                if fmt == "onnxruntime-int8":
+                    info = Q.quantize_onnxruntime(src, dst, reader, method=q.method, per_channel=q.per_channel,
+                                                  op_types=q.op_types, preprocess=q.preprocess, activation=q.activations)
+                else:
+                    info = Q.quantize_modelopt(src, dst, reader, precision=Q.precision_of(fmt))
+                info["coverage"] = Q.matmul_coverage(dst, src)
+                info["coverage_problems"] = Q.coverage_problems(info["coverage"])
+                info["seconds"] = round(time.perf_counter() - start, 3)
+                log["formats"][fmt][which] = info
+                advance(1)
+    f.write_quantize_log(log)
+
+
 def compile_settings(ctx: Context, input_size: tuple[int, int, int]):
     """TensorRT build settings from the recipe's compile and export sections."""
     from amp_deploy.deploy.tensorrt_engine import BuildSettings
@@ -295,20 +325,47 @@ def stage_compile(ctx: Context) -> str | None:
 def _build_engines(ctx: Context) -> dict:
     from amp_deploy.deploy.tensorrt_engine import build_engine
 
-    c = ctx.recipe.compile
-    engines = {}
-    advance = ctx.reporter.task("compile: TensorRT engines", 2)
+    import dataclasses
+
+    from amp_deploy.deploy.quantize import precision_of, runtime_of
+
+    c, f = ctx.recipe.compile, ctx.folder
+    qdq = [fmt for fmt in ctx.recipe.quantize.formats if runtime_of(fmt) == "tensorrt"]
+    engines: dict = {}
+    quantized: dict = {fmt: {} for fmt in qdq}
+    advance = ctx.reporter.task("compile: TensorRT engines", 2 * (1 + len(qdq)))
+    cache = f.root if c.timing_cache else None
     try:
         for which, loaded in _models(ctx).items():
-            onnx_path = ctx.folder.onnx(which)
+            onnx_path = f.onnx(which)
             if c.precision != "fp32" and c.strongly_typed:  # the graph carries the precision
                 onnx_path = _export(ctx, loaded, which, c.precision)
-            engines[which] = build_engine(onnx_path, ctx.folder.plan(which), compile_settings(ctx, loaded.input_size),
-                                          ctx.folder.root if c.timing_cache else None)
+            settings = compile_settings(ctx, loaded.input_size)
+            engines[which] = build_engine(onnx_path, f.plan(which), settings, cache)
             advance(1)
+            for fmt in qdq:  # Q/DQ graphs: strongly typed, the precision is in the graph
+                fp8_capable(fmt)
+                q_settings = dataclasses.replace(settings, precision=precision_of(fmt), strongly_typed=True)
+                quantized[fmt][which] = build_engine(f.quantized(which, fmt), f.plan(which, fmt), q_settings, cache)
+                advance(1)
+    except UserError:
+        raise
     except Exception as err:  # noqa: BLE001 - a failed build is a report row, not a crash
         return {"status": "failed", "reason": f"{type(err).__name__}: {first_line(err, 400)}"}
-    return {"status": "ok", "precision": c.precision, "engines": engines}
+    return {"status": "ok", "precision": c.precision, "engines": engines, "quantized": quantized}
+
+
+def fp8_capable(fmt: str) -> None:
+    """FP8 engines need compute capability 8.9 or later: a UserError on an older GPU."""
+    from amp_deploy.deploy.quantize import FP8_MIN_CAPABILITY, precision_of
+
+    if precision_of(fmt) != "fp8" or not torch.cuda.is_available():
+        return
+    cap = torch.cuda.get_device_capability()
+    if cap < FP8_MIN_CAPABILITY:
+        raise UserError(f"quantize.formats: {fmt} needs a GPU with compute capability >= "
+                        f"{'.'.join(map(str, FP8_MIN_CAPABILITY))} (FP8 tensor cores); "
+                        f"{torch.cuda.get_device_name()} has {cap[0]}.{cap[1]}")
 
 
 STAGES: tuple[Stage, ...] = (
@@ -319,6 +376,8 @@ STAGES: tuple[Stage, ...] = (
     Stage("distill", ("distill", "data"), lambda f: [f.pruned, f.distill_log] if f.distilled else [], stage_distill,
           parallel=True),
     Stage("export", ("export",), lambda f: [f.onnx("original"), f.onnx("pruned")], stage_export),
+    Stage("quantize", ("quantize",), lambda f: [f.quantize_log, *f.quantized_files(list(f.read_quantize_log().get(
+        "formats", {})))], stage_quantize),
     Stage("compile", ("runtimes", "compile"), lambda f: [f.compile_status, *f.engine_files()], stage_compile,
           machine_bound=True),
     Stage("validate", ("validate", "runtimes", "compile"), lambda f: [f.report_json, f.report_md], stage_validate,

@@ -17,7 +17,13 @@ from amp_deploy.checkpoint import load_pruned_model
 from amp_deploy.deploy.runtimes import Runner
 from amp_deploy.errors import GateFailed, UserError
 from amp_deploy.measure import metrics as M
-from amp_deploy.measure.report import SCHEMA, apply_fidelity_gate, apply_parity_gate, environment
+from amp_deploy.measure.report import (
+    SCHEMA,
+    apply_fidelity_gate,
+    apply_parity_gate,
+    apply_quantization_gate,
+    environment,
+)
 from amp_deploy.measure.validation import fidelity, runtime_row
 from amp_deploy.prune.families import count_params
 
@@ -42,13 +48,65 @@ def _runner_factories(ctx: Context, models: dict[str, torch.nn.Module],
         "tensorrt": (lambda k: R.tensorrt_runner(f.plan(k)), c.precision),
         "torch": (lambda k: R.torch_runner(models[k], v.threads, ctx.device), "fp32"),
         "torch-compile": (lambda k: R.torch_runner(torch.compile(models[k]), v.threads, ctx.device), "fp32"),
+        **_quantized_factories(ctx),
     }
+
+
+def quantized_rows(formats: list[str]) -> dict[str, str]:
+    """Report row name -> quantization format: each format on its runtime, and a TensorRT Q/DQ model
+    also on ONNX Runtime's CPU provider (its fidelity, measurable without a GPU)."""
+    rows = {}
+    for fmt in formats:
+        rows[fmt] = fmt
+        if fmt.startswith("tensorrt-"):
+            rows[f"{fmt}-on-onnxruntime"] = fmt
+    return rows
+
+
+def _quantized_factories(ctx: Context) -> dict[str, tuple[Callable[[str], Runner], str]]:
+    from amp_deploy.deploy import runtimes as R
+    from amp_deploy.deploy.quantize import precision_of
+
+    v, f = ctx.recipe.validate_, ctx.folder
+    out = {}
+    for name, fmt in quantized_rows(ctx.recipe.quantize.formats).items():
+        if name.startswith("tensorrt-") and not name.endswith("-on-onnxruntime"):
+            make = (lambda fmt: lambda k: R.tensorrt_runner(f.plan(k, fmt)))(fmt)
+        elif precision_of(fmt) == "fp8":
+            make = _no_fp8_on_cpu
+        else:
+            make = (lambda fmt: lambda k: R.onnxruntime_runner(f.quantized(k, fmt), v.threads))(fmt)
+        out[name] = (make, precision_of(fmt))
+    return out
+
+
+def _no_fp8_on_cpu(which: str) -> Runner:
+    from amp_deploy.deploy.runtimes import Unavailable
+
+    raise Unavailable("not run: ONNX Runtime's CPU provider has no float8 kernels (it refuses the FP8 Q/DQ graph); "
+                      "FP8 fidelity is measured on the tensorrt-fp8 row, on a GPU of compute capability 8.9 or later")
+
+
+def _quantize_section(ctx: Context) -> dict[str, Any] | None:
+    """What the quantize stage did, per format and model (without the per-block coverage detail)."""
+    q = ctx.recipe.quantize
+    if not q.formats:
+        return None
+    log = ctx.folder.read_quantize_log()
+    formats = {fmt: {k: {key: val for key, val in info.items() if key != "coverage"} for k, info in per.items()}
+               for fmt, per in log.get("formats", {}).items()}
+    return {"calibration_images": log.get("calibration_images"), "formats": formats}
 
 
 def _weights_bytes(ctx: Context, name: str, models: dict[str, torch.nn.Module]) -> Callable[[str], int]:
     from amp_deploy.deploy.export import external_files
 
     f = ctx.folder
+    fmt = quantized_rows(ctx.recipe.quantize.formats).get(name)
+    if fmt is not None:
+        if name == fmt and name.startswith("tensorrt-"):
+            return lambda k: f.plan(k, fmt).stat().st_size
+        return lambda k: f.quantized(k, fmt).stat().st_size
     if name == "tensorrt":
         return lambda k: f.plan(k).stat().st_size
     if name.startswith("torch"):
@@ -56,19 +114,41 @@ def _weights_bytes(ctx: Context, name: str, models: dict[str, torch.nn.Module]) 
     return lambda k: sum(p.stat().st_size for p in [f.onnx(k), *external_files(f.onnx(k))])
 
 
-def _row(ctx: Context, name: str, models: dict, holdout: torch.Tensor, refs: dict) -> dict[str, Any]:
-    """One runtime's report row (a skipped compile stage's status stands for the tensorrt row)."""
-    if name == "tensorrt":
+def _row(ctx: Context, name: str, models: dict, holdout, refs: dict, output: str) -> dict[str, Any]:
+    """One runtime's report row (a skipped compile stage's status stands for the tensorrt rows)."""
+    quantized = name in quantized_rows(ctx.recipe.quantize.formats)
+    if name == "tensorrt" or (name.startswith("tensorrt-") and not name.endswith("-on-onnxruntime")):
         compiled = ctx.folder.read_compile_status()
         if compiled["status"] != "ok":
             return compiled
     v, b = ctx.recipe.validate_, ctx.recipe.export.batch
-    make, precision = _runner_factories(ctx, models, tuple(holdout.shape[1:]))[name]
+    make, precision = _runner_factories(ctx, models, tuple(holdout.images.shape[1:]))[name]
     advance = ctx.reporter.task(f"validate: {name} latency", len(v.batch_sizes))
-    return runtime_row(make, precision=precision, holdout=holdout, refs=refs, batch_sizes=v.batch_sizes,
+    extra = _quantized_fidelity(ctx, holdout.labels, refs, output) if quantized else None
+    return runtime_row(make, precision=precision, holdout=holdout.images, refs=refs, batch_sizes=v.batch_sizes,
                        batch_range=(b.min, b.max), warmup=v.warmup, iterations=v.iterations,
                        warmup_seconds=v.warmup_seconds, parity=name != "torch",
-                       weights_bytes=_weights_bytes(ctx, name, models), on_batch=lambda: advance(1))
+                       weights_bytes=_weights_bytes(ctx, name, models), on_batch=lambda: advance(1), extra=extra)
+
+
+def _quantized_fidelity(ctx: Context, labels, refs: dict, output: str):
+    """A quantized row's fidelity against the original fp32 model, k-NN top-1 included for an
+    embedding model (its bank: the calibration images through the same quantized runner)."""
+    from amp_deploy.measure.validation import RunnerModel, quantized_fidelity
+
+    b, data = ctx.recipe.export.batch, ctx.data()
+
+    def extra(runners: dict[str, Runner], outputs: dict[str, torch.Tensor]) -> dict[str, Any]:
+        fid = quantized_fidelity(outputs, refs["original"], labels, output)
+        if output == "embedding" and labels is not None:
+            for k, r in runners.items():
+                bank, bank_labels = M.predict_labelled(RunnerModel(r, (b.min, b.max)), data.calibration,
+                                                       ctx.recipe.data.batch_size, torch.device("cpu"))
+                if bank_labels is not None:
+                    fid[k]["knn_top1"] = M.knn_top1(bank, bank_labels, outputs[k], labels)
+        return fid
+
+    return extra
 
 
 def build_report(ctx: Context) -> dict[str, Any]:
@@ -108,7 +188,9 @@ def build_report(ctx: Context) -> dict[str, Any]:
                  "skipped_unreadable": data.skipped + int(f.scores_meta().get("skipped_unreadable", 0)),
                  "skipped_unreadable_distill": (f.read_distill_log().get("skipped_unreadable", 0)
                                                 if f.distilled else None)},
-        "runtimes": {name: _row(ctx, name, models, holdout.images, refs) for name in r.runtimes},
+        "runtimes": {name: _row(ctx, name, models, holdout, refs, original.output)
+                     for name in [*r.runtimes, *quantized_rows(r.quantize.formats)]},
+        "quantize": _quantize_section(ctx),
         "environment": environment(str(ctx.device)),
         "validate_settings": {"warmup": r.validate_.warmup, "warmup_seconds": r.validate_.warmup_seconds,
                               "iterations": r.validate_.iterations,
@@ -156,8 +238,9 @@ def stage_validate(ctx: Context) -> None:
     parity = apply_parity_gate(report, v.parity.max_abs_err, v.parity.cosine_min,
                                (v.parity_reduced.max_abs_err, v.parity_reduced.cosine_min))
     fid = apply_fidelity_gate(report, v.fidelity.cosine_mean, v.fidelity.top1_agreement, v.fidelity.accuracy_drop)
+    quant = apply_quantization_gate(report, {"int8": v.parity_int8.model_dump(), "fp8": v.parity_fp8.model_dump()})
     ctx.folder.write_report(report)  # written first: a failed gate still leaves the evidence
-    failed = [f"{gate} gate failed: {'; '.join(breaches)}" for gate, breaches in (("parity", parity), ("fidelity", fid))
-              if breaches]
+    failed = [f"{gate} gate failed: {'; '.join(breaches)}"
+              for gate, breaches in (("parity", parity), ("fidelity", fid), ("quantization", quant)) if breaches]
     if failed:
         raise GateFailed("; ".join(failed) + f" (report: {ctx.folder.report_md})")
