@@ -26,8 +26,9 @@ $(VENV)/.installed: pyproject.toml
 quickstart: $(VENV)/.installed
 	$(BIN)/amp-deploy build recipes/quickstart.yaml
 
+# pytest-xdist: one worker per core (at most 4), one thread each (tests/conftest.py).
 test: $(VENV)/.installed
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n auto --maxprocesses 4
 
 # Run where python3 has torch with CUDA; the project runs from this tree, carried wheels from .whl/.
 gpu-check:

@@ -237,7 +237,8 @@ class Format(str, Enum):
 @_handled
 def compare_cmd(reports: Annotated[list[Path], typer.Argument(help="report.json files or output folders; the first is the baseline.")],
                 fail_on_regression: Annotated[float | None, typer.Option(
-                    "--fail-on-regression", metavar="PCT", help="Exit 1 when any pruned p50 is slower than the baseline's by more than PCT percent.")] = None,
+                    "--fail-on-regression", metavar="PCT", help="Exit 1 when a pruned model is slower than the baseline's by more than PCT percent "
+                         "(one-sided Mann-Whitney U on the timing samples, p < 0.01).")] = None,
                 fmt: Annotated[Format, typer.Option("--format", help="table, md (for a pull request) or json.")] = Format.table) -> None:
     """Compare reports side by side: latency per runtime and batch size, size, widths, fidelity."""
     from amp_deploy.measure.compare import compare, load_report, render_md
@@ -250,7 +251,8 @@ def compare_cmd(reports: Annotated[list[Path], typer.Argument(help="report.json 
     else:
         _compare_table(cmp)
     if cmp["regressions"]:
-        raise GateFailed(f"{len(cmp['regressions'])} regression(s) over {fail_on_regression:g}%: " + "; ".join(cmp["regressions"]))
+        raise GateFailed(f"{len(cmp['regressions'])} regression(s) over {fail_on_regression:g}%: "
+                         + "; ".join(cmp["regressions"]))
 
 
 def _compare_table(cmp: dict) -> None:
@@ -262,13 +264,15 @@ def _compare_table(cmp: dict) -> None:
         s.add_row(label, f"{r['params']:,}", f"{r['flops']:,}", acc, f"{r['cosine_mean']:.5f}", r["path"])
     out.print(s)
     t = Table(title="latency vs A (ms)")
-    for col in ("vs A", "runtime", "model", "batch", "p50 A", "p50", "change", "p99 A", "p99", "img/s change"):
+    from amp_deploy.measure.compare import ci_text
+
+    for col in ("vs A", "runtime", "model", "batch", "p50 A", "p50", "change", "95% CI", "p99 A", "p99", "img/s change"):
         t.add_column(col, justify="left" if col in ("vs A", "runtime", "model") else "right")
     for r in cmp["rows"]:
         color = "red" if r["p50_change_pct"] > 0 else "green"
         t.add_row(r["report"], r["runtime"], r["model"], str(r["batch"]), f"{r['p50'][0]:.3f}", f"{r['p50'][1]:.3f}",
-                  f"[{color}]{r['p50_change_pct']:+.1f}%[/{color}]", f"{r['p99'][0]:.3f}", f"{r['p99'][1]:.3f}",
-                  f"{r['throughput_change_pct']:+.1f}%")
+                  f"[{color}]{r['p50_change_pct']:+.1f}%[/{color}]", ci_text(r), f"{r['p99'][0]:.3f}",
+                  f"{r['p99'][1]:.3f}", f"{r['throughput_change_pct']:+.1f}%")
     out.print(t)
     for w in cmp["warnings"]:
         err.print(f"[yellow]warning:[/yellow] {w}", soft_wrap=True)

@@ -244,7 +244,8 @@ class QuantizeSpec(_Strict):
                                            "empty: no quantization", factory=list)
     calibration: int = _f(256, "images calibrated on: the first of data.calibration (never holdout or validation)",
                           ge=1)
-    method: CalibrationMethod = _f("minmax", "onnxruntime-int8 activation ranges: minmax | entropy | percentile")
+    method: CalibrationMethod = _f("percentile", "onnxruntime-int8 activation ranges: percentile (99.999th, "
+                                                 "the default: measured best on DINOv2 ViT-S/14) | minmax | entropy")
     per_channel: bool = _f(True, "onnxruntime-int8: one weight scale per output channel")
     activations: Literal["uint8", "int8"] = _f("uint8", "onnxruntime-int8 activation type (uint8: the fast "
                                                          "u8s8 kernels on x86)")

@@ -3,6 +3,7 @@ equals one process, and bad settings refused before anything is written."""
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -71,10 +72,13 @@ def _cli(out, *extra, env=None):
 @pytest.mark.slow
 def test_kill_9_during_distillation_resumes_from_the_last_finished_epoch(tmp_path):
     whole, broken = tmp_path / "whole", tmp_path / "broken"
-    assert _cli(whole, "distill.epochs=6").returncode == 0
     killed = _cli(broken, "distill.epochs=6", env={"AMP_DEPLOY_KILL_BEFORE": "distill.ckpt.safetensors@4"})
     assert killed.returncode == -signal.SIGKILL
     assert (broken / "distill.ckpt.safetensors").is_file() and not (broken / "pruned.safetensors").exists()
+    # the uninterrupted reference: the same pruned model, distilled from its first epoch to its last
+    shutil.copytree(broken, whole, ignore=shutil.ignore_patterns("distill.ckpt.safetensors", ".lock", ".*.tmp*"))
+    assert _cli(whole, "distill.epochs=6").returncode == 0
+    assert _report(whole)["distill"]["resumed_after_epoch"] is None
     again = _cli(broken, "distill.epochs=6")
     assert again.returncode == 0, again.stderr
     assert "distill: resuming after epoch 3 of 6" in again.stderr

@@ -4,13 +4,23 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from .conftest import REPO
 
 
-def test_gpu_check_cpu_smoke_runs_every_section_it_can(tmp_path):
-    res = subprocess.run([sys.executable, str(REPO / "benchmarks" / "gpu_check.py"), "--cpu-smoke", "--out",
-                          str(tmp_path)], capture_output=True, text=True, timeout=120)
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    """One `--cpu-smoke` run: (its --out folder, the completed process)."""
+    out = tmp_path_factory.mktemp("smoke")
+    res = subprocess.run([sys.executable, str(REPO / "benchmarks" / "gpu_check.py"), "--cpu-smoke", "--out", str(out)],
+                         capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stdout + res.stderr
+    return out, res
+
+
+def test_gpu_check_cpu_smoke_runs_every_section_it_can(smoke):
+    tmp_path, _ = smoke
     result = json.loads((tmp_path / "gpu_check.json").read_text())
     assert result["smoke"] and result["device"] == "CPU (smoke)" and result["seconds"] < 60
     s = result["sections"]
@@ -28,11 +38,9 @@ def test_gpu_check_cpu_smoke_runs_every_section_it_can(tmp_path):
     assert "not GPU figures" in md and "realised/FLOP" in md
 
 
-def test_the_smoke_saves_under_out_and_prints_the_table(tmp_path):
+def test_the_smoke_saves_under_out_and_prints_the_table(smoke):
     """What the device tool brings back: a few files under --out, the table on stdout."""
-    res = subprocess.run([sys.executable, str(REPO / "benchmarks" / "gpu_check.py"), "--cpu-smoke", "--out",
-                          str(tmp_path)], capture_output=True, text=True, timeout=120)
-    assert res.returncode == 0, res.stdout + res.stderr
+    tmp_path, res = smoke
     files = sorted(p.name for p in tmp_path.rglob("*") if p.is_file())
     assert files == ["gpu_check.json", "gpu_check.md"], files
     assert "| section | status | seconds | note |" in res.stdout and "| scale | ok |" in res.stdout

@@ -131,21 +131,33 @@ def test_changing_a_quantize_setting_redoes_quantize_only(quantized, tmp_path):
     out = tmp_path / "out"
     shutil.copytree(quantized[0], out)
     before = {p.name: p.stat().st_mtime_ns for p in out.glob("*.onnx")}
-    res = build(QUICKSTART, "--out", out, *FAST, "quantize.formats=[onnxruntime-int8]", "quantize.method=percentile")
+    res = build(QUICKSTART, "--out", out, *FAST, "quantize.formats=[onnxruntime-int8]", "quantize.method=minmax")
     assert res.exit_code == 0, res.output
     assert "quantize: done" in res.output and "export: inputs unchanged, skipped" in res.output
     after = {p.name: p.stat().st_mtime_ns for p in out.glob("*.onnx")}
     assert after["pruned.onnx"] == before["pruned.onnx"]
     assert after["pruned.onnxruntime-int8.onnx"] != before["pruned.onnxruntime-int8.onnx"]
     log = json.loads((out / "quantize.json").read_text())
-    assert list(log["formats"]) == ["onnxruntime-int8"] and log["formats"]["onnxruntime-int8"]["pruned"]["method"] == "percentile"
+    assert list(log["formats"]) == ["onnxruntime-int8"] and log["formats"]["onnxruntime-int8"]["pruned"]["method"] == "minmax"
     assert set(_report(out)["runtimes"]) == {"onnxruntime", "tensorrt", "onnxruntime-int8"}
-    again = build(QUICKSTART, "--out", out, *FAST, "quantize.formats=[onnxruntime-int8]", "quantize.method=percentile")
+    again = build(QUICKSTART, "--out", out, *FAST, "quantize.formats=[onnxruntime-int8]", "quantize.method=minmax")
     assert "quantize: inputs unchanged, skipped" in again.output
     (out / "pruned.onnxruntime-int8.onnx").unlink()  # a lost output is made again
-    third = build(QUICKSTART, "--out", out, *FAST, "quantize.formats=[onnxruntime-int8]", "quantize.method=percentile")
+    third = build(QUICKSTART, "--out", out, *FAST, "quantize.formats=[onnxruntime-int8]", "quantize.method=minmax")
     assert third.exit_code == 0 and "quantize: done" in third.output
     assert (out / "pruned.onnxruntime-int8.onnx").is_file()
+
+
+def test_relative_paths_work_though_the_quantizers_run_in_their_own_folder(quickstart, tmp_path, monkeypatch):
+    shutil.copy(quickstart[0] / "pruned.onnx", tmp_path / "m.onnx")
+    monkeypatch.chdir(tmp_path)
+    x = np.random.default_rng(0).standard_normal((8, 3, 8, 8), dtype=np.float32)
+    info = Q.quantize_onnxruntime("m.onnx", "q.onnx", Q.CalibrationReader([x]))
+    assert (tmp_path / "q.onnx").is_file() and info["ops"]["QuantizeLinear"] > 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx", "q.onnx"]  # no scratch file left
+    if Q.modelopt_problem() is None:
+        Q.quantize_modelopt("m.onnx", "t.onnx", Q.CalibrationReader([x]), precision="int8")
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx", "q.onnx", "t.onnx"]
 
 
 def _row(precision, cos_mean, cos_min, err=0.1):

@@ -117,20 +117,20 @@ def op_counts(path: str | Path) -> dict[str, int]:
 
 
 def quantize_onnxruntime(src: str | Path, dst: str | Path, reader: CalibrationReader, *,
-                         method: CalibrationMethod = "minmax", per_channel: bool = True,
-                         op_types: tuple[str, ...] | list[str] = DEFAULT_ORT_OPS, preprocess: bool = True,
+                         method: CalibrationMethod = "percentile", per_channel: bool = True,
+                         op_types: tuple[str, ...] | list[str] | None = DEFAULT_ORT_OPS, preprocess: bool = True,
                          activation: Literal["uint8", "int8"] = "uint8") -> dict[str, Any]:
     """Static INT8 QDQ quantization with ONNX Runtime; returns what was done (for the report).
 
-    `preprocess` runs `quant_pre_process` first (symbolic shape inference is skipped: the ViT's
+    `op_types`: the operator types quantized (None: every one ONNX Runtime can). `preprocess` runs `quant_pre_process` first (symbolic shape inference is skipped: the ViT's
     shapes are static but for the batch; ONNX Runtime's basic optimisations fold constants and
     fuse what it can before the quantizer sees the graph).
     """
     q, quant_pre_process = _ort_quant()
+    src, dst = Path(src).resolve(), Path(dst).resolve()  # the quantizer runs in its own working folder
     methods = {"minmax": q.CalibrationMethod.MinMax, "entropy": q.CalibrationMethod.Entropy,
                "percentile": q.CalibrationMethod.Percentile}
     types = {"uint8": q.QuantType.QUInt8, "int8": q.QuantType.QInt8}
-    dst = Path(dst)
     work = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", suffix=".tmpdir", dir=dst.parent))
     try:
         before = op_counts(src)
@@ -145,7 +145,8 @@ def quantize_onnxruntime(src: str | Path, dst: str | Path, reader: CalibrationRe
         with _quiet(), _in(work):  # the calibrator writes its augmented model into the working folder
             q.quantize_static(str(source), str(out), reader, quant_format=q.QuantFormat.QDQ,
                               per_channel=per_channel, activation_type=types[activation],
-                              weight_type=q.QuantType.QInt8, op_types_to_quantize=list(op_types),
+                              weight_type=q.QuantType.QInt8,
+                              op_types_to_quantize=None if op_types is None else list(op_types),
                               calibrate_method=methods[method])
         _check(out)
         fault_point(dst)
@@ -153,7 +154,8 @@ def quantize_onnxruntime(src: str | Path, dst: str | Path, reader: CalibrationRe
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return {"quantizer": "onnxruntime.quantization", "format": "QDQ", "method": method, "per_channel": per_channel,
-            "activations": activation, "weights": "int8", "op_types": list(op_types),
+            "activations": activation, "weights": "int8",
+            "op_types": "all" if op_types is None else list(op_types),
             "preprocess": {"ran": preprocess, "ops_before": before, "ops_after": after_pre,
                            "changed": _diff(before, after_pre)},
             "calibration_images": len(reader), "ops": op_counts(dst)}
@@ -206,7 +208,7 @@ def quantize_modelopt(src: str | Path, dst: str | Path, reader: CalibrationReade
 
     if problem := modelopt_problem():
         raise UserError(f"quantize: {problem}")
-    dst = Path(dst)
+    src, dst = Path(src).resolve(), Path(dst).resolve()  # the child runs in its own working folder
     work = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", suffix=".tmpdir", dir=dst.parent))
     try:
         source = work / "source.onnx"

@@ -1,8 +1,13 @@
 """`amp-deploy compare`: reports side by side, and a regression gate for CI.
 
 The first report is the baseline. For every runtime and batch size measured in the baseline and
-in another report, p50, p99 and throughput of the pruned model are compared; a p50 slower than the
-baseline's by more than the gate's percentage is a regression.
+in another report, p50, p99 and throughput are compared. The gate is a statistical test on the
+timing samples each report keeps, with the gate's percentage as the effect size: a pruned model is
+a regression when its latencies are larger than the baseline's scaled by (1 + PCT/100), by a
+one-sided Mann-Whitney U test at p < 0.01 (the change's 95% bootstrap interval of the ratio of
+medians is shown beside it). Two measurements of one build differ by noise and pass; a build
+slower by more than PCT fails once the samples show it beyond noise. Reports without samples
+(before samples were kept) fall back to comparing the two p50s, with a warning.
 """
 
 from __future__ import annotations
@@ -13,6 +18,31 @@ from typing import Any
 
 from amp_deploy.errors import UserError
 from amp_deploy.measure.report import SCHEMA
+
+ALPHA = 0.01  # the regression test's significance level
+BOOTSTRAP = 2000  # resamples for the interval of the change
+
+
+def change_test(a: list[float], b: list[float], pct: float | None, alpha: float = ALPHA, seed: int = 0) -> dict[str, Any]:
+    """Is B slower than A by more than `pct` percent? A one-sided Mann-Whitney U test of B's samples
+    against A's scaled by (1 + pct/100), and the 95% bootstrap interval of median(B) / median(A) - 1.
+
+    Returns {"ci95_pct": [lo, hi], "p_value": p or None, "regression": bool}.
+    """
+    import numpy as np
+    from scipy.stats import mannwhitneyu
+
+    xa, xb = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+    rng = np.random.default_rng(seed)
+    ma = np.median(xa[rng.integers(0, len(xa), (BOOTSTRAP, len(xa)))], axis=1)
+    mb = np.median(xb[rng.integers(0, len(xb), (BOOTSTRAP, len(xb)))], axis=1)
+    lo, hi = np.percentile(mb / ma - 1.0, [2.5, 97.5]) * 100
+    out: dict[str, Any] = {"ci95_pct": [float(lo), float(hi)], "p_value": None, "regression": False}
+    if pct is not None:
+        p = float(mannwhitneyu(xb, xa * (1 + pct / 100), alternative="greater").pvalue)
+        out.update(p_value=p, regression=p < alpha)
+    return out
+
 
 # Settings that make latencies incomparable when they differ.
 _SETTINGS = ("device", "cpu", "cpu_count", "torch", "onnx", "torch_threads")
@@ -38,7 +68,7 @@ def _pct(new: float, old: float) -> float:
     return (new / old - 1.0) * 100.0 if old else 0.0
 
 
-def _latency_rows(base: dict, other: dict, label: str) -> list[dict[str, Any]]:
+def _latency_rows(base: dict, other: dict, label: str, pct: float | None = None) -> list[dict[str, Any]]:
     rows = []
     for rt, row in base["runtimes"].items():
         o_row = other["runtimes"].get(rt, {})
@@ -54,7 +84,9 @@ def _latency_rows(base: dict, other: dict, label: str) -> list[dict[str, Any]]:
                              "throughput": [a["throughput"], c["throughput"]],
                              "p50_change_pct": _pct(c["p50"], a["p50"]),
                              "p99_change_pct": _pct(c["p99"], a["p99"]),
-                             "throughput_change_pct": _pct(c["throughput"], a["throughput"])})
+                             "throughput_change_pct": _pct(c["throughput"], a["throughput"]),
+                             "test": change_test(a["samples"], c["samples"], pct)
+                             if a.get("samples") and c.get("samples") else None})
     return rows
 
 
@@ -79,7 +111,7 @@ def compare(reports: list[dict[str, Any]], fail_on_regression: float | None = No
     labels = [chr(ord("A") + i) for i in range(len(reports))]
     rows, warnings = [], []
     for label, rep in zip(labels[1:], reports[1:]):
-        rows += _latency_rows(base, rep, label)
+        rows += _latency_rows(base, rep, label, fail_on_regression)
         warnings += _setting_warnings(base, rep, label)
     if not rows:
         warnings.append("no runtime and batch size was measured in both the baseline and another report")
@@ -90,9 +122,26 @@ def compare(reports: list[dict[str, Any]], fail_on_regression: float | None = No
                for label, rep in zip(labels, reports)}
     regressions = []
     if fail_on_regression is not None:
-        regressions = [f"{r['report']} {r['runtime']} {r['model']} batch {r['batch']}: p50 "
-                       f"{r['p50'][0]:.3f} -> {r['p50'][1]:.3f} ms ({r['p50_change_pct']:+.1f}% > {fail_on_regression:g}%)"
-                       for r in rows if r["model"] == "pruned" and r["p50_change_pct"] > fail_on_regression]
+        for r in (r for r in rows if r["model"] == "pruned"):
+            where = (f"{r['report']} {r['runtime']} {r['model']} batch {r['batch']}: p50 {r['p50'][0]:.3f} -> "
+                     f"{r['p50'][1]:.3f} ms ({r['p50_change_pct']:+.1f}%")
+            t = r["test"]
+            if t is None:  # a report without samples: the two p50s alone
+                if r["p50_change_pct"] > fail_on_regression:
+                    regressions.append(f"{where} > {fail_on_regression:g}%, p50s only: no samples)")
+            elif t["regression"]:
+                regressions.append(f"{where}, 95% CI {t['ci95_pct'][0]:+.1f}%..{t['ci95_pct'][1]:+.1f}%; slower by more "
+                                   f"than {fail_on_regression:g}% at p = {t['p_value']:.2g} < {ALPHA:g})")
+        wide = [f"{r['report']} {r['runtime']} batch {r['batch']} ({ci_text(r)})" for r in rows
+                if r["model"] == "pruned" and r["test"]
+                and (r["test"]["ci95_pct"][1] - r["test"]["ci95_pct"][0]) / 2 > fail_on_regression]
+        if wide:
+            warnings.append(f"the 95% interval of the change is wider than the gate's {fail_on_regression:g}% for "
+                            f"{', '.join(wide)}: a slowdown of that size may go unnoticed; more validate.iterations "
+                            "(or a quieter machine) resolve it")
+        if any(r["test"] is None for r in rows):
+            warnings.append("some reports keep no timing samples (made before they were kept): those rows are "
+                            "judged on the two p50s alone, which noise can move past the threshold")
     return {"baseline": "A", "summary": summary, "rows": rows, "warnings": warnings, "regressions": regressions}
 
 
@@ -102,14 +151,20 @@ def render_md(cmp: dict[str, Any]) -> str:
         acc = "n/a" if s["accuracy"] is None else f"{s['accuracy']:.2f}"
         lines.append(f"| {label} | {s['params']:,} | {s['flops']:,} | {acc} | {s['cosine_mean']:.5f} | "
                      f"{' '.join(map(str, s['widths']))} |")
-    lines += ["", "| vs A | runtime | model | batch | p50 ms (A -> X) | change | p99 ms (A -> X) | images/s change |",
-              "|---|---|---|---:|---:|---:|---:|---:|"]
+    lines += ["", "| vs A | runtime | model | batch | p50 ms (A -> X) | change | 95% CI | p99 ms (A -> X) | "
+              "images/s change |", "|---|---|---|---:|---:|---:|---:|---:|---:|"]
     for r in cmp["rows"]:
         lines.append(f"| {r['report']} | {r['runtime']} | {r['model']} | {r['batch']} | {r['p50'][0]:.3f} -> "
-                     f"{r['p50'][1]:.3f} | {r['p50_change_pct']:+.1f}% | {r['p99'][0]:.3f} -> {r['p99'][1]:.3f} | "
-                     f"{r['throughput_change_pct']:+.1f}% |")
+                     f"{r['p50'][1]:.3f} | {r['p50_change_pct']:+.1f}% | {ci_text(r)} | {r['p99'][0]:.3f} -> "
+                     f"{r['p99'][1]:.3f} | {r['throughput_change_pct']:+.1f}% |")
     for w in cmp["warnings"]:
         lines.append(f"\n> warning: {w}")
     for r in cmp["regressions"]:
         lines.append(f"\n**regression**: {r}")
     return "\n".join(lines) + "\n"
+
+
+def ci_text(row: dict[str, Any]) -> str:
+    """The change's 95% interval, or n/a for reports without samples."""
+    t = row.get("test")
+    return "n/a" if not t else f"{t['ci95_pct'][0]:+.1f}%..{t['ci95_pct'][1]:+.1f}%"

@@ -127,6 +127,7 @@ def _stats(samples_ms: list[float], batch: int) -> dict[str, float]:
         "cv": float(a.std() / mean) if mean else 0.0,
         "throughput": batch * 1000.0 / float(np.percentile(a, 50)),
         "iterations": len(a),
+        "samples": [round(float(v), 5) for v in a],  # in timing order: `compare` tests a change on them
     }
 
 

@@ -166,6 +166,10 @@ def _quantization_md(rep: dict) -> list[str]:
             cells = [f"{lat[b]['p50']:.3f} ({base['original'][b]['p50'] / lat[b]['p50']:.2f}x)" if b in lat else "n/a"
                      for b in batches]
             lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    if any(n.endswith("-on-onnxruntime") for n in rows):
+        lines += ["", "A TensorRT Q/DQ model on ONNX Runtime's CPU provider (`*-on-onnxruntime`) is there for its "
+                  "fidelity: its high-precision parts are fp16, which a CPU emulates, so its latency says nothing "
+                  "of TensorRT's."]
     problems = [f"{fmt} {k}: {p}" for fmt, per in q.get("formats", {}).items() for k, info in per.items()
                 for p in info.get("coverage_problems", [])]
     lines += ["", "Q/DQ placement: every matrix product of every block quantized." if not problems
