@@ -160,6 +160,32 @@ def test_relative_paths_work_though_the_quantizers_run_in_their_own_folder(quick
         assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx", "q.onnx", "t.onnx"]
 
 
+def test_a_model_with_external_data_is_quantized_with_external_data(tiny_vit, tmp_path, monkeypatch):
+    """Models over 2 GB keep their weights beside the .onnx (protobuf's limit): both quantizers get
+    that flag and their data files move into place with the model (forced here on a small model)."""
+    from amp_deploy.deploy import export as E
+    from amp_deploy.deploy.runtimes import onnxruntime_runner
+
+    monkeypatch.setattr(E, "EXTERNAL_DATA_LIMIT", 64 << 20)  # every model "large"
+    src = E.export_onnx(tiny_vit.model, tmp_path / "m.onnx", tiny_vit.input_size, batch_min=1, batch_opt=2, batch_max=4)
+    assert E.external_files(src)
+    x = torch.randn(8, *tiny_vit.input_size).numpy()
+    reader = Q.CalibrationReader([x[:4], x[4:]])
+    outs = [tmp_path / "q.onnx"]
+    Q.quantize_onnxruntime(src, outs[0], reader)
+    if Q.modelopt_problem() is None:
+        outs.append(tmp_path / "t.onnx")
+        Q.quantize_modelopt(src, outs[1], reader, precision="int8")
+    ref = onnxruntime_runner(src).run(x[:2])
+    for out in outs:
+        data = E.external_files(out)
+        assert data and all(d.is_file() and d.name.startswith(out.name) for d in data)
+        got = onnxruntime_runner(out).run(x[:2])
+        cos = torch.nn.functional.cosine_similarity(torch.from_numpy(got).flatten(1), torch.from_numpy(ref).flatten(1))
+        assert cos.min() > 0.5  # a random-init model, 8 calibration images: close, not exact
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no scratch folder left
+
+
 def _row(precision, cos_mean, cos_min, err=0.1):
     p = {"max_abs_err": err, "cosine_min": cos_min, "cosine_mean": cos_mean}
     return {"status": "ok", "precision": precision, "parity": {"original": p, "pruned": p, **p}}

@@ -131,14 +131,15 @@ def quantize_onnxruntime(src: str | Path, dst: str | Path, reader: CalibrationRe
     methods = {"minmax": q.CalibrationMethod.MinMax, "entropy": q.CalibrationMethod.Entropy,
                "percentile": q.CalibrationMethod.Percentile}
     types = {"uint8": q.QuantType.QUInt8, "int8": q.QuantType.QInt8}
-    work = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", suffix=".tmpdir", dir=dst.parent))
+    work = _workdir(dst)
     try:
         before = op_counts(src)
+        big = _external(src)
         source = Path(src)
         if preprocess:
             source = work / "preprocessed.onnx"
             with _quiet():
-                quant_pre_process(str(src), str(source), skip_symbolic_shape=True)
+                quant_pre_process(str(src), str(source), skip_symbolic_shape=True, save_as_external_data=big)
         after_pre = op_counts(source)
         reader.rewind()
         out = work / dst.name
@@ -147,10 +148,8 @@ def quantize_onnxruntime(src: str | Path, dst: str | Path, reader: CalibrationRe
                               per_channel=per_channel, activation_type=types[activation],
                               weight_type=q.QuantType.QInt8,
                               op_types_to_quantize=None if op_types is None else list(op_types),
-                              calibrate_method=methods[method])
-        _check(out)
-        fault_point(dst)
-        os.replace(out, dst)
+                              calibrate_method=methods[method], use_external_data_format=big)
+        _place(out, dst)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return {"quantizer": "onnxruntime.quantization", "format": "QDQ", "method": method, "per_channel": per_channel,
@@ -209,7 +208,7 @@ def quantize_modelopt(src: str | Path, dst: str | Path, reader: CalibrationReade
     if problem := modelopt_problem():
         raise UserError(f"quantize: {problem}")
     src, dst = Path(src).resolve(), Path(dst).resolve()  # the child runs in its own working folder
-    work = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", suffix=".tmpdir", dir=dst.parent))
+    work = _workdir(dst)
     try:
         source = work / "source.onnx"
         shutil.copyfile(src, source)
@@ -218,14 +217,12 @@ def quantize_modelopt(src: str | Path, dst: str | Path, reader: CalibrationReade
         np.savez(work / "calibration.npz", *reader.batches)
         out = work / dst.name
         cmd = [sys.executable, "-m", "amp_deploy.deploy.quantize", str(source), str(out), str(work / "calibration.npz"),
-               precision, method or ""]
+               precision, method or "", "external" if _external(src) else ""]
         done = subprocess.run(cmd, cwd=work, capture_output=True, text=True, check=False)
         if done.returncode != 0 or not out.is_file():
             tail = [ln for ln in (done.stderr or done.stdout).splitlines() if ln.strip()][-1:] or ["no output"]
             raise RuntimeError(f"Model Optimizer's {precision} quantization failed (exit {done.returncode}): {tail[0]}")
-        _check(out)
-        fault_point(dst)
-        os.replace(out, dst)
+        _place(out, dst)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return {"quantizer": f"nvidia-modelopt {'.'.join(map(str, modelopt_version() or ()))}", "format": "QDQ",
@@ -235,20 +232,40 @@ def quantize_modelopt(src: str | Path, dst: str | Path, reader: CalibrationReade
 
 def _modelopt_main(argv: list[str]) -> None:
     """The child process of `quantize_modelopt`: SOURCE OUT CALIBRATION.npz PRECISION [METHOD]."""
-    source, out, calibration, precision, method = argv
+    source, out, calibration, precision, method, external = argv
     from modelopt.onnx.quantization import quantize
 
     with np.load(calibration, allow_pickle=False) as z:
         reader = CalibrationReader([z[f"arr_{i}"] for i in range(len(z.files))])
     with _quiet():
         quantize(source, quantize_mode=precision, calibration_data_reader=reader, calibration_eps=["cpu"],
-                 calibration_method=method or None, output_path=out, log_level="ERROR")
+                 calibration_method=method or None, output_path=out, log_level="ERROR",
+                 use_external_data_format=external == "external")
 
 
-def _check(path: Path) -> None:
+def _workdir(dst: Path) -> Path:
+    """A private folder beside `dst` (a build's stray-temp sweep removes it if the process dies). Its
+    name holds no ".onnx": Model Optimizer derives scratch paths by replacing ".onnx" in the whole path."""
+    return Path(tempfile.mkdtemp(prefix=f".{dst.stem}-", suffix=".tmpdir", dir=dst.parent))
+
+
+def _external(path: str | Path) -> bool:
+    """The model keeps its weights in external data files (over protobuf's 2 GB): so must its copies."""
+    from amp_deploy.deploy.export import external_files
+
+    return bool(external_files(path))
+
+
+def _place(out: Path, dst: Path) -> None:
+    """Check the quantizer's output, then move it and its external data files (named after it by
+    both quantizers) beside `dst`: data first, the .onnx last, so it appears only when complete."""
     import onnx
 
-    onnx.checker.check_model(str(path), full_check=False)
+    onnx.checker.check_model(str(out), full_check=False)  # by path: external data is found beside it
+    for data in sorted(p for p in out.parent.iterdir() if p.name.startswith(out.name) and p != out):
+        os.replace(data, dst.parent / (dst.name + data.name[len(out.name):]))
+    fault_point(dst)
+    os.replace(out, dst)
 
 
 def _diff(before: dict[str, int], after: dict[str, int]) -> dict[str, int]:
