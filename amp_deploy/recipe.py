@@ -124,7 +124,8 @@ class PruneSpec(_Strict):
                 "class prompts")
     search_loss: SearchLoss = _f("divergence", "what the width search holds each block to: divergence (KL of the "
                                                "original's distribution to the pruned model's, in the loss view: 0 "
-                                               "unpruned, never below) or entropy (the level, as the reference code; "
+                                               "unpruned, never below), cosine (1 - cosine of the output to the "
+                                               "original's, per image) or entropy (the level, as the reference code; "
                                                "it can fall as neurons go). The ce criterion searches with ce")
     steps: int = _f(6, "bisection steps per block", ge=1, le=20)
     align: int = _f(1, "kept widths are multiples of this (e.g. 64 for tensor cores)", ge=1)

@@ -17,6 +17,8 @@ Methods at each parameter budget (fraction of the whole model's parameters), no 
   entropy-adaptive-level  the same scores, search on the entropy level (the reference code's), one
                           search at the reference's threshold 0.01 (its loss falls: no budget is met)
   entropy-adaptive-token  per-token |a*g| scores (a variant), divergence search
+  entropy-adaptive-cosine AMP's scores, width search held to the cosine departure of the embedding
+                          from the original's (prune.search_loss: cosine)
   entropy-uniform         AMP's scores, the same width in every block
   magnitude-uniform, random-uniform
 Adaptive methods meet a budget with the outer threshold search (within `--tolerance` of the
@@ -43,7 +45,14 @@ from amp_deploy.measure.metrics import knn_top1, predict  # noqa: E402
 from amp_deploy.prune.distill import distill, hflip  # noqa: E402
 from amp_deploy.prune.families import count_params, load_transformers  # noqa: E402
 from amp_deploy.prune.rebuild import apply_widths  # noqa: E402
-from amp_deploy.prune.score import Divergence, loss_fn, magnitude_scores, random_scores, taylor_scores  # noqa: E402
+from amp_deploy.prune.score import (  # noqa: E402
+    CosineDeparture,
+    Divergence,
+    loss_fn,
+    magnitude_scores,
+    random_scores,
+    taylor_scores,
+)
 from amp_deploy.prune.search import adaptive_widths, budget_widths, uniform_widths  # noqa: E402
 
 CPU = torch.device("cpu")
@@ -128,7 +137,7 @@ def main() -> None:
     scores = {"abs": sums["abs"], "token": sums["token"], "magnitude": magnitude_scores(base),
               "random": random_scores(base, 0)}
     print(f"scores: {score_s:.0f} s", flush=True)
-    losses = {"divergence": Divergence("image-image", args.temperature), "level": ent}
+    losses = {"divergence": Divergence("image-image", args.temperature), "level": ent, "cosine": CosineDeparture()}
 
     found: dict[tuple[str, str], float] = {}  # the threshold the last budget needed: where the next one starts
 
@@ -136,7 +145,7 @@ def main() -> None:
         def run(target, threshold):
             return adaptive_widths(target, scores[kind], train.validation, loss=losses[search], threshold=threshold,
                                    batch_size=args.batch, steps=6)
-        start = found.get((kind, search), 1e-3 if search == "divergence" else 1e-2) * 2
+        start = found.get((kind, search), 1e-2 if search == "level" else 1e-3) * 2
         out = budget_widths(lambda: copy.deepcopy(base), limit, run, rounds=args.rounds,
                             tolerance=int(args.tolerance * total), start=start)
         found[kind, search] = out[2]
@@ -159,7 +168,8 @@ def main() -> None:
                                           threshold=0.01, batch_size=args.batch, steps=6)
                     thr, tried = 0.01, [0]
                 else:
-                    pruned, res, thr, tried = adaptive(kind, "divergence", limit)
+                    pruned, res, thr, tried = adaptive(kind, "cosine" if search.endswith("cosine") else "divergence",
+                                                       limit)
                 extra = f"t={thr:.2g}, {len(tried)} searches, loss fell in {len(res.fell)} blocks"
             else:
                 pruned = uniform_for_budget(base, scores["abs" if crit == "entropy" else crit], limit)

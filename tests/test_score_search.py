@@ -187,6 +187,24 @@ def test_a_falling_loss_is_recorded_and_divergence_cannot_fall():
     assert div.base_loss == 0.0 and not div.fell and all(v >= -1e-9 for v in div.losses)
 
 
+def test_the_cosine_search_loss_is_0_unpruned_and_never_falls():
+    """prune.search_loss: cosine, per image 1 - cos(pruned output, original output)."""
+    from amp_deploy.prune.score import CosineDeparture, search_loss_fn
+
+    torch.manual_seed(0)
+    ref = torch.randn(16, 32)
+    assert CosineDeparture()(ref.clone(), None, ref).abs().max() < 1e-6  # 0 for the original itself
+    moved = ref + 3.0 * torch.randn(1, 32)  # the same offset for every image
+    cos = CosineDeparture()(moved, None, ref)  # every embedding turned away from the original's
+    assert cos.shape == (16,) and cos.min() > 0.2
+    assert isinstance(search_loss_fn("cosine", "entropy", "image-image", 20.0), CosineDeparture)
+    net = EmbedNet(d=16, h=32, depth=3)
+    loaded = Loaded(net.eval(), *find_sites(net), "embedding", transform=None, input_size=(5, 16, 1))
+    res = adaptive_widths(copy.deepcopy(loaded), [torch.rand(32) for _ in range(3)], Split(torch.randn(24, 5, 16), None),
+                          batch_size=24, loss=CosineDeparture(), threshold=0.01, steps=6)
+    assert abs(res.base_loss) < 1e-6 and not res.fell and all(v >= -1e-6 for v in res.losses) and res.losses[-1] <= 0.03 + 1e-6
+
+
 def _known_answer_net(keep: list[int]) -> TokenNet:
     """Block i uses only its first keep[i] hidden neurons: the others have zero fc2 columns."""
     net = TokenNet(depth=len(keep))

@@ -41,7 +41,7 @@ Criterion = Literal["entropy", "ce", "magnitude", "random"]
 Taylor = Literal["abs", "token", "signed"]
 TAYLOR_KINDS: tuple[str, ...] = Taylor.__args__
 View = Literal["predictions", "image-image", "image-text"]
-SearchLoss = Literal["divergence", "entropy"]
+SearchLoss = Literal["divergence", "entropy", "cosine"]
 DEFAULT_TEMPERATURE = {"predictions": 1.0, "image-image": 15.0, "image-text": 15.0}
 
 
@@ -154,10 +154,24 @@ class Divergence:
         return divergence(out, ref.to(out.device), self.view, self.temperature, text)
 
 
+class CosineDeparture:
+    """The search loss `cosine`: per image, 1 - cosine of the pruned model's output to the original's
+    (`ref`), whatever the view: a change the batch's similarity structure does not see (every
+    embedding moved alike) still counts."""
+
+    reference = True
+
+    def __call__(self, out: torch.Tensor, labels: torch.Tensor | None, ref: torch.Tensor) -> torch.Tensor:
+        return 1.0 - torch.nn.functional.cosine_similarity(out.float().flatten(1), ref.to(out.device).flatten(1), dim=1)
+
+
 def search_loss_fn(kind: SearchLoss, criterion: Criterion, view: View | str, temperature: float,
                    text: torch.Tensor | None = None) -> Callable:
     """The search's loss: the criterion's own loss as a level (`entropy`, the reference's; `ce`
-    with labels), or `divergence` from the original in the same view."""
+    with labels), `divergence` from the original in the same view, or the `cosine` departure of
+    the output from the original's."""
+    if kind == "cosine" and criterion != "ce":
+        return CosineDeparture()
     if kind == "divergence" and criterion != "ce":
         return Divergence(view, temperature, text)
     return loss_fn(criterion, view, temperature, text)
