@@ -22,7 +22,7 @@ from amp_deploy.deploy.quantize import DEFAULT_ORT_OPS, CalibrationMethod, Forma
 from amp_deploy.deploy.runtimes import RuntimeName
 from amp_deploy.errors import UserError
 from amp_deploy.files import SAFE_NAME
-from amp_deploy.prune.score import Criterion, SearchLoss, Taylor
+from amp_deploy.prune.score import Criterion, Taylor
 
 NAME_PATTERN = SAFE_NAME  # a recipe name: names out/NAME and Triton entries
 
@@ -108,7 +108,7 @@ class PruneSpec(_Strict):
     criterion: Criterion = _f("entropy", "entropy (label-free) | ce (labels) | magnitude | random")
     search: Literal["adaptive", "uniform"] = _f("adaptive", "adaptive (per-block binary search) | uniform")
     threshold: float = _f(0.01, "adaptive: the search loss (nats) each block may add over the last accepted "
-                                "loss; with search_loss divergence: nats of KL from the original model", ge=0)
+                                "loss; divergence: nats of KL from the original model; cosine: cosine distance to its output", ge=0)
     keep_ratio: float | None = _f(None, "uniform: fraction of hidden neurons kept", gt=0, le=1)
     target_params: float | None = _f(None, "adaptive: a parameter budget as a fraction of the original "
                                            "(an outer search over the threshold)", gt=0, le=1)
@@ -122,11 +122,12 @@ class PruneSpec(_Strict):
                 "image-image (the batch's feature similarities, the reference code's loss) for an embedding model; "
                 "image-text: open_clip models with a class folder, image-text and text-image similarities with the "
                 "class prompts")
-    search_loss: SearchLoss = _f("divergence", "what the width search holds each block to: divergence (KL of the "
-                                               "original's distribution to the pruned model's, in the loss view: 0 "
-                                               "unpruned, never below), cosine (1 - cosine of the output to the "
-                                               "original's, per image) or entropy (the level, as the reference code; "
-                                               "it can fall as neurons go). The ce criterion searches with ce")
+    search_loss: Literal["auto", "divergence", "cosine", "entropy"] = _f(
+        "auto", "what the width search holds each block to: auto = cosine for the image-image view (embedding "
+                "models), divergence otherwise; cosine (1 - cosine of the output to the original's, per image); "
+                "divergence (KL of the original's distribution to the pruned model's, in the loss view: 0 unpruned, "
+                "never below); entropy (the level, as the reference code; it can fall as neurons go). The ce "
+                "criterion searches with ce")
     steps: int = _f(6, "bisection steps per block", ge=1, le=20)
     align: int = _f(1, "kept widths are multiples of this (e.g. 64 for tensor cores)", ge=1)
     cache: bool = _f(True, "replay the hidden states entering each block during the search (false: the "
