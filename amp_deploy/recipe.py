@@ -22,7 +22,7 @@ from amp_deploy.deploy.quantize import DEFAULT_ORT_OPS, CalibrationMethod, Forma
 from amp_deploy.deploy.runtimes import RuntimeName
 from amp_deploy.errors import UserError
 from amp_deploy.files import SAFE_NAME
-from amp_deploy.prune.score import Criterion, Taylor
+from amp_deploy.prune.score import Criterion, SearchLoss, Taylor
 
 NAME_PATTERN = SAFE_NAME  # a recipe name: names out/NAME and Triton entries
 
@@ -122,12 +122,12 @@ class PruneSpec(_Strict):
                 "image-image (the batch's feature similarities, the reference code's loss) for an embedding model; "
                 "image-text: open_clip models with a class folder, image-text and text-image similarities with the "
                 "class prompts")
-    search_loss: Literal["auto", "divergence", "cosine", "entropy"] = _f(
-        "auto", "what the width search holds each block to: auto = cosine for the image-image view (embedding "
-                "models), divergence otherwise; cosine (1 - cosine of the output to the original's, per image); "
-                "divergence (KL of the original's distribution to the pruned model's, in the loss view: 0 unpruned, "
-                "never below); entropy (the level, as the reference code; it can fall as neurons go). The ce "
-                "criterion searches with ce")
+    search_loss: SearchLoss = _f(
+        "divergence", "what the width search holds each block to: divergence (KL of the original's distribution "
+                      "to the pruned model's, in the loss view: 0 unpruned, never below; it keeps the relative "
+                      "structure k-NN and zero-shot use); cosine (1 - cosine of the output to the original's, per "
+                      "image: keeps embeddings compatible with an index built from the original); entropy (the "
+                      "level, as the reference code; it can fall as neurons go). The ce criterion searches with ce")
     steps: int = _f(6, "bisection steps per block", ge=1, le=20)
     align: int = _f(1, "kept widths are multiples of this (e.g. 64 for tensor cores)", ge=1)
     cache: bool = _f(True, "replay the hidden states entering each block during the search (false: the "

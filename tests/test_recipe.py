@@ -176,20 +176,3 @@ def test_every_recipe_architecture_prunes_exports_and_keeps_parity_depth_reduced
     align = doc.get("prune", {}).get("align", 1)
     assert all(w % align == 0 or w == h for w, h in zip(rep["widths"]["pruned"], rep["widths"]["original"]))
 
-
-def test_search_loss_auto_is_cosine_for_embeddings_and_divergence_for_predictions(tmp_path):
-    from types import SimpleNamespace
-
-    from amp_deploy.pipeline.context import Context
-    from amp_deploy.pipeline.stages import search_loss_of
-
-    from .conftest import QUICKSTART
-
-    ctx = Context.create(load_recipe(QUICKSTART), tmp_path)
-    assert ctx.recipe.prune.search_loss == "auto"
-    assert search_loss_of(ctx, SimpleNamespace(output="logits")) == "divergence"
-    assert search_loss_of(ctx, SimpleNamespace(output="embedding")) == "cosine"
-    ctx = Context.create(load_recipe(QUICKSTART, ["prune.search_loss=divergence"]), tmp_path)
-    assert search_loss_of(ctx, SimpleNamespace(output="embedding")) == "divergence"
-    ctx = Context.create(load_recipe(QUICKSTART, ["prune.loss_view=image-image"]), tmp_path)
-    assert search_loss_of(ctx, SimpleNamespace(output="logits")) == "cosine"

@@ -78,17 +78,6 @@ def view_of(ctx: Context, loaded: Loaded) -> str:
     return default_view(loaded.output) if view == "auto" else view
 
 
-def search_loss_of(ctx: Context, loaded: Loaded) -> str:
-    """The recipe's search loss; auto: the cosine of the output to the original's for the image-image
-    view (an embedding is what is served: a change that turns all embeddings alike leaves their
-    similarity matrix, and the divergence, unchanged), the divergence in the predictions and
-    image-text views (what a classifier or zero-shot model outputs is that distribution)."""
-    kind = ctx.recipe.prune.search_loss
-    if kind != "auto":
-        return kind
-    return "cosine" if view_of(ctx, loaded) == "image-image" else "divergence"
-
-
 def temperature_of(ctx: Context, loaded: Loaded) -> float:
     t = ctx.recipe.prune.temperature
     return DEFAULT_TEMPERATURE[view_of(ctx, loaded)] if t is None else t
@@ -132,7 +121,7 @@ def stage_search(ctx: Context) -> None:
 def _adaptive_search(ctx: Context, loaded: Loaded, scores) -> dict:
     p, data = ctx.recipe.prune, ctx.data()
     criterion = "ce" if p.criterion == "ce" else "entropy"
-    loss = search_loss_fn(search_loss_of(ctx, loaded), criterion, view_of(ctx, loaded), temperature_of(ctx, loaded),
+    loss = search_loss_fn(p.search_loss, criterion, view_of(ctx, loaded), temperature_of(ctx, loaded),
                           _text(ctx, loaded))
 
     def run(target: Loaded, threshold: float, on_block=None):
@@ -161,14 +150,14 @@ def _adaptive_search(ctx: Context, loaded: Loaded, scores) -> dict:
         ctx.reporter.log(falling_loss_warning(res.fell))
     return dict(widths=res.widths, base_loss=res.base_loss, losses=res.losses, block_forwards=res.block_forwards,
                 block_forwards_naive=res.block_forwards_naive, steps=res.steps, loss_fell=res.fell,
-                search_loss=search_loss_of(ctx, loaded) if criterion != "ce" else "ce", **extra)
+                search_loss=p.search_loss if criterion != "ce" else "ce", **extra)
 
 
 def falling_loss_warning(fell: list[dict]) -> str:
     """What to say when the search loss FELL as neurons were removed (the level criterion rewards it)."""
     blocks = ", ".join(f"{f['block']} (width {f['width']}, {f['loss_before']:.4f} -> {f['loss']:.4f})" for f in fell)
     return (f"search: the loss fell as neurons were removed in block {blocks}: those widths were chosen by the "
-            "criterion, not by redundancy; prune.search_loss=auto holds each block to the original instead")
+            "criterion, not by redundancy; prune.search_loss=divergence holds each block to the original instead")
 
 
 def stage_rebuild(ctx: Context) -> None:
