@@ -4,7 +4,7 @@ Two quantizers, one per target runtime:
 - ONNX Runtime INT8: `onnxruntime.quantization.quantize_static` in QDQ format, per-channel
   weights, after `quant_pre_process` (shape inference and ONNX Runtime's basic graph
   optimisations). Which operators are quantized and the calibration method are settings; the
-  defaults were chosen by measurement on a real ViT (benchmarks/quantize_choices.py, RESULTS.md).
+  defaults were chosen by measurement on a real ViT (benchmarks/quantize_real.py --choices, RESULTS.md).
 - TensorRT INT8 / FP8: Q/DQ ONNX from NVIDIA Model Optimizer (`modelopt.onnx.quantization.quantize`),
   calibrated on ONNX Runtime's CPU provider, compiled later as a strongly typed network (the
   graph carries the precision). FP8 Q/DQ cannot run on a CPU: its fidelity is measured on a GPU.
@@ -29,12 +29,11 @@ from typing import Any, Literal
 
 import numpy as np
 
-from amp_deploy.deploy.export import INPUT_NAME
+from amp_deploy.deploy.export import INPUT_NAME, external_files
 from amp_deploy.errors import UserError, first_line
 from amp_deploy.files import fault_point
 
 Format = Literal["onnxruntime-int8", "tensorrt-int8", "tensorrt-fp8"]
-FORMATS: tuple[str, ...] = Format.__args__
 CalibrationMethod = Literal["minmax", "entropy", "percentile"]
 MODELOPT_MIN_VERSION = (0, 33)  # the ONNX quantize() with calibration_data_reader and calibration_eps
 FP8_MIN_CAPABILITY = (8, 9)  # Ada and Hopper and later: FP8 tensor cores
@@ -80,7 +79,6 @@ class CalibrationReader:
 
     def __len__(self) -> int:
         return sum(len(b) for b in self.batches)
-
 
 
 def calibration_batches(batches: Iterable[tuple[Any, Any]], count: int, batch_max: int) -> list[np.ndarray]:
@@ -203,8 +201,6 @@ def quantize_modelopt(src: str | Path, dst: str | Path, reader: CalibrationReade
     import subprocess
     import sys
 
-    from amp_deploy.deploy.export import external_files
-
     if problem := modelopt_problem():
         raise UserError(f"quantize: {problem}")
     src, dst = Path(src).resolve(), Path(dst).resolve()  # the child runs in its own working folder
@@ -251,8 +247,6 @@ def _workdir(dst: Path) -> Path:
 
 def _external(path: str | Path) -> bool:
     """The model keeps its weights in external data files (over protobuf's 2 GB): so must its copies."""
-    from amp_deploy.deploy.export import external_files
-
     return bool(external_files(path))
 
 
@@ -297,8 +291,8 @@ def block_of_nodes(path: str | Path) -> dict[str, int]:
 
 
 def _quantized_input(name: str, producers: dict[str, Any], depth: int = 4) -> bool:
-    """Whether a tensor comes from a DequantizeLinear (through shape-only operators), or is an
-    integer/float8 initializer consumed by one."""
+    """Whether a tensor comes from a DequantizeLinear, directly or through up to `depth` shape-only
+    operators (Transpose, Reshape, ...)."""
     node = producers.get(name)
     for _ in range(depth):
         if node is None:
@@ -330,10 +324,10 @@ def matmul_coverage(path: str | Path, reference: str | Path) -> dict[str, Any]:
     for n in model.graph.node:
         if n.op_type not in ("MatMul", "Gemm"):
             continue
-        i = block_of.get(n.name)
-        entry = outside if i is None else blocks.setdefault(i, {"matmuls": 0, "quantized": 0, "float": []})
+        block = block_of.get(n.name)
+        entry = outside if block is None else blocks.setdefault(block, {"matmuls": 0, "quantized": 0, "float": []})
         entry["matmuls"] += 1
-        if all(_quantized_input(i, producers) for i in n.input[:2]):
+        if all(_quantized_input(t, producers) for t in n.input[:2]):
             entry["quantized"] += 1
         else:
             entry["float"].append(n.name)

@@ -136,12 +136,12 @@ class RunnerModel:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         lo, hi = self.batch_range
         n = len(x)
-        if n < lo:
+        if n < lo:  # too few images for the profile: repeated, and the extra outputs dropped
             x = M.repeat_to(x, lo)
-        parts = [torch.from_numpy(self.runner.run(x[a:b].numpy())).float() for a, b in chunks(len(x), lo, hi)]
         spans = chunks(len(x), lo, hi)
+        parts = [torch.from_numpy(self.runner.run(x[a:b].numpy())).float() for a, b in spans]
         out = torch.empty((len(x), *parts[0].shape[1:]))
-        for (a, b), part in zip(spans, parts):
+        for (a, b), part in zip(spans, parts):  # spans may overlap at the end (see `chunks`)
             out[a:b] = part
         return out[:n]
 
@@ -172,14 +172,9 @@ def parity_of(runners: dict[str, Runner], holdout: torch.Tensor, refs: dict[str,
               batch_range: tuple[int, int], outputs: dict[str, torch.Tensor] | None = None) -> dict[str, Any]:
     """Each runner's outputs on every holdout image vs the torch reference; the worst of both models.
     `outputs`, when given, receives each runner's outputs (the holdout's, in order)."""
-    lo, hi = batch_range
-    if len(holdout) < lo:
-        holdout, refs = M.repeat_to(holdout, lo), {k: M.repeat_to(v, lo) for k, v in refs.items()}
     per = {}
     for k, r in runners.items():
-        got = torch.empty_like(refs[k])
-        for a, b in chunks(len(holdout), lo, hi):
-            got[a:b] = torch.from_numpy(r.run(holdout[a:b].numpy())).float().reshape(got[a:b].shape)
+        got = RunnerModel(r, batch_range)(holdout).reshape(refs[k].shape)
         per[k] = M.agreement(refs[k], got)
         if outputs is not None:
             outputs[k] = got

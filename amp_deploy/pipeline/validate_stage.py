@@ -63,6 +63,11 @@ def quantized_rows(formats: list[str]) -> dict[str, str]:
     return rows
 
 
+def _engine_row(name: str) -> bool:
+    """A row that runs TensorRT engines (fp16/bf16/fp32 or a Q/DQ format), built by the compile stage."""
+    return name == "tensorrt" or (name.startswith("tensorrt-") and not name.endswith("-on-onnxruntime"))
+
+
 def _quantized_factories(ctx: Context) -> dict[str, tuple[Callable[[str], Runner], str]]:
     from amp_deploy.deploy import runtimes as R
     from amp_deploy.deploy.quantize import precision_of
@@ -70,7 +75,7 @@ def _quantized_factories(ctx: Context) -> dict[str, tuple[Callable[[str], Runner
     v, f = ctx.recipe.validate_, ctx.folder
     out = {}
     for name, fmt in quantized_rows(ctx.recipe.quantize.formats).items():
-        if name.startswith("tensorrt-") and not name.endswith("-on-onnxruntime"):
+        if _engine_row(name):
             make = (lambda fmt: lambda k: R.tensorrt_runner(f.plan(k, fmt)))(fmt)
         elif precision_of(fmt) == "fp8":
             make = _no_fp8_on_cpu
@@ -104,7 +109,7 @@ def _weights_bytes(ctx: Context, name: str, models: dict[str, torch.nn.Module]) 
     f = ctx.folder
     fmt = quantized_rows(ctx.recipe.quantize.formats).get(name)
     if fmt is not None:
-        if name == fmt and name.startswith("tensorrt-"):
+        if _engine_row(name):
             return lambda k: f.plan(k, fmt).stat().st_size
         return lambda k: f.quantized(k, fmt).stat().st_size
     if name == "tensorrt":
@@ -117,7 +122,7 @@ def _weights_bytes(ctx: Context, name: str, models: dict[str, torch.nn.Module]) 
 def _row(ctx: Context, name: str, models: dict, holdout, refs: dict, output: str) -> dict[str, Any]:
     """One runtime's report row (a skipped compile stage's status stands for the tensorrt rows)."""
     quantized = name in quantized_rows(ctx.recipe.quantize.formats)
-    if name == "tensorrt" or (name.startswith("tensorrt-") and not name.endswith("-on-onnxruntime")):
+    if _engine_row(name):
         compiled = ctx.folder.read_compile_status()
         if compiled["status"] != "ok":
             return compiled
