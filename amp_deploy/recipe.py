@@ -104,6 +104,30 @@ class DataSpec(_Strict):
         return self
 
 
+LatencyRuntime = Literal["onnxruntime", "onnxruntime-cuda", "torch", "tensorrt"]
+LATENCY_PRECISIONS = {"onnxruntime": ("fp32", "int8"), "onnxruntime-cuda": ("fp32",), "torch": ("fp32", "fp16", "bf16"),
+                      "tensorrt": ("fp32", "fp16")}
+
+
+class LatencySpec(_Strict):
+    """Where prune.target_speedup / target_latency_ms is measured, and how finely."""
+
+    runtime: LatencyRuntime = _f("onnxruntime", "the runtime the speedup is asked on: " + " | ".join(LatencyRuntime.__args__)
+                                 + " (it must be in runtimes, so validate measures it too)")
+    batch: int = _f(8, "the batch size the speedup is asked at (inside export.batch)", ge=1)
+    precision: Literal["fp32", "fp16", "bf16", "int8"] = _f(
+        "fp32", "the precision the speedup is asked in: onnxruntime fp32 | int8 (ONNX Runtime static INT8, as "
+                "quantize.formats onnxruntime-int8), onnxruntime-cuda fp32, torch fp32 | fp16 | bf16, tensorrt fp32 | fp16")
+    widths: int = _f(12, "candidate widths per block (evenly spaced up to the full width, on the prune.align grid); "
+                         "the latency table and the loss curves are measured at these", ge=2, le=64)
+    iterations: int = _f(30, "timed rounds for the latency table (every candidate interleaved with the full model); "
+                             "twice as many for each end-to-end check", ge=5)
+    warmup: int = _f(5, "warm-up rounds before timing", ge=0)
+    tolerance: float = _f(0.03, "the measured speedup may differ from the target by this fraction; beyond, the "
+                                "budget is corrected and the widths chosen again", gt=0, lt=1)
+    corrections: int = _f(3, "at most this many corrections after the first end-to-end check", ge=0, le=10)
+
+
 class PruneSpec(_Strict):
     criterion: Criterion = _f("entropy", "entropy (label-free) | ce (labels) | magnitude | random")
     search: Literal["adaptive", "uniform"] = _f("adaptive", "adaptive (per-block binary search) | uniform")
@@ -112,6 +136,12 @@ class PruneSpec(_Strict):
     keep_ratio: float | None = _f(None, "uniform: fraction of hidden neurons kept", gt=0, le=1)
     target_params: float | None = _f(None, "adaptive: a parameter budget as a fraction of the original "
                                            "(an outer search over the threshold)", gt=0, le=1)
+    target_speedup: float | None = _f(None, "adaptive: the latency budget as a speedup over the original on "
+                                            "prune.latency's runtime, batch and precision (widths chosen by a "
+                                            "knapsack over measured latency and loss curves)", gt=1)
+    target_latency_ms: float | None = _f(None, "adaptive: the latency budget in milliseconds per batch of "
+                                               "prune.latency.batch on its runtime and precision", gt=0)
+    latency: LatencySpec = _f(description="where a latency budget is measured", factory=LatencySpec)
     taylor: Taylor = _f("abs", "abs: per image |sum over tokens of a*g|, averaged (the reference code's); "
                                "token: per token |a*g|, averaged; signed: the signed token sum")
     temperature: float | None = _f(None, "inverse temperature T of the loss's softmax (over T * similarities, or "
@@ -143,6 +173,15 @@ class PruneSpec(_Strict):
                              "uses the labels")
         if self.search == "uniform" and self.target_params is not None:
             raise ValueError("prune.target_params works with prune.search 'adaptive' (it searches the threshold)")
+        budgets = [k for k in ("target_params", "target_speedup", "target_latency_ms") if getattr(self, k) is not None]
+        if len(budgets) > 1:
+            raise ValueError(f"prune: {' and '.join(budgets)} are both set; give one budget")
+        if self.search == "uniform" and budgets:
+            raise ValueError(f"prune.{budgets[0]} works with prune.search 'adaptive'")
+        lat = self.latency
+        if lat.precision not in LATENCY_PRECISIONS[lat.runtime]:
+            raise ValueError(f"prune.latency.precision: {lat.runtime} runs {' | '.join(LATENCY_PRECISIONS[lat.runtime])}, "
+                             f"not {lat.precision}")
         return self
 
 
@@ -290,7 +329,25 @@ class Recipe(_Strict):
             raise ValueError(f"compile.precision bf16 needs export.opset >= 22 (ONNX allows bfloat16 Conv from "
                              f"opset 22), got {self.export.opset}")
         self._check_quantize()
+        self._check_latency()
         return self
+
+    def _check_latency(self) -> None:
+        p, b = self.prune, self.export.batch
+        if p.target_speedup is None and p.target_latency_ms is None:
+            return
+        lat = p.latency
+        if lat.runtime not in self.runtimes:
+            raise ValueError(f"prune.latency.runtime: {lat.runtime} is not in runtimes {self.runtimes} (validate "
+                             "measures the runtime the budget is asked on)")
+        if not b.min <= lat.batch <= b.max:
+            raise ValueError(f"prune.latency.batch: {lat.batch} is outside export.batch [{b.min}, {b.max}]")
+        if lat.precision == "int8" and "onnxruntime-int8" not in self.quantize.formats:
+            raise ValueError("prune.latency.precision int8: add onnxruntime-int8 to quantize.formats (validate measures "
+                             "the budget on that row)")
+        if lat.runtime == "tensorrt" and lat.precision != self.compile.precision:
+            raise ValueError(f"prune.latency.precision: {lat.precision} on tensorrt, but compile.precision is "
+                             f"{self.compile.precision}; set them alike (validate measures the engines compile builds)")
 
     def _check_quantize(self) -> None:
         q = self.quantize

@@ -57,6 +57,9 @@ def write_plots(report: dict[str, Any], folder: Path) -> list[str]:
         plt.close(fig)
         written.append("distill.png")
 
+    if report.get("latency_budget"):
+        written.append(_budget_plot(plt, report["latency_budget"], report["widths"]["pruned"], folder))
+
     cos = report["fidelity"].get("cosines") or []
     if cos:
         fig, ax = plt.subplots(figsize=(5.5, 3.2))
@@ -67,3 +70,21 @@ def write_plots(report: dict[str, Any], folder: Path) -> list[str]:
         plt.close(fig)
         written.append("cosine.png")
     return written
+
+
+def _budget_plot(plt, lb: dict[str, Any], widths: list[int], folder: Path) -> str:
+    """The latency table (measured and fitted ratio per width) with the chosen widths marked."""
+    t = lb["table"]
+    fig, ax = plt.subplots(figsize=(5.5, 3.4))
+    ax.plot(t["widths"], t["ratio"], "o", color="#c05621", label="measured (median per-round ratio)")
+    ax.plot(t["widths"], t["fitted"], "-", color="#2b6cb0", label="fitted (monotone)")
+    for w in widths:
+        ax.axvline(w, color="#718096", alpha=0.35, lw=1)
+    ax.set(xlabel="MLP width of every block", ylabel="latency / full model",
+           title=f"{lb['runtime']} {lb['precision']}, batch {lb['batch']}: predicted {lb['predicted_speedup']:.2f}x, "
+                 f"measured {lb['measured_speedup']:.2f}x")
+    ax.title.set_fontsize(9)
+    ax.legend(fontsize=8, title="grey lines: chosen widths", title_fontsize=8)
+    _save(fig, folder / "latency_budget.png")
+    plt.close(fig)
+    return "latency_budget.png"

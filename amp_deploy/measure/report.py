@@ -177,6 +177,39 @@ def _quantization_md(rep: dict) -> list[str]:
     return lines
 
 
+def _budget_md(rep: dict) -> list[str]:
+    """The latency budget: asked, predicted, measured by the search and by validate; the table."""
+    lb = rep.get("latency_budget")
+    if not lb:
+        return []
+    v = lb.get("validate", {})
+    seen = (f"{v['measured_speedup']:.3f}x (row {v['row']}, median of per-round ratios)" if v.get("status") == "ok"
+            else f"{v.get('status')}: {v.get('reason')}")
+    asked = (f"{lb['target_latency_ms']:g} ms ({lb['target_speedup']:.3f}x)" if lb.get("target_latency_ms")
+             else f"{lb['target_speedup']:g}x")
+    lines = ["## Latency budget", "",
+             f"Asked: {asked} on {lb['runtime']} {lb['precision']} at batch {lb['batch']} (reachable: "
+             f"{lb['max_speedup']:.2f}x with every MLP at its smallest candidate width).", "",
+             "| | speedup |", "|---|---:|",
+             f"| predicted (latency table, additive) | {lb['predicted_speedup']:.3f}x |",
+             f"| measured by the search (end-to-end check) | {lb['measured_speedup']:.3f}x |",
+             f"| measured by validate | {seen} |", "",
+             f"Target {'met' if lb['met'] else 'MISSED'} within {lb['tolerance']:.0%} by the search's check.", "",
+             "End-to-end checks (each asks the knapsack for `aim`; the next aim corrects the last miss):", "",
+             "| check | aim | predicted | measured | summed loss increase | widths |", "|---:|---:|---:|---:|---:|---|"]
+    for i, c in enumerate(lb["checks"]):
+        lines.append(f"| {i + 1} | {c['aim']:.3f}x | {c['predicted_speedup']:.3f}x | {c['measured_speedup']:.3f}x | "
+                     f"{c['loss_increase']:.4g} | {' '.join(map(str, c['widths']))} |")
+    t = lb["table"]
+    lines += ["", f"Latency table: every block at one width, {t['rounds']} interleaved rounds with the full model "
+              f"({t['full_ms']:.3f} ms); ratio = median of per-round latency ratios; fitted = made monotone; "
+              "saving = one block's share.", "",
+              "| width | p50 ms | ratio | fitted | saving per block |", "|---:|---:|---:|---:|---:|"]
+    lines += [f"| {w} | {ms:.3f} | {r:.4f} | {fr:.4f} | {sv:.4%} |"
+              for w, ms, r, fr, sv in zip(t["widths"], t["p50_ms"], t["ratio"], t["fitted"], t["block_saving"])]
+    return lines + [""]
+
+
 def render_md(rep: dict) -> str:
     """report.md from report.json's dict."""
     p, f, fi = rep["params"], rep["flops"], rep["fidelity"]
@@ -201,6 +234,7 @@ def render_md(rep: dict) -> str:
                      f"{zs['original']:.2f}% -> {zs['pruned']:.2f}%")
     lines.append("")
     lines += _distill_md(rep)
+    lines += _budget_md(rep)
     lines += _quantization_md(rep)
     env, vs = rep.get("environment", {}), rep.get("validate_settings", {})
     lines += ["## Runtimes", "",

@@ -62,7 +62,8 @@ class Stage:
     depends: tuple[str, ...]  # dotted recipe sections, beyond the key of the stage before
     outputs: Callable[[BuildFolder], list[Path]]  # a stage whose outputs are missing or changed is redone
     run: Callable[[Context], str | None]
-    machine_bound: bool = False  # engines and measurements belong to the machine they were made on
+    machine_bound: bool | Callable[[Recipe], bool] = False  # engines and measurements belong to the machine they
+    # were made on (a function of the recipe: bound for some recipes only)
     parallel: bool = False  # runs in --nproc processes under torchrun (data parallel)
 
 

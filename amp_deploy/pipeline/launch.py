@@ -87,7 +87,7 @@ def _folder(ctx, standalone: bool):
 
     @contextlib.contextmanager
     def held():
-        preflight(ctx.recipe)
+        preflight(ctx.recipe, ctx.device.type)
         prepare_out(ctx.folder.root)
         with FolderLock(ctx.folder.root):
             ctx.folder.write_recipe(dump_recipe(ctx.recipe))

@@ -58,7 +58,8 @@ def stage_keys(recipe: Recipe, stages: Sequence[Stage], hashes: dict | None = No
     keys, prev = {}, hash_obj(extra)
     here = machine()
     for stage in stages:
-        where = {"machine": here} if stage.machine_bound else {}
+        bound = stage.machine_bound(recipe) if callable(stage.machine_bound) else stage.machine_bound
+        where = {"machine": here} if bound else {}
         prev = keys[stage.name] = hash_obj({"prev": prev, **where, **{d: _section(doc, d) for d in stage.depends}})
     return keys
 

@@ -18,8 +18,10 @@ def prepare_out(out: Path) -> None:
         raise UserError(f"--out {out}: cannot create the folder ({e.strerror})") from None
 
 
-def preflight(recipe: Recipe) -> None:
-    """Cheap checks that need more than the recipe schema, run before anything is written."""
+def preflight(recipe: Recipe, device: str | None = None) -> None:
+    """Cheap checks that need more than the recipe schema, run before anything is written.
+
+    `device`: the build's device type (cpu, cuda); None: cuda when a GPU is present."""
     m = recipe.model
     if m.source == "timm":
         import timm
@@ -56,6 +58,21 @@ def preflight(recipe: Recipe) -> None:
                             "(data.calibration + validation + holdout)")
     _distill_preflight(recipe)
     _quantize_preflight(recipe)
+    _latency_preflight(recipe, device)
+
+
+def _latency_preflight(recipe: Recipe, device: str | None) -> None:
+    """A latency budget is measured on its runtime: refuse one that cannot run here."""
+    p = recipe.prune
+    if p.target_speedup is None and p.target_latency_ms is None:
+        return
+    import torch
+
+    from amp_deploy.pipeline.speedup import unavailable_reason
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if reason := unavailable_reason(p.latency, device):
+        raise UserError(f"prune.latency.runtime {p.latency.runtime}: cannot be measured here: {reason}")
 
 
 def _quantize_preflight(recipe: Recipe) -> None:

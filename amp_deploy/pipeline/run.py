@@ -25,7 +25,7 @@ def run_stages(ctx: Context, names: Sequence[str], force: bool = False) -> dict[
     Returns {stage: "ran" | "skipped" | "not recorded"}.
     """
     folder, say = ctx.folder, ctx.reporter
-    preflight(ctx.recipe)
+    preflight(ctx.recipe, ctx.device.type)
     prepare_out(folder.root)
     with FolderLock(folder.root):
         for p in remove_stray_temps(folder.root):

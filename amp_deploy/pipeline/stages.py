@@ -130,6 +130,8 @@ def _adaptive_search(ctx: Context, loaded: Loaded, scores) -> dict:
                                    batch_size=ctx.recipe.data.batch_size, steps=p.steps, align=p.align,
                                    device=ctx.device, cached=p.cache, on_block=on_block)
 
+    if p.target_speedup is not None or p.target_latency_ms is not None:
+        return _latency_search(ctx, loaded, scores, loss)
     extra: dict = {}
     if p.target_params is None:
         advance = ctx.reporter.task("search: widths, last block first", len(loaded.sites))
@@ -151,6 +153,23 @@ def _adaptive_search(ctx: Context, loaded: Loaded, scores) -> dict:
     return dict(widths=res.widths, base_loss=res.base_loss, losses=res.losses, block_forwards=res.block_forwards,
                 block_forwards_naive=res.block_forwards_naive, steps=res.steps, loss_fell=res.fell,
                 search_loss=p.search_loss if criterion != "ce" else "ce", **extra)
+
+
+def _latency_search(ctx: Context, loaded: Loaded, scores, loss) -> dict:
+    """Widths for prune.target_speedup / target_latency_ms (pipeline.speedup), with the loss curves
+    measured by the search's cached evaluator under the search loss."""
+    from amp_deploy.pipeline.speedup import latency_search
+    from amp_deploy.prune.budget import loss_curves
+
+    p, data = ctx.recipe.prune, ctx.data()
+
+    def curves_of(target: Loaded, candidates: list[list[int]]):
+        with loss_features(target, view_of(ctx, target)):
+            return loss_curves(target, scores, data.validation, candidates, loss=loss,
+                               batch_size=ctx.recipe.data.batch_size, device=ctx.device, cached=p.cache)
+
+    criterion = "ce" if p.criterion == "ce" else p.search_loss
+    return {**latency_search(ctx, loaded, scores, curves_of), "search_loss": criterion}
 
 
 def falling_loss_warning(fell: list[dict]) -> str:
@@ -368,10 +387,15 @@ def fp8_capable(fmt: str) -> None:
                         f"{torch.cuda.get_device_name()} has {cap[0]}.{cap[1]}")
 
 
+def latency_budget(recipe) -> bool:
+    """A search to a latency budget measures this machine: its widths belong to it."""
+    return recipe.prune.target_speedup is not None or recipe.prune.target_latency_ms is not None
+
+
 STAGES: tuple[Stage, ...] = (
     Stage("score", ("model", "data", "prune.criterion", "prune.temperature", "prune.loss_view"), lambda f: [f.scores],
           stage_score, parallel=True),
-    Stage("search", ("prune",), lambda f: [f.search], stage_search),
+    Stage("search", ("prune",), lambda f: [f.search], stage_search, machine_bound=latency_budget),
     Stage("rebuild", ("distill.epochs",), lambda f: [f.rebuilt], stage_rebuild),
     Stage("distill", ("distill", "data"), lambda f: [f.pruned, f.distill_log] if f.distilled else [], stage_distill,
           parallel=True),

@@ -177,6 +177,8 @@ def build_report(ctx: Context) -> dict[str, Any]:
         del fid["before_distill"]["cosines"]
     params = {k: count_params(m) for k, m in models.items()}
     flops = {k: M.count_flops(m, original.input_size) for k, m in models.items()}
+    runtimes = {name: _row(ctx, name, models, holdout, refs, original.output)
+                for name in [*r.runtimes, *quantized_rows(r.quantize.formats)]}
     return {
         "schema": SCHEMA,
         "name": r.name,
@@ -193,8 +195,8 @@ def build_report(ctx: Context) -> dict[str, Any]:
                  "skipped_unreadable": data.skipped + int(f.scores_meta().get("skipped_unreadable", 0)),
                  "skipped_unreadable_distill": (f.read_distill_log().get("skipped_unreadable", 0)
                                                 if f.distilled else None)},
-        "runtimes": {name: _row(ctx, name, models, holdout, refs, original.output)
-                     for name in [*r.runtimes, *quantized_rows(r.quantize.formats)]},
+        "runtimes": runtimes,
+        "latency_budget": latency_budget_section(search.get("latency_budget"), runtimes),
         "quantize": _quantize_section(ctx),
         "environment": environment(str(ctx.device)),
         "validate_settings": {"warmup": r.validate_.warmup, "warmup_seconds": r.validate_.warmup_seconds,
@@ -223,11 +225,45 @@ def _embedding_measures(ctx: Context, original, models: dict, refs: dict, labels
     return out
 
 
+def budget_row(budget: dict, runtimes: dict[str, Any]) -> str | None:
+    """The report row that runs the budget's runtime in its precision (None when validate has none)."""
+    name = budget["runtime"] if budget["precision"] not in ("int8", "fp8") else f"{budget['runtime']}-{budget['precision']}"
+    row = runtimes.get(name)
+    return name if row is not None and row.get("precision", "fp32") == budget["precision"] else None
+
+
+def latency_budget_section(budget: dict | None, runtimes: dict[str, Any]) -> dict[str, Any] | None:
+    """The search's latency budget (target, predicted, measured by the search) and validate's own
+    measurement of the same runtime, precision and batch: the median over rounds of the per-round
+    ratio original / pruned (the two are interleaved)."""
+    if not budget:
+        return None
+    import numpy as np
+
+    out = {k: v for k, v in budget.items() if k != "curves"}
+    name, b = budget_row(budget, runtimes), str(budget["batch"])
+    out["validate"] = {"status": "not measured", "reason": f"no report row runs {budget['runtime']} in "
+                       f"{budget['precision']}"}
+    if name is not None:
+        row = runtimes[name]
+        if row.get("status") != "ok":
+            out["validate"] = {"row": name, "status": row.get("status"), "reason": row.get("reason")}
+        elif b not in row["latency_ms"]["original"]:
+            out["validate"] = {"row": name, "status": "not measured",
+                               "reason": f"batch {b} is not in validate.batch_sizes"}
+        else:
+            o, q = (np.asarray(row["latency_ms"][k][b]["samples"]) for k in ("original", "pruned"))
+            out["validate"] = {"row": name, "status": "ok", "measured_speedup": float(np.median(o / q)),
+                               "p50_speedup": row["latency_ms"]["original"][b]["p50"] / row["latency_ms"]["pruned"][b]["p50"]}
+    return out
+
+
 def _prune_section(ctx: Context, search: dict) -> dict[str, Any]:
     p = ctx.recipe.prune
     return {
         "criterion": p.criterion, "search": p.search, "threshold": search["threshold"],
-        "target_params": p.target_params, "taylor": p.taylor, "align": p.align, "cached_search": p.cache,
+        "target_params": p.target_params, "target_speedup": p.target_speedup,
+        "target_latency_ms": p.target_latency_ms, "taylor": p.taylor, "align": p.align, "cached_search": p.cache,
         "seconds": round(ctx.folder.stage_seconds("score") + search["seconds"], 3),  # wall time of score + search
         "block_forwards": search["block_forwards"],
         "block_forwards_naive": search["block_forwards_naive"],

@@ -1,0 +1,226 @@
+"""The search to a latency budget (`prune.target_speedup` / `prune.target_latency_ms`): the recipe side.
+
+`prune.budget` does the arithmetic on plain values; this module makes the runners the budget is
+measured with (the recipe's runtime, batch and precision, from the same export settings as the
+build), times them interleaved, and runs the measure -> choose -> check -> correct loop:
+
+1. latency table: the model with every block at each candidate width, and the full model;
+2. loss curves: each block alone at each candidate width (the search's cached evaluator);
+3. widths by knapsack for the target; the chosen model measured end to end against the full
+   model (interleaved); when the measured speedup is off by more than `latency.tolerance`, the
+   knapsack is asked for a corrected speedup (`latency.corrections` times at most). The check
+   closest to the target wins.
+"""
+
+from __future__ import annotations
+
+import gc
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from amp_deploy.deploy.runtimes import Runner, Unavailable
+from amp_deploy.errors import UserError, first_line
+from amp_deploy.measure import metrics as M
+from amp_deploy.pipeline.context import Context
+from amp_deploy.prune import budget as B
+from amp_deploy.prune.families import Loaded
+from amp_deploy.prune.rebuild import apply_widths
+
+TIMING_CALIBRATION = 16  # int8 candidates are calibrated on this many images: scales change no latency
+
+
+class _Cast(nn.Module):
+    """Runs a model in half precision on float32 input (the torch fp16/bf16 rows)."""
+
+    def __init__(self, model: nn.Module, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.model, self.dtype = model.to(dtype), dtype
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x.to(self.dtype))
+
+
+def unavailable_reason(lat, device_type: str) -> str | None:
+    """Why the budget's runtime (a recipe's `prune.latency`) cannot be measured on this machine with
+    the build's device (None when it can): checked before any work."""
+    from amp_deploy.deploy.runtimes import tensorrt_unavailable_reason
+
+    if lat.runtime == "tensorrt":
+        return tensorrt_unavailable_reason()
+    if (lat.runtime == "onnxruntime-cuda" or (lat.runtime == "torch" and lat.precision != "fp32")) \
+            and device_type != "cuda":
+        return f"{lat.runtime} {lat.precision} needs a CUDA GPU (the build's device is {device_type})"
+    return None
+
+
+def runner_factory(ctx: Context, input_size: tuple[int, int, int], work: Path) -> Callable[[nn.Module, str], Runner]:
+    """A function that makes the budget runtime's runner of a model (exported, quantized or compiled
+    into `work` as the build would)."""
+    from amp_deploy.deploy import runtimes as R
+    from amp_deploy.deploy.export import export_onnx
+
+    lat, e, v = ctx.recipe.prune.latency, ctx.recipe.export, ctx.recipe.validate_
+
+    def exported(model: nn.Module, tag: str, precision: str = "fp32") -> Path:
+        return export_onnx(model.cpu().float(), work / f"{tag}.onnx", input_size, opset=e.opset,
+                           batch_min=e.batch.min, batch_opt=e.batch.opt, batch_max=e.batch.max,
+                           exporter=e.exporter, precision=precision)
+
+    if lat.runtime == "torch":
+        dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(lat.precision)
+        return lambda model, tag: R.torch_runner(_Cast(model, dtype) if dtype else model, v.threads, ctx.device)
+    if lat.runtime == "onnxruntime-cuda":
+        return lambda model, tag: R.onnxruntime_runner(exported(model, tag), v.threads, R.cuda_providers())
+    if lat.runtime == "tensorrt":
+        return _tensorrt_factory(ctx, input_size, work, exported)
+    if lat.precision == "int8":
+        from amp_deploy.deploy import quantize as Q
+
+        q = ctx.recipe.quantize
+        reader = Q.CalibrationReader(Q.calibration_batches(ctx.data().calibration.batches(ctx.recipe.data.batch_size),
+                                                           TIMING_CALIBRATION, e.batch.max))
+
+        def int8(model: nn.Module, tag: str) -> Runner:
+            dst = work / f"{tag}.int8.onnx"
+            Q.quantize_onnxruntime(exported(model, tag), dst, reader, method="minmax", per_channel=q.per_channel,
+                                   op_types=q.op_types, preprocess=q.preprocess, activation=q.activations)
+            return R.onnxruntime_runner(dst, v.threads)
+
+        return int8
+    return lambda model, tag: R.onnxruntime_runner(exported(model, tag), v.threads)
+
+
+def _tensorrt_factory(ctx: Context, input_size, work: Path, exported) -> Callable[[nn.Module, str], Runner]:
+    """Engines built as the compile stage builds them (strongly typed from a graph in the precision)."""
+    import dataclasses
+
+    from amp_deploy.deploy import runtimes as R
+    from amp_deploy.deploy.tensorrt_engine import build_engine
+    from amp_deploy.pipeline.stages import compile_settings
+
+    lat, c = ctx.recipe.prune.latency, ctx.recipe.compile
+    settings = dataclasses.replace(compile_settings(ctx, input_size), precision=lat.precision)
+
+    def make(model: nn.Module, tag: str) -> Runner:
+        typed = lat.precision != "fp32" and c.strongly_typed
+        onnx_path = exported(model, tag, lat.precision if typed else "fp32")
+        plan = work / f"{tag}.plan"
+        build_engine(onnx_path, plan, settings, ctx.folder.root if c.timing_cache else None)
+        return R.tensorrt_runner(plan)
+
+    return make
+
+
+def timing_input(ctx: Context, batch: int):
+    """A batch of real calibration images (repeated when there are fewer)."""
+    x, _ = next(iter(ctx.data().calibration.batches(max(batch, 1))))
+    return M.batch_of(x.float(), batch)
+
+
+def _uniform(ctx: Context, scores, widths: list[int]) -> nn.Module:
+    loaded = ctx.original()
+    apply_widths(loaded, scores, widths)
+    return loaded.model
+
+
+def latency_search(ctx: Context, loaded: Loaded, scores, curves_of: Callable[[Loaded, list[list[int]]], B.Curves]
+                   ) -> dict:
+    """Widths for the recipe's latency budget, with everything measured on the way (search.json)."""
+    p = ctx.recipe.prune
+    lat = p.latency
+    original = loaded.widths()
+    if len(set(original)) != 1:
+        raise UserError(f"prune.target_speedup: the blocks' MLP widths differ ({sorted(set(original))}); the latency "
+                        "table assumes blocks of one shape")
+    cands = [B.candidate_widths(h, lat.widths, p.align) for h in original]
+    depth, k = len(original), len(cands[0])
+    x = timing_input(ctx, lat.batch)
+    work = Path(tempfile.mkdtemp(prefix=".latency-", suffix=".tmpdir", dir=ctx.folder.root))
+    try:
+        make = runner_factory(ctx, loaded.input_size, work)
+        table, full_runner = _table(ctx, make, scores, cands, x)
+        target = p.target_speedup
+        if target is None:
+            target = table.full_ms / p.target_latency_ms
+            if target <= 1:
+                raise UserError(f"prune.target_latency_ms: {p.target_latency_ms:g} ms is met by the full model "
+                                f"({table.full_ms:.3f} ms on {lat.runtime} {lat.precision} at batch {lat.batch}): "
+                                "nothing to prune")
+        advance = ctx.reporter.task("search: loss curves, block by block", depth)
+        curves = curves_of(loaded, cands)
+        advance(depth)
+        reach = B.max_speedup(table, curves)
+        if target > reach:
+            raise UserError(
+                f"prune.target_{'speedup' if p.target_speedup else 'latency_ms'}: a {target:.3g}x speedup is out of "
+                f"reach on {lat.runtime} {lat.precision} at batch {lat.batch}: with every MLP at its smallest candidate "
+                f"width ({cands[0][0]} of {original[0]}) the measured table predicts {reach:.3g}x (attention and "
+                "the rest of the model stay)")
+        rounds = _checks(ctx, make, full_runner, scores, table, curves, target, reach, x)
+    finally:
+        gc.collect()
+        shutil.rmtree(work, ignore_errors=True)
+    best = min(rounds, key=lambda r: abs(r["measured_speedup"] / target - 1))
+    return dict(
+        widths=best["widths"], base_loss=curves.base_loss, losses=[], block_forwards=curves.block_forwards,
+        block_forwards_naive=curves.block_forwards, steps=[], loss_fell=[], threshold=None,
+        latency_budget={
+            "runtime": lat.runtime, "batch": lat.batch, "precision": lat.precision, "target_speedup": target,
+            "target_latency_ms": p.target_latency_ms, "max_speedup": reach,
+            "predicted_speedup": best["predicted_speedup"], "measured_speedup": best["measured_speedup"],
+            "met": abs(best["measured_speedup"] / target - 1) <= lat.tolerance, "tolerance": lat.tolerance,
+            "checks": rounds, "table": table.to_dict(), "curves": curves.to_dict(), "candidates": k,
+        })
+
+
+def _table(ctx: Context, make, scores, cands: list[list[int]], x) -> tuple[B.LatencyTable, Runner]:
+    lat = ctx.recipe.prune.latency
+    k = len(cands[0])
+    advance = ctx.reporter.task(f"search: latency table ({k} widths on {lat.runtime} {lat.precision}, "
+                                f"batch {lat.batch})", k + 1)
+    runners: dict[str, Runner] = {}
+    try:
+        for j in range(k):
+            widths = [c[j] for c in cands]
+            runners[str(cands[0][j])] = make(_uniform(ctx, scores, widths), f"w{cands[0][j]}")
+            advance(1)
+    except Unavailable as err:
+        raise UserError(f"prune.latency.runtime {lat.runtime}: cannot run here: {first_line(err)}") from None
+    stats = M.latency(runners, x, lat.warmup, lat.iterations)
+    advance(1)
+    full = runners.pop(str(cands[0][-1]))
+    runners.clear()
+    table = B.latency_table(cands[0], len(cands), {int(n): s["samples"] for n, s in stats.items()})
+    return table, full
+
+
+def _checks(ctx: Context, make, full: Runner, scores, table: B.LatencyTable, curves: B.Curves, target: float,
+            reach: float, x) -> list[dict]:
+    """Choose, measure end to end, correct: one record per check."""
+    lat = ctx.recipe.prune.latency
+    rounds: list[dict] = []
+    aim = target
+    advance = ctx.reporter.task("search: end-to-end check of the chosen widths", lat.corrections + 1)
+    for n in range(lat.corrections + 1):
+        aim = min(aim, reach * 0.9999)
+        choice = B.choose_widths(table, curves, aim)
+        start = time.perf_counter()
+        runner = make(_uniform(ctx, scores, choice.widths), f"check{n}")
+        stats = M.latency({"full": full, "pruned": runner}, x, lat.warmup, 2 * lat.iterations)
+        measured = 1.0 / B.ratio_medians({k: s["samples"] for k, s in stats.items()}, "full")["pruned"]
+        rounds.append({"aim": aim, "widths": choice.widths, "predicted_speedup": choice.predicted_speedup,
+                       "measured_speedup": measured, "loss_increase": choice.loss_increase,
+                       "full_ms": stats["full"]["p50"], "pruned_ms": stats["pruned"]["p50"],
+                       "seconds": round(time.perf_counter() - start, 3)})
+        del runner
+        advance(1, f"search: end-to-end check {n + 1}: {measured:.3f}x measured for {target:.3g}x")
+        if abs(measured / target - 1) <= lat.tolerance or (aim >= reach * 0.9999 and measured < target):
+            break
+        aim = B.corrected_aim(aim, target, measured)
+    return rounds

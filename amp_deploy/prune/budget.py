@@ -1,0 +1,205 @@
+"""Widths for a latency budget (`prune.target_speedup`): measured latency table, loss curves, knapsack.
+
+1. Candidate widths: `count` widths per block, evenly spaced up to the full width and rounded to
+   the `align` grid (the full width is always one).
+2. Latency table: the model with EVERY block at candidate width w is run on the target runtime,
+   all candidates interleaved round by round with the full model, so that drift hits them alike;
+   each candidate's latency is the median over rounds of its ratio to the full model in the same
+   round. Blocks of a ViT share one shape, so one block moving from the full width to w saves
+   (1 - ratio(w)) / depth of the full model's latency. The ratios are made monotone in w (pool
+   adjacent violators) and at most 1 before use: a narrower MLP is never slower, and what remains
+   is noise.
+3. Loss curves: for each block alone (the others whole), the search loss at every candidate width,
+   with the search's own cached evaluator (hidden states entering the block are replayed).
+4. Choice: the widths with the least summed loss increase whose predicted saving reaches the
+   budget, an exact multiple-choice knapsack over savings discretised to 1/4000 of the latency
+   (rounded down, so the predicted saving of the choice is never below the budget).
+The caller measures the chosen model end to end and, when it misses, asks again with a corrected
+budget (`corrected_aim`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from amp_deploy.data import Split
+from amp_deploy.numerics import fp32_reference
+from amp_deploy.prune.families import Loaded
+from amp_deploy.prune.rebuild import keep_top, set_modules, sliced_modules
+from amp_deploy.prune.search import _Evaluator, width_grid
+
+UNITS = 4000  # knapsack resolution: savings in 1/UNITS of the full model's latency
+
+
+def candidate_widths(h: int, count: int, align: int) -> list[int]:
+    """`count` widths from h/count to h, each the nearest width on the `align` grid (no repeats)."""
+    grid = width_grid(h, align)
+    out = sorted({min(grid, key=lambda w: (abs(w - h * k / count), -w)) for k in range(1, count + 1)})
+    return out if out[-1] == h else [*out, h]
+
+
+def monotone(values: Sequence[float]) -> list[float]:
+    """The non-decreasing sequence nearest to `values` in least squares (pool adjacent violators)."""
+    blocks: list[list[float]] = []  # [mean, weight]
+    for v in values:
+        blocks.append([float(v), 1.0])
+        while len(blocks) > 1 and blocks[-2][0] > blocks[-1][0]:
+            (m1, w1), (m2, w2) = blocks[-2], blocks[-1]
+            blocks[-2:] = [[(m1 * w1 + m2 * w2) / (w1 + w2), w1 + w2]]
+    return [m for m, w in blocks for _ in range(int(w))]
+
+
+@dataclass
+class LatencyTable:
+    """Latency of the model with every block at each candidate width, relative to the full model."""
+
+    widths: list[int]  # candidate widths, ascending; the last is the full width
+    ratio: list[float]  # median over rounds of latency(all blocks at w) / latency(full), as measured
+    fitted: list[float]  # the same, made non-decreasing in w
+    full_ms: float  # the full model's median latency
+    p50_ms: list[float]  # each candidate's median latency
+    rounds: int
+    depth: int
+
+    def saving(self, w: int) -> float:
+        """Fraction of the full model's latency saved by ONE block at width w (linear between candidates)."""
+        r = float(np.interp(w, self.widths, self.fitted))
+        return (1.0 - r) / self.depth
+
+    def to_dict(self) -> dict:
+        return {"widths": self.widths, "ratio": [round(r, 5) for r in self.ratio],
+                "fitted": [round(r, 5) for r in self.fitted], "full_ms": round(self.full_ms, 4),
+                "p50_ms": [round(v, 4) for v in self.p50_ms], "rounds": self.rounds, "depth": self.depth,
+                "block_saving": [round(self.saving(w), 6) for w in self.widths]}
+
+
+def ratio_medians(samples: dict[str, list[float]], base: str) -> dict[str, float]:
+    """Per runner, the median over rounds of its latency divided by `base`'s in the same round."""
+    ref = np.asarray(samples[base])
+    return {k: float(np.median(np.asarray(v) / ref)) for k, v in samples.items()}
+
+
+def latency_table(widths: list[int], depth: int, samples: dict[int, list[float]]) -> LatencyTable:
+    """The table from interleaved samples (ms) of each uniform-width model, keyed by width."""
+    full = widths[-1]
+    ratios = ratio_medians({str(w): samples[w] for w in widths}, str(full))
+    ratio = [ratios[str(w)] for w in widths]
+    fitted = [min(1.0, r) for r in monotone(ratio[:-1])] + [1.0]  # the full width saves nothing, by definition
+    return LatencyTable(widths=widths, ratio=ratio, fitted=fitted, full_ms=float(np.median(samples[full])),
+                        p50_ms=[float(np.median(samples[w])) for w in widths], rounds=len(samples[full]), depth=depth)
+
+
+@dataclass
+class Curves:
+    """Per block, the search loss with that block alone at each candidate width (the others whole)."""
+
+    widths: list[list[int]]
+    losses: list[list[float]]
+    base_loss: float
+    block_forwards: int = 0
+
+    def increase(self, i: int) -> list[float]:
+        """Block i's loss increase over the unpruned model at each candidate (a fall counts as none)."""
+        return [max(0.0, v - self.base_loss) for v in self.losses[i]]
+
+    def to_dict(self) -> dict:
+        return {"widths": self.widths, "losses": [[round(v, 7) for v in row] for row in self.losses],
+                "base_loss": self.base_loss, "block_forwards": self.block_forwards}
+
+
+def loss_curves(loaded: Loaded, scores: list[torch.Tensor], val: Split, candidates: list[list[int]], *,
+                loss: Callable, batch_size: int = 64, device: torch.device | None = None, cached: bool = True,
+                on_block: Callable[[int], None] | None = None) -> Curves:
+    """Each block's search loss at each of its candidate widths, the other blocks whole.
+
+    Blocks are visited first to last; with the cache, the hidden states entering block i come from
+    the first pass (the blocks before it are whole), so each evaluation runs blocks i..end only.
+    `loaded` is left unpruned.
+    """
+    with fp32_reference():
+        ev = _Evaluator(loaded, val, batch_size, loss, device or torch.device("cpu"), cached)
+        base = ev.first_pass()
+        losses = []
+        for i in range(ev.depth):
+            original = loaded.mlp_modules(i)
+            row = []
+            for w in candidates[i]:
+                if w == original["fc_out"].in_features:
+                    row.append(base)
+                    continue
+                set_modules(loaded, i, sliced_modules(original, loaded.sites[i], keep_top(scores[i], w)))
+                row.append(ev(i))
+            set_modules(loaded, i, original)
+            losses.append(row)
+            ev.release(i)
+            if on_block:
+                on_block(i)
+        return Curves(widths=[list(c) for c in candidates], losses=losses, base_loss=base,
+                      block_forwards=ev.block_forwards)
+
+
+@dataclass
+class Choice:
+    widths: list[int]
+    predicted_ratio: float  # predicted latency / full model's
+    loss_increase: float  # summed over blocks (the additive model the knapsack minimises)
+    per_block: list[dict] = field(default_factory=list)
+
+    @property
+    def predicted_speedup(self) -> float:
+        return 1.0 / self.predicted_ratio
+
+
+def max_speedup(table: LatencyTable, curves: Curves) -> float:
+    """The predicted speedup with every block at its smallest candidate."""
+    return 1.0 / (1.0 - sum(table.saving(ws[0]) for ws in curves.widths))
+
+
+def choose_widths(table: LatencyTable, curves: Curves, speedup: float) -> Choice:
+    """The least summed loss increase whose predicted speedup is at least `speedup` (exact
+    multiple-choice knapsack on savings in 1/UNITS of the latency; ValueError when out of reach)."""
+    need = int(np.ceil((1.0 - 1.0 / speedup) * UNITS - 1e-9))
+    depth = len(curves.widths)
+    inf = float("inf")
+    best = np.full(need + 1, inf)
+    best[0] = 0.0
+    picks = []
+    for i in range(depth):
+        cost = curves.increase(i)
+        units = [max(0, int(np.floor(table.saving(w) * UNITS + 1e-9))) for w in curves.widths[i]]
+        new = np.full(need + 1, inf)
+        pick = np.full(need + 1, -1, dtype=np.int64)
+        came = np.full(need + 1, -1, dtype=np.int64)
+        for c, (u, v) in enumerate(zip(units, cost)):
+            u = min(u, need)
+            cand, src = np.full(need + 1, inf), np.arange(need + 1)
+            cand[u:need], src[u:need] = best[:need - u] + v, np.arange(need - u)  # j -> j + u, below the budget
+            lo = need - u  # every state from lo up reaches the budget
+            k = lo + int(np.argmin(best[lo:]))
+            cand[need], src[need] = best[k] + v, k
+            better = cand < new
+            new[better], pick[better], came[better] = cand[better], c, src[better]
+        best = new
+        picks.append((pick, came))
+    if not np.isfinite(best[need]):
+        raise ValueError(f"a speedup of {speedup:g} is out of reach: the smallest widths give {max_speedup(table, curves):.3g}x")
+    chosen, state = [0] * depth, need
+    for i in reversed(range(depth)):
+        pick, came = picks[i]
+        chosen[i] = int(pick[state])
+        state = int(came[state])
+    widths = [curves.widths[i][c] for i, c in enumerate(chosen)]
+    saving = sum(table.saving(w) for w in widths)
+    per_block = [{"block": i, "width": w, "saving": round(table.saving(w), 6), "loss_increase": curves.increase(i)[c]}
+                 for i, (w, c) in enumerate(zip(widths, chosen))]
+    return Choice(widths=widths, predicted_ratio=1.0 - saving, loss_increase=float(best[need]), per_block=per_block)
+
+
+def corrected_aim(aim: float, target: float, measured: float) -> float:
+    """The speedup to ask the prediction for next, so that the measured one lands on `target`:
+    the prediction was off by measured / predicted-aim, so aim where that error lands on target."""
+    return aim * target / measured

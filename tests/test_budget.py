@@ -1,0 +1,167 @@
+"""Pruning to a latency budget (issue 20, items 1-2): the knapsack, the latency table, the loss
+curves, the refusals, and a quickstart build with prune.target_speedup."""
+
+import copy
+import itertools
+import json
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from amp_deploy.data import Split
+from amp_deploy.errors import UserError
+from amp_deploy.prune import budget as B
+from amp_deploy.prune.families import Loaded, find_sites
+from amp_deploy.prune.rebuild import keep_top, prune_block
+from amp_deploy.prune.score import Divergence
+from amp_deploy.prune.search import _Evaluator
+from amp_deploy.recipe import load_recipe
+
+from .conftest import QUICKSTART, assert_one_line_error, build
+from .test_score_search import EmbedNet
+
+# Cheap settings for a latency-budget build of the quickstart model (timing is not what is tested).
+CHEAP = ["export.exporter=torchscript", "prune.latency.widths=4", "prune.latency.iterations=6",
+         "prune.latency.warmup=1", "prune.latency.corrections=1", "validate.iterations=8", "validate.warmup=2",
+         "runtimes=[onnxruntime]"]
+
+
+def test_the_knapsack_finds_the_least_loss_that_meets_the_budget_by_brute_force():
+    rng = random.Random(0)
+    widths = B.candidate_widths(64, 5, 8)
+    for _ in range(150):
+        depth = rng.randint(1, 4)
+        ratio = sorted(rng.random() for _ in widths[:-1]) + [1.0]
+        table = B.latency_table(widths, depth, {w: [r * 10.0] * 3 for w, r in zip(widths, ratio)})
+        curves = B.Curves([widths] * depth, [[rng.random() for _ in widths[:-1]] + [0.0] for _ in range(depth)], 0.0)
+        speedup = rng.uniform(1.01, B.max_speedup(table, curves) * 1.1)
+        need = int(np.ceil((1 - 1 / speedup) * B.UNITS - 1e-9))
+        feasible = [sum(curves.losses[i][k] for i, k in enumerate(combo))
+                    for combo in itertools.product(range(len(widths)), repeat=depth)
+                    if sum(int(np.floor(table.saving(widths[k]) * B.UNITS + 1e-9)) for k in combo) >= need]
+        if not feasible:
+            with pytest.raises(ValueError, match="out of reach"):
+                B.choose_widths(table, curves, speedup)
+            continue
+        choice = B.choose_widths(table, curves, speedup)
+        assert choice.loss_increase == pytest.approx(min(feasible), abs=1e-12)
+        assert choice.predicted_speedup >= speedup * (1 - 1e-3)  # savings were rounded down, never up
+        assert sum(b["loss_increase"] for b in choice.per_block) == pytest.approx(choice.loss_increase)
+
+
+def test_candidate_widths_and_the_table_fit():
+    assert B.candidate_widths(1536, 12, 1) == list(range(128, 1537, 128))
+    assert B.candidate_widths(192, 12, 64) == [64, 128, 192]  # the align grid, no repeats
+    assert B.candidate_widths(100, 3, 1) == [33, 67, 100]
+    assert B.monotone([1, 3, 2, 4, 0.5, 6]) == [1, 2.375, 2.375, 2.375, 2.375, 6]
+    # a candidate measured slower than the full model (noise) saves nothing; the full width saves exactly 0
+    t = B.latency_table([10, 20, 30], 2, {10: [5.0, 5.2], 20: [10.4, 10.6], 30: [10.0, 10.0]})
+    assert t.fitted == [pytest.approx(0.51), 1.0, 1.0] and t.saving(30) == 0 and t.saving(20) == 0
+    assert t.saving(10) == pytest.approx((1 - 0.51) / 2)
+    assert t.saving(15) == pytest.approx((1 - (0.51 + 1.0) / 2) / 2)  # linear between candidates
+
+
+def test_loss_curves_equal_a_direct_evaluation_of_each_block_pruned_alone():
+    torch.manual_seed(0)
+    net = EmbedNet(d=16, h=32, depth=3)
+    loaded = Loaded(net.eval(), *find_sites(net), "embedding", transform=None, input_size=(5, 16, 1))
+    val = Split(torch.randn(24, 5, 16), None)
+    scores = [torch.rand(32) for _ in range(3)]
+    cands = [B.candidate_widths(32, 4, 1)] * 3
+    loss = Divergence("image-image", 20.0)
+    curves = B.loss_curves(loaded, scores, val, cands, loss=loss, batch_size=8)
+    assert loaded.widths() == [32, 32, 32]  # left unpruned
+    assert curves.base_loss == 0.0 and all(row[-1] == 0.0 for row in curves.losses)
+    for i, w in [(0, 8), (1, 16), (2, 24)]:
+        direct = copy.deepcopy(loaded)
+        prune_block(direct, i, keep_top(scores[i], w))
+        ev = _Evaluator(direct, val, 8, loss, torch.device("cpu"), cached=False)
+        ev.refs = [net(x).float() for x, _ in val.batches(8)]  # the unpruned model's outputs
+        assert curves.losses[i][cands[i].index(w)] == pytest.approx(ev(0), rel=1e-5, abs=1e-9)
+    assert all(curves.losses[i][0] > 0 for i in range(3))
+
+
+@pytest.mark.parametrize("override, needle", [
+    (["prune.target_speedup=1.5", "prune.latency.runtime=onnxruntime-gpu"], "prune.latency.runtime"),
+    (["prune.target_speedup=1.5", "prune.latency.batch=64"], "prune.latency.batch: 64 is outside export.batch"),
+    (["prune.target_speedup=1.5", "prune.latency.precision=fp16"], "onnxruntime runs fp32 | int8, not fp16"),
+    (["prune.target_speedup=1.5", "prune.latency.precision=int8"], "add onnxruntime-int8 to quantize.formats"),
+    (["prune.target_speedup=1.5", "prune.target_params=0.5"], "give one budget"),
+    (["prune.target_speedup=1.0"], "prune.target_speedup"),
+    (["prune.target_speedup=1.5", "prune.latency.runtime=torch"], "torch is not in runtimes"),
+    (["prune.target_speedup=1.5", "prune.search=uniform", "prune.keep_ratio=0.5"], "works with prune.search"),
+])
+def test_bad_budget_settings_are_refused_with_one_line(tmp_path, override, needle):
+    res = build(QUICKSTART, "--out", tmp_path / "o", *override)
+    assert_one_line_error(res, needle)
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_budget_on_a_runtime_that_cannot_run_here_is_refused_before_any_work(tmp_path):
+    from amp_deploy.deploy.runtimes import tensorrt_unavailable_reason
+
+    if tensorrt_unavailable_reason() is None:
+        pytest.skip("TensorRT runs here")
+    res = build(QUICKSTART, "--out", tmp_path / "o", "prune.target_speedup=1.5", "prune.latency.runtime=tensorrt",
+                "prune.latency.precision=fp16")
+    assert_one_line_error(res, "prune.latency.runtime tensorrt: cannot be measured here")
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_recipe_names_the_budget_keys():
+    r = load_recipe(QUICKSTART, ["prune.target_speedup=1.4", "prune.latency.batch=8"])
+    assert r.prune.target_speedup == 1.4 and r.prune.latency.runtime == "onnxruntime"
+    with pytest.raises(UserError, match="prune.latency.widths"):
+        load_recipe(QUICKSTART, ["prune.target_speedup=1.4", "prune.latency.widths=1"])
+
+
+def _refused_after_scoring(res, needle):
+    """Exit 2 with one error line (the stages before the search, done and kept, say so first)."""
+    assert res.exit_code == 2, res.output
+    errors = [ln for ln in res.output.splitlines() if ln.startswith("error:")]
+    assert len(errors) == 1 and needle in errors[0] and "Traceback" not in res.output, res.output
+
+
+def test_a_quickstart_build_to_a_target_speedup_reports_predicted_and_measured(tmp_path):
+    out = tmp_path / "o"
+    # beyond reach: refused with what is reachable, once the table is measured; no search result written
+    res = build(QUICKSTART, "--out", out, *CHEAP, "prune.target_speedup=20")
+    _refused_after_scoring(res, "out of reach on onnxruntime fp32 at batch 8")
+    assert "the measured table predicts" in res.output and not (out / "search.json").exists()
+    res = build(QUICKSTART, "--out", out, *CHEAP, "prune.target_latency_ms=100000")
+    _refused_after_scoring(res, "is met by the full model")
+
+    res = build(QUICKSTART, "--out", out, *CHEAP, "prune.target_speedup=1.15")
+    assert res.exit_code == 0, res.output
+    search = json.loads((out / "search.json").read_text())
+    lb = search["latency_budget"]
+    table = lb["table"]
+    assert table["widths"] == [64, 128, 192, 256] and table["fitted"][-1] == 1.0
+    assert lb["curves"]["widths"] == [[64, 128, 192, 256]] * 4
+    first = lb["checks"][0]
+    assert first["aim"] == 1.15 and first["predicted_speedup"] >= 1.15 * 0.999
+    assert len(lb["checks"]) <= 2 and search["widths"] in [c["widths"] for c in lb["checks"]]
+    assert all(w in table["widths"] for w in search["widths"]) and search["widths"] != [256] * 4
+    report = json.loads((out / "report.json").read_text())
+    v = report["latency_budget"]["validate"]
+    assert v["status"] == "ok" and v["row"] == "onnxruntime" and v["measured_speedup"] > 0
+    assert report["prune"]["target_speedup"] == 1.15
+    md = (out / "report.md").read_text()
+    assert "## Latency budget" in md and "measured by validate" in md
+    assert (out / "plots" / "latency_budget.png").stat().st_size > 1000
+    # the search belongs to this machine: its key changes with the machine, a threshold search's does not
+    from amp_deploy.pipeline import manifest
+    from amp_deploy.pipeline.stages import STAGES
+
+    recipe = load_recipe(QUICKSTART, ["prune.target_speedup=1.15"])
+    plain = load_recipe(QUICKSTART, [])
+    here = manifest.stage_keys(recipe, STAGES)["search"], manifest.stage_keys(plain, STAGES)["search"]
+    real = manifest.machine
+    try:
+        manifest.machine = lambda: {**real(), "host": "elsewhere"}
+        there = manifest.stage_keys(recipe, STAGES)["search"], manifest.stage_keys(plain, STAGES)["search"]
+    finally:
+        manifest.machine = real
+    assert here[0] != there[0] and here[1] == there[1]
