@@ -303,6 +303,12 @@ def _summary(report_path: Path) -> None:
             q = row["latency_ms"]["pruned"][b]
             t.add_row(f"{name} p50 ms, b={b}", f"{o['p50']:.3f}", f"{q['p50']:.3f}", f"{o['p50'] / q['p50']:.2f}x")
     out.print(t)
+    if lb := rep.get("latency_budget"):
+        v = lb.get("validate", {})
+        seen = f"{v['measured_speedup']:.3f}x" if v.get("status") == "ok" else f"{v.get('status')} ({v.get('reason')})"
+        out.print(f"latency budget: {lb['target_speedup']:.3f}x asked on {lb['runtime']} {lb['precision']} at batch "
+                  f"{lb['batch']}: predicted {lb['predicted_speedup']:.3f}x, search's check {lb['measured_speedup']:.3f}x, "
+                  f"validate {seen}", soft_wrap=True)
     for n in notes:
         out.print(n, soft_wrap=True)
     out.print(f"report: {report_path.with_suffix('.md')}  (and {report_path.name})")

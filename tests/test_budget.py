@@ -165,3 +165,9 @@ def test_a_quickstart_build_to_a_target_speedup_reports_predicted_and_measured(t
     finally:
         manifest.machine = real
     assert here[0] != there[0] and here[1] == there[1]
+
+
+def test_the_correction_scales_by_the_miss_then_interpolates_between_checks_on_both_sides():
+    assert B.corrected_aim([(1.3, 1.5)], 1.3) == pytest.approx(1.3 * 1.3 / 1.5)
+    assert B.corrected_aim([(1.3, 1.5), (1.127, 1.2)], 1.3) == pytest.approx(1.127 + (1.3 - 1.127) * 0.1 / 0.3)
+    assert B.corrected_aim([(1.2, 1.1), (1.4, 1.2)], 1.3) == pytest.approx(1.4 * 1.3 / 1.2)  # both below

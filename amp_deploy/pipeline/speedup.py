@@ -222,5 +222,5 @@ def _checks(ctx: Context, make, full: Runner, scores, table: B.LatencyTable, cur
         advance(1, f"search: end-to-end check {n + 1}: {measured:.3f}x measured for {target:.3g}x")
         if abs(measured / target - 1) <= lat.tolerance or (aim >= reach * 0.9999 and measured < target):
             break
-        aim = B.corrected_aim(aim, target, measured)
+        aim = B.corrected_aim([(r["aim"], r["measured_speedup"]) for r in rounds], target)
     return rounds

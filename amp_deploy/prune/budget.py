@@ -15,7 +15,7 @@
    budget, an exact multiple-choice knapsack over savings discretised to 1/4000 of the latency
    (rounded down, so the predicted saving of the choice is never below the budget).
 The caller measures the chosen model end to end and, when it misses, asks again with a corrected
-budget (`corrected_aim`).
+budget (`corrected_aim`: scaled by the miss, or interpolated once checks lie on both sides).
 """
 
 from __future__ import annotations
@@ -199,7 +199,17 @@ def choose_widths(table: LatencyTable, curves: Curves, speedup: float) -> Choice
     return Choice(widths=widths, predicted_ratio=1.0 - saving, loss_increase=float(best[need]), per_block=per_block)
 
 
-def corrected_aim(aim: float, target: float, measured: float) -> float:
-    """The speedup to ask the prediction for next, so that the measured one lands on `target`:
-    the prediction was off by measured / predicted-aim, so aim where that error lands on target."""
+def corrected_aim(history: list[tuple[float, float]], target: float) -> float:
+    """The speedup to ask the knapsack for next, from every (aim, measured speedup) so far.
+
+    When one check landed below the target and another above, the next aim is interpolated between
+    the closest two (the measured speedup grows with the aim); otherwise the last aim is scaled by
+    the last miss (target / measured)."""
+    below = [h for h in history if h[1] < target]
+    above = [h for h in history if h[1] >= target]
+    if below and above:
+        (a0, m0), (a1, m1) = max(below, key=lambda h: h[1]), min(above, key=lambda h: h[1])
+        if m1 > m0:
+            return a0 + (a1 - a0) * (target - m0) / (m1 - m0)
+    aim, measured = history[-1]
     return aim * target / measured
