@@ -34,7 +34,8 @@ def test_the_knapsack_finds_the_least_loss_that_meets_the_budget_by_brute_force(
     for _ in range(150):
         depth = rng.randint(1, 4)
         ratio = sorted(rng.random() for _ in widths[:-1]) + [1.0]
-        table = B.latency_table(widths, depth, {w: [r * 10.0] * 3 for w, r in zip(widths, ratio)})
+        table = B.latency_table(widths, depth, {w: [r * 10.0] * 3 for w, r in zip(widths, ratio)},
+                                {w: [10.0] * 3 for w in widths[:-1]})
         curves = B.Curves([widths] * depth, [[rng.random() for _ in widths[:-1]] + [0.0] for _ in range(depth)], 0.0)
         speedup = rng.uniform(1.01, B.max_speedup(table, curves) * 1.1)
         need = int(np.ceil((1 - 1 / speedup) * B.UNITS - 1e-9))
@@ -57,7 +58,7 @@ def test_candidate_widths_and_the_table_fit():
     assert B.candidate_widths(100, 3, 1) == [33, 67, 100]
     assert B.monotone([1, 3, 2, 4, 0.5, 6]) == [1, 2.375, 2.375, 2.375, 2.375, 6]
     # a candidate measured slower than the full model (noise) saves nothing; the full width saves exactly 0
-    t = B.latency_table([10, 20, 30], 2, {10: [5.0, 5.2], 20: [10.4, 10.6], 30: [10.0, 10.0]})
+    t = B.latency_table([10, 20, 30], 2, {10: [5.0, 5.2], 20: [10.4, 10.6]}, {10: [10.0, 10.0], 20: [10.0, 10.0]})
     assert t.fitted == [pytest.approx(0.51), 1.0, 1.0] and t.saving(30) == 0 and t.saving(20) == 0
     assert t.saving(10) == pytest.approx((1 - 0.51) / 2)
     assert t.saving(15) == pytest.approx((1 - (0.51 + 1.0) / 2) / 2)  # linear between candidates

@@ -179,24 +179,36 @@ def latency_search(ctx: Context, loaded: Loaded, scores, curves_of: Callable[[Lo
         })
 
 
+TABLE_PASSES = 3  # the table's rounds are split into passes over every candidate: drift spreads over all of them
+
+
 def _table(ctx: Context, make, scores, cands: list[list[int]], x) -> tuple[B.LatencyTable, Runner]:
+    """Each candidate timed against the full model, two runners at a time (as the end-to-end checks
+    are), in TABLE_PASSES passes over all candidates so that a slow phase of the machine hits them alike."""
     lat = ctx.recipe.prune.latency
     k = len(cands[0])
     advance = ctx.reporter.task(f"search: latency table ({k} widths on {lat.runtime} {lat.precision}, "
-                                f"batch {lat.batch})", k + 1)
-    runners: dict[str, Runner] = {}
+                                f"batch {lat.batch})", k + TABLE_PASSES)
+    runners: dict[int, Runner] = {}
     try:
         for j in range(k):
-            widths = [c[j] for c in cands]
-            runners[str(cands[0][j])] = make(_uniform(ctx, scores, widths), f"w{cands[0][j]}")
+            runners[cands[0][j]] = make(_uniform(ctx, scores, [c[j] for c in cands]), f"w{cands[0][j]}")
             advance(1)
     except Unavailable as err:
         raise UserError(f"prune.latency.runtime {lat.runtime}: cannot run here: {first_line(err)}") from None
-    stats = M.latency(runners, x, lat.warmup, lat.iterations)
-    advance(1)
-    full = runners.pop(str(cands[0][-1]))
+    full_width = cands[0][-1]
+    full = runners.pop(full_width)
+    samples: dict[int, list[float]] = {w: [] for w in runners}
+    full_samples: dict[int, list[float]] = {w: [] for w in runners}
+    per_pass = max(1, -(-lat.iterations // TABLE_PASSES))
+    for _ in range(TABLE_PASSES):
+        for w, runner in runners.items():
+            stats = M.latency({"full": full, "cand": runner}, x, lat.warmup, per_pass)
+            samples[w] += stats["cand"]["samples"]
+            full_samples[w] += stats["full"]["samples"]
+        advance(1)
     runners.clear()
-    table = B.latency_table(cands[0], len(cands), {int(n): s["samples"] for n, s in stats.items()})
+    table = B.latency_table(cands[0], len(cands), samples, full_samples)
     return table, full
 
 

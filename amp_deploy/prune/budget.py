@@ -3,9 +3,9 @@
 1. Candidate widths: `count` widths per block, evenly spaced up to the full width and rounded to
    the `align` grid (the full width is always one).
 2. Latency table: the model with EVERY block at candidate width w is run on the target runtime,
-   all candidates interleaved round by round with the full model, so that drift hits them alike;
-   each candidate's latency is the median over rounds of its ratio to the full model in the same
-   round. Blocks of a ViT share one shape, so one block moving from the full width to w saves
+   interleaved round by round with the full model, so that drift hits both alike; each
+   candidate's latency is the median over rounds of its ratio to the full model in the same round.
+   Blocks of a ViT share one shape, so one block moving from the full width to w saves
    (1 - ratio(w)) / depth of the full model's latency. The ratios are made monotone in w (pool
    adjacent violators) and at most 1 before use: a narrower MLP is never slower, and what remains
    is noise.
@@ -83,14 +83,16 @@ def ratio_medians(samples: dict[str, list[float]], base: str) -> dict[str, float
     return {k: float(np.median(np.asarray(v) / ref)) for k, v in samples.items()}
 
 
-def latency_table(widths: list[int], depth: int, samples: dict[int, list[float]]) -> LatencyTable:
-    """The table from interleaved samples (ms) of each uniform-width model, keyed by width."""
-    full = widths[-1]
-    ratios = ratio_medians({str(w): samples[w] for w in widths}, str(full))
-    ratio = [ratios[str(w)] for w in widths]
+def latency_table(widths: list[int], depth: int, samples: dict[int, list[float]],
+                  full_samples: dict[int, list[float]]) -> LatencyTable:
+    """The table from each narrower candidate's samples (ms) and the full model's samples of the same
+    rounds (each candidate was timed interleaved with the full model), keyed by width."""
+    ratio = [float(np.median(np.asarray(samples[w]) / np.asarray(full_samples[w]))) for w in widths[:-1]] + [1.0]
     fitted = [min(1.0, r) for r in monotone(ratio[:-1])] + [1.0]  # the full width saves nothing, by definition
-    return LatencyTable(widths=widths, ratio=ratio, fitted=fitted, full_ms=float(np.median(samples[full])),
-                        p50_ms=[float(np.median(samples[w])) for w in widths], rounds=len(samples[full]), depth=depth)
+    everything = np.concatenate([np.asarray(v) for v in full_samples.values()])
+    return LatencyTable(widths=widths, ratio=ratio, fitted=fitted, full_ms=float(np.median(everything)),
+                        p50_ms=[float(np.median(samples[w])) for w in widths[:-1]] + [float(np.median(everything))],
+                        rounds=len(everything) // max(1, len(full_samples)), depth=depth)
 
 
 @dataclass
