@@ -172,3 +172,14 @@ def test_the_correction_scales_by_the_miss_then_interpolates_between_checks_on_b
     assert B.corrected_aim([(1.3, 1.5)], 1.3) == pytest.approx(1.3 * 1.3 / 1.5)
     assert B.corrected_aim([(1.3, 1.5), (1.127, 1.2)], 1.3) == pytest.approx(1.127 + (1.3 - 1.127) * 0.1 / 0.3)
     assert B.corrected_aim([(1.2, 1.1), (1.4, 1.2)], 1.3) == pytest.approx(1.4 * 1.3 / 1.2)  # both below
+
+
+def test_a_budget_on_eager_torch_needs_no_export_and_is_reported_on_the_torch_row(tmp_path):
+    out = tmp_path / "o"
+    res = build(QUICKSTART, "--out", out, *CHEAP, "runtimes=[onnxruntime,torch]", "prune.latency.runtime=torch",
+                "prune.target_speedup=1.1", "prune.latency.corrections=0")
+    assert res.exit_code == 0, res.output
+    lb = json.loads((out / "report.json").read_text())["latency_budget"]
+    assert lb["runtime"] == "torch" and len(lb["checks"]) == 1
+    assert lb["validate"]["row"] == "torch" and lb["validate"]["status"] == "ok"
+    assert "latency budget: 1.100x asked on torch fp32 at batch 8" in res.output

@@ -144,7 +144,9 @@ def latency_search(ctx: Context, loaded: Loaded, scores, curves_of: Callable[[Lo
     work = Path(tempfile.mkdtemp(prefix=".latency-", suffix=".tmpdir", dir=ctx.folder.root))
     try:
         make = runner_factory(ctx, loaded.input_size, work)
+        start = time.perf_counter()
         table, full_runner = _table(ctx, make, scores, cands, x)
+        seconds = {"table": round(time.perf_counter() - start, 3)}
         target = p.target_speedup
         if target is None:
             target = table.full_ms / p.target_latency_ms
@@ -153,7 +155,9 @@ def latency_search(ctx: Context, loaded: Loaded, scores, curves_of: Callable[[Lo
                                 f"({table.full_ms:.3f} ms on {lat.runtime} {lat.precision} at batch {lat.batch}): "
                                 "nothing to prune")
         advance = ctx.reporter.task("search: loss curves, block by block", depth)
+        start = time.perf_counter()
         curves = curves_of(loaded, cands)
+        seconds["curves"] = round(time.perf_counter() - start, 3)
         advance(depth)
         reach = B.max_speedup(table, curves)
         if target > reach:
@@ -176,6 +180,7 @@ def latency_search(ctx: Context, loaded: Loaded, scores, curves_of: Callable[[Lo
             "predicted_speedup": best["predicted_speedup"], "measured_speedup": best["measured_speedup"],
             "met": abs(best["measured_speedup"] / target - 1) <= lat.tolerance, "tolerance": lat.tolerance,
             "checks": rounds, "table": table.to_dict(), "curves": curves.to_dict(), "candidates": k,
+            "seconds": {**seconds, "checks": round(sum(r["seconds"] for r in rounds), 3)},
         })
 
 
