@@ -183,3 +183,28 @@ def test_a_budget_on_eager_torch_needs_no_export_and_is_reported_on_the_torch_ro
     assert lb["runtime"] == "torch" and len(lb["checks"]) == 1
     assert lb["validate"]["row"] == "torch" and lb["validate"]["status"] == "ok"
     assert "latency budget: 1.100x asked on torch fp32 at batch 8" in res.output
+
+
+def test_the_tensorrt_latency_path_builds_engines_as_the_compile_stage_does(monkeypatch, tmp_path):
+    """Not run here (no TensorRT): the wiring is checked with the engine build and runner replaced."""
+    import onnx
+
+    from amp_deploy.deploy import runtimes as R
+    from amp_deploy.deploy import tensorrt_engine
+    from amp_deploy.pipeline.context import Context
+    from amp_deploy.pipeline.speedup import runner_factory
+
+    built = []
+    monkeypatch.setattr(tensorrt_engine, "build_engine",
+                        lambda onnx_path, plan, settings, cache=None: built.append((onnx_path, plan, settings)))
+    monkeypatch.setattr(R, "tensorrt_runner", lambda plan: R.Runner(lambda x: x, {"plan": str(plan)}))
+    r = load_recipe(QUICKSTART, ["prune.target_speedup=1.2", "prune.latency.runtime=tensorrt",
+                                 "prune.latency.precision=fp16", "export.exporter=torchscript"])
+    ctx = Context.create(r, tmp_path / "o")
+    loaded = ctx.original()
+    runner = runner_factory(ctx, loaded.input_size, tmp_path)(loaded.model, "w64")
+    (onnx_path, plan, settings), = built
+    assert runner.info["plan"] == str(plan) == str(tmp_path / "w64.plan")
+    assert settings.precision == "fp16" and settings.strongly_typed and settings.batch_opt == 8
+    graph = onnx.load(str(onnx_path)).graph
+    assert graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT16  # the graph carries the precision

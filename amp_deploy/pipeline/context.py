@@ -132,3 +132,12 @@ class Context:
                                    workers=self.workers())
             self._data.names_file = d.class_names
         return self._data
+
+
+def compile_settings(ctx: Context, input_size: tuple[int, int, int]):
+    """TensorRT build settings from the recipe's compile and export sections."""
+    from amp_deploy.deploy.tensorrt_engine import BuildSettings
+
+    c, b = ctx.recipe.compile, ctx.recipe.export.batch
+    return BuildSettings(c.precision, b.min, b.opt, b.max, tuple(input_size), workspace_mib=c.workspace_mib,
+                         optimization_level=c.optimization_level, strongly_typed=c.strongly_typed)

@@ -27,7 +27,7 @@ from torch import nn
 from amp_deploy.deploy.runtimes import Runner, Unavailable
 from amp_deploy.errors import UserError, first_line
 from amp_deploy.measure import metrics as M
-from amp_deploy.pipeline.context import Context
+from amp_deploy.pipeline.context import Context, compile_settings
 from amp_deploy.prune import budget as B
 from amp_deploy.prune.families import Loaded
 from amp_deploy.prune.rebuild import apply_widths
@@ -102,7 +102,6 @@ def _tensorrt_factory(ctx: Context, input_size, work: Path, exported) -> Callabl
 
     from amp_deploy.deploy import runtimes as R
     from amp_deploy.deploy.tensorrt_engine import build_engine
-    from amp_deploy.pipeline.stages import compile_settings
 
     lat, c = ctx.recipe.prune.latency, ctx.recipe.compile
     settings = dataclasses.replace(compile_settings(ctx, input_size), precision=lat.precision)

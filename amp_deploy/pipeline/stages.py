@@ -11,7 +11,7 @@ import time
 
 import torch
 
-from amp_deploy.pipeline.context import Context, Stage
+from amp_deploy.pipeline.context import Context, Stage, compile_settings
 from amp_deploy.pipeline.validate_stage import stage_validate
 from amp_deploy.checkpoint import load_pruned_model, save_pruned
 from amp_deploy.data import Split
@@ -316,15 +316,6 @@ def stage_quantize(ctx: Context) -> None:
                 log["formats"][fmt][which] = info
                 advance(1)
     f.write_quantize_log(log)
-
-
-def compile_settings(ctx: Context, input_size: tuple[int, int, int]):
-    """TensorRT build settings from the recipe's compile and export sections."""
-    from amp_deploy.deploy.tensorrt_engine import BuildSettings
-
-    c, b = ctx.recipe.compile, ctx.recipe.export.batch
-    return BuildSettings(c.precision, b.min, b.opt, b.max, tuple(input_size), workspace_mib=c.workspace_mib,
-                         optimization_level=c.optimization_level, strongly_typed=c.strongly_typed)
 
 
 def stage_compile(ctx: Context) -> str | None:
