@@ -23,3 +23,10 @@ def fp32_reference() -> Iterator[None]:
         yield
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+def median_ratio(samples: list[float], base: list[float]) -> float:
+    """The median over rounds of `samples[i] / base[i]`: two runners timed interleaved, round by round."""
+    import numpy as np
+
+    return float(np.median(np.asarray(samples) / np.asarray(base)))

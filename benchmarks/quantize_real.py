@@ -98,8 +98,7 @@ def acceptance(build: Path, ctx: Context, iterations: int, repeats: int = 3) -> 
         for _ in range(repeats):
             for k in others:
                 st = M.latency({"original fp32": runners["original fp32"], k: runners[k]}, x, 5, iterations)
-                o, q = (np.asarray(st[n]["samples"]) for n in ("original fp32", k))
-                speed[bb][k].append(float(np.median(o / q)))
+                speed[bb][k].append(M.median_ratio(st["original fp32"]["samples"], st[k]["samples"]))
                 p50[bb][k].append(st[k]["p50"])
                 p50[bb]["original fp32"].append(st["original fp32"]["p50"])
     sizes = {k: (build / f).stat().st_size for k, f in files.items()}

@@ -84,12 +84,11 @@ def main() -> None:
     for _ in range(a.repeats):
         for k in speed:  # two runners at a time, as validate and the search time them
             stats = M.latency({"original": runners["original"], k: runners[k]}, x, 5, a.iterations)
-            speed[k].append(float(np.median(np.asarray(stats["original"]["samples"]) / np.asarray(stats[k]["samples"]))))
+            speed[k].append(M.median_ratio(stats["original"]["samples"], stats[k]["samples"]))
         if a.together:  # every runner in one loop (more sessions alternating: see RESULTS)
             stats = M.latency(runners, x, 5, a.iterations)
-            o = np.asarray(stats["original"]["samples"])
             for k in speed:
-                together[k].append(float(np.median(o / np.asarray(stats[k]["samples"]))))
+                together[k].append(M.median_ratio(stats["original"]["samples"], stats[k]["samples"]))
     rows, record = [], []
     for t in a.targets:
         for kind, rep in (("target_speedup", builds[t][0]), ("target_params", builds[t][1])):

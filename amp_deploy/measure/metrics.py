@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from amp_deploy.data import Split, Stream
 from amp_deploy.errors import require_finite
-from amp_deploy.numerics import fp32_reference
+from amp_deploy.numerics import fp32_reference, median_ratio  # noqa: F401 - re-exported
 
 
 class _Totals:

@@ -238,8 +238,6 @@ def latency_budget_section(budget: dict | None, runtimes: dict[str, Any]) -> dic
     ratio original / pruned (the two are interleaved)."""
     if not budget:
         return None
-    import numpy as np
-
     out = {k: v for k, v in budget.items() if k != "curves"}
     name, b = budget_row(budget, runtimes), str(budget["batch"])
     out["validate"] = {"status": "not measured", "reason": f"no report row runs {budget['runtime']} in "
@@ -252,8 +250,8 @@ def latency_budget_section(budget: dict | None, runtimes: dict[str, Any]) -> dic
             out["validate"] = {"row": name, "status": "not measured",
                                "reason": f"batch {b} is not in validate.batch_sizes"}
         else:
-            o, q = (np.asarray(row["latency_ms"][k][b]["samples"]) for k in ("original", "pruned"))
-            out["validate"] = {"row": name, "status": "ok", "measured_speedup": float(np.median(o / q)),
+            o, q = (row["latency_ms"][k][b]["samples"] for k in ("original", "pruned"))
+            out["validate"] = {"row": name, "status": "ok", "measured_speedup": M.median_ratio(o, q),
                                "p50_speedup": row["latency_ms"]["original"][b]["p50"] / row["latency_ms"]["pruned"][b]["p50"]}
     return out
 
