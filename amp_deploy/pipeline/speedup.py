@@ -224,19 +224,19 @@ def _checks(ctx: Context, make, full: Runner, scores, table: B.LatencyTable, cur
     aim = target
     advance = ctx.reporter.task("search: end-to-end check of the chosen widths", lat.corrections + 1)
     for n in range(lat.corrections + 1):
-        aim = min(aim, reach * 0.9999)
+        aim = min(aim, reach)
         choice = B.choose_widths(table, curves, aim)
         start = time.perf_counter()
         runner = make(_uniform(ctx, scores, choice.widths), f"check{n}")
         stats = M.latency({"full": full, "pruned": runner}, x, lat.warmup, 2 * lat.iterations)
-        measured = 1.0 / B.ratio_medians({k: s["samples"] for k, s in stats.items()}, "full")["pruned"]
+        measured = 1.0 / M.median_ratio(stats["pruned"]["samples"], stats["full"]["samples"])
         rounds.append({"aim": aim, "widths": choice.widths, "predicted_speedup": choice.predicted_speedup,
                        "measured_speedup": measured, "loss_increase": choice.loss_increase,
                        "full_ms": stats["full"]["p50"], "pruned_ms": stats["pruned"]["p50"],
                        "seconds": round(time.perf_counter() - start, 3)})
         del runner
         advance(1, f"search: end-to-end check {n + 1}: {measured:.3f}x measured for {target:.3g}x")
-        if abs(measured / target - 1) <= lat.tolerance or (aim >= reach * 0.9999 and measured < target):
+        if abs(measured / target - 1) <= lat.tolerance or (aim >= reach and measured < target):
             break
         aim = B.corrected_aim([(r["aim"], r["measured_speedup"]) for r in rounds], target)
     return rounds

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from amp_deploy.data import Split
-from amp_deploy.numerics import fp32_reference
+from amp_deploy.numerics import fp32_reference, median_ratio
 from amp_deploy.prune.families import Loaded
 from amp_deploy.prune.rebuild import keep_top, set_modules, sliced_modules
 from amp_deploy.prune.search import _Evaluator, width_grid
@@ -77,17 +77,11 @@ class LatencyTable:
                 "block_saving": [round(self.saving(w), 6) for w in self.widths]}
 
 
-def ratio_medians(samples: dict[str, list[float]], base: str) -> dict[str, float]:
-    """Per runner, the median over rounds of its latency divided by `base`'s in the same round."""
-    ref = np.asarray(samples[base])
-    return {k: float(np.median(np.asarray(v) / ref)) for k, v in samples.items()}
-
-
 def latency_table(widths: list[int], depth: int, samples: dict[int, list[float]],
                   full_samples: dict[int, list[float]]) -> LatencyTable:
     """The table from each narrower candidate's samples (ms) and the full model's samples of the same
     rounds (each candidate was timed interleaved with the full model), keyed by width."""
-    ratio = [float(np.median(np.asarray(samples[w]) / np.asarray(full_samples[w]))) for w in widths[:-1]] + [1.0]
+    ratio = [median_ratio(samples[w], full_samples[w]) for w in widths[:-1]] + [1.0]
     fitted = [min(1.0, r) for r in monotone(ratio[:-1])] + [1.0]  # the full width saves nothing, by definition
     everything = np.concatenate([np.asarray(v) for v in full_samples.values()])
     return LatencyTable(widths=widths, ratio=ratio, fitted=fitted, full_ms=float(np.median(everything)),
@@ -156,9 +150,15 @@ class Choice:
         return 1.0 / self.predicted_ratio
 
 
+def _units(table: LatencyTable, w: int) -> int:
+    """One block's saving at width w in knapsack units (rounded down)."""
+    return max(0, int(np.floor(table.saving(w) * UNITS + 1e-9)))
+
+
 def max_speedup(table: LatencyTable, curves: Curves) -> float:
-    """The predicted speedup with every block at its smallest candidate."""
-    return 1.0 / (1.0 - sum(table.saving(ws[0]) for ws in curves.widths))
+    """The largest speedup the knapsack can promise: every block at its smallest candidate, savings
+    counted as the knapsack counts them (so any speedup up to it has a choice)."""
+    return 1.0 / (1.0 - sum(_units(table, ws[0]) for ws in curves.widths) / UNITS)
 
 
 def choose_widths(table: LatencyTable, curves: Curves, speedup: float) -> Choice:
@@ -172,7 +172,7 @@ def choose_widths(table: LatencyTable, curves: Curves, speedup: float) -> Choice
     picks = []
     for i in range(depth):
         cost = curves.increase(i)
-        units = [max(0, int(np.floor(table.saving(w) * UNITS + 1e-9))) for w in curves.widths[i]]
+        units = [_units(table, w) for w in curves.widths[i]]
         new = np.full(need + 1, inf)
         pick = np.full(need + 1, -1, dtype=np.int64)
         came = np.full(need + 1, -1, dtype=np.int64)
