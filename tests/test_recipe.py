@@ -22,6 +22,9 @@ def test_every_shipped_recipe_is_valid_and_says_how_to_run_it(path, tmp_path):
     weights = doc["model"].get("pretrained")
     if isinstance(weights, str) and not (path.parent / weights).exists():  # made by `make real-model`
         overrides.append("model.pretrained=false")
+    distill_path = doc.get("distill", {}).get("path")
+    if distill_path and not (path.parent / distill_path).is_dir():  # made by `make real-model` too
+        overrides.append(f"distill.path={tmp_path}")
     recipe = load_recipe(path, overrides)
     first = path.read_text().splitlines()[0]
     assert first.startswith(f"# amp-deploy build recipes/{path.name}")
@@ -166,6 +169,8 @@ def test_every_recipe_architecture_prunes_exports_and_keeps_parity_depth_reduced
     doc = yaml.safe_load(path.read_text())
     doc["model"] = _reduced_model(doc)
     doc["data"] = {"source": "synthetic", "calibration": 8, "validation": 8, "holdout": 4, "batch_size": 4}
+    for key in ("path", "images"):  # a folder to distil on goes with folder data
+        doc.get("distill", {}).pop(key, None)
     doc["export"]["batch"] = {"min": 1, "opt": 2, "max": 4}
     doc["runtimes"] = ["onnxruntime"]
     doc["validate"] = {"batch_sizes": [1, 4], "warmup": 1, "iterations": 2}

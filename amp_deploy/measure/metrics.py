@@ -75,11 +75,17 @@ def knn_top1(train: torch.Tensor, train_labels: torch.Tensor, test: torch.Tensor
              k: int = KNN_K, temperature: float = KNN_T) -> float:
     """k-NN top-1 in percent, as DINO and DINOv2 evaluate features: each test feature takes the
     class with the largest sum of exp(cosine / temperature) among its k nearest training features."""
+    return knn_correct(train, train_labels, test, test_labels, k, temperature).float().mean().item() * 100
+
+
+def knn_correct(train: torch.Tensor, train_labels: torch.Tensor, test: torch.Tensor, test_labels: torch.Tensor,
+                k: int = KNN_K, temperature: float = KNN_T) -> torch.Tensor:
+    """Per test image, whether `knn_top1`'s vote is its label (for paired comparisons of two models)."""
     a, b = F.normalize(test.float().flatten(1), dim=-1), F.normalize(train.float().flatten(1), dim=-1)
     sims, idx = (a @ b.T).topk(min(k, len(b)), dim=-1)
     classes = int(max(train_labels.max(), test_labels.max())) + 1
     votes = torch.zeros(len(a), classes).scatter_add_(1, train_labels[idx], (sims / temperature).exp())
-    return (votes.argmax(-1) == test_labels).float().mean().item() * 100
+    return votes.argmax(-1) == test_labels
 
 
 def zero_shot_top1(image_features: torch.Tensor, class_embeddings: torch.Tensor, labels: torch.Tensor) -> float:

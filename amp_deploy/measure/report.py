@@ -127,7 +127,16 @@ def _distill_md(rep: dict) -> list[str]:
             "| | pruned only | pruned + distilled |", "|---|---:|---:|",
             f"| accuracy % | {_fmt(b['accuracy_pruned'], '.2f')} | {_fmt(rep['fidelity']['accuracy_pruned'], '.2f')} |",
             f"| top-1 agreement | {_fmt(b['top1_agreement'], '.4f')} | {_fmt(rep['fidelity']['top1_agreement'], '.4f')} |",
-            f"| cosine mean | {b['cosine_mean']:.5f} | {rep['fidelity']['cosine_mean']:.5f} |", ""]
+            f"| cosine mean | {b['cosine_mean']:.5f} | {rep['fidelity']['cosine_mean']:.5f} |",
+            *_before_row("k-NN top-1 %", b.get("knn_top1"), rep["fidelity"].get("knn_top1")),
+            *_before_row("zero-shot top-1 %", b.get("zero_shot_top1"), rep["fidelity"].get("zero_shot_top1")), ""]
+
+
+def _before_row(label: str, before, after) -> list[str]:
+    """A distillation table row for an embedding measure (pruned before distillation, and after)."""
+    if not isinstance(before, (int, float)) or not isinstance(after, dict) or "pruned" not in after:
+        return []
+    return [f"| {label} | {before:.2f} | {after['pruned']:.2f} |"]
 
 
 def _quantization_md(rep: dict) -> list[str]:

@@ -115,7 +115,7 @@ class Context:
         d = self.recipe
         return distill_split(d.data.source, self.data(), distill_path=d.distill.path, validation=d.data.validation,
                              seed=d.data.seed, transform=(self._original or self.original()).transform,
-                             workers=self.workers())
+                             workers=self.workers(), limit=d.distill.images)
 
     def workers(self) -> int:
         w = self.recipe.data.workers

@@ -95,11 +95,13 @@ class Manifest:
         return all(p.is_file() and (not verify or hash_file_cached(p, self.hashes) == recorded.get(p.name))
                    for p in outputs) and set(recorded) == {p.name for p in outputs}
 
-    def record(self, stage: str, key: str, seconds: float, outputs: list[Path]) -> None:
+    def record(self, stage: str, key: str, seconds: float, outputs: list[Path],
+               memory: dict[str, Any] | None = None) -> None:
         self.stages[stage] = {
             "key": key,
             "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "seconds": round(seconds, 3),
+            **(memory or {}),
             "outputs": {p.name: hash_file_cached(p, self.hashes) for p in outputs if p.is_file()},
             "versions": versions(),
         }

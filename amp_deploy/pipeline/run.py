@@ -6,8 +6,10 @@ what finished with which inputs, so a stopped build resumes and one stage can be
 
 from __future__ import annotations
 
+import sys
 import time
 from collections.abc import Sequence
+from pathlib import Path
 
 from amp_deploy.pipeline.context import Context, Stage
 from amp_deploy.pipeline.lock import FolderLock
@@ -44,8 +46,46 @@ def run_stages(ctx: Context, names: Sequence[str], force: bool = False) -> dict[
         return status
 
 
+def _reset_peak_memory(ctx: Context) -> bool:
+    """Start counting this process's peak memory afresh (Linux: clear_refs resets VmHWM; CUDA: the
+    allocator's peak); False where the host peak cannot be reset (it then covers the whole process)."""
+    if ctx.device.type == "cuda":
+        import torch
+
+        torch.cuda.reset_peak_memory_stats(ctx.device)
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def _peak_memory(ctx: Context, reset: bool) -> dict[str, float | None]:
+    """Peak resident memory of this process (MiB) since `_reset_peak_memory` (DataLoader worker
+    processes not included), and the CUDA allocator's peak on a GPU."""
+    import resource
+
+    rss = None
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                rss = int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    if rss is None:  # no procfs: the process's peak so far (kB on Linux, bytes on macOS)
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (1024 * 1024 if sys.platform == "darwin" else 1024)
+    cuda = None
+    if ctx.device.type == "cuda":
+        import torch
+
+        cuda = torch.cuda.max_memory_allocated(ctx.device) / 2**20
+    return {"peak_rss_mib": round(rss, 1), "peak_rss_since": "stage" if reset else "process",
+            "peak_cuda_mib": None if cuda is None else round(cuda, 1)}
+
+
 def _run_one(ctx: Context, manifest: Manifest, stage: Stage, key: str) -> str:
     start = time.perf_counter()
+    reset = _reset_peak_memory(ctx)
     if stage.parallel and ctx.nproc > 1:
         from amp_deploy.pipeline.launch import launch_stage
 
@@ -54,12 +94,16 @@ def _run_one(ctx: Context, manifest: Manifest, stage: Stage, key: str) -> str:
     else:
         unrecorded = _guarded(ctx, stage)
     seconds = time.perf_counter() - start
+    memory = None if stage.parallel and ctx.nproc > 1 else _peak_memory(ctx, reset)  # torchrun's ranks: not here
     ctx.reporter.clear_tasks()
     if unrecorded:  # finished without a result worth keeping: the next build tries again
         ctx.reporter.log(f"{stage.name}: {unrecorded} (not recorded as done; the next build tries again)")
         return "not recorded"
-    manifest.record(stage.name, key, seconds, stage.outputs(ctx.folder))
-    ctx.reporter.log(f"{stage.name}: done in {seconds:.1f}s")
+    manifest.record(stage.name, key, seconds, stage.outputs(ctx.folder), memory)
+    peak = f", peak memory {memory['peak_rss_mib'] / 1024:.2f} GiB" if memory else ""
+    if memory and memory["peak_cuda_mib"] is not None:
+        peak += f" (CUDA {memory['peak_cuda_mib'] / 1024:.2f} GiB)"
+    ctx.reporter.log(f"{stage.name}: done in {seconds:.1f}s{peak}")
     return "ran"
 
 

@@ -168,13 +168,17 @@ def build_report(ctx: Context) -> dict[str, Any]:
     # fp32 references on the CPU: the ONNX files were exported from exactly these models.
     refs = {k: M.predict(m, holdout, r.data.batch_size, torch.device("cpu")) for k, m in models.items()}
     fid = fidelity(refs["original"], refs["pruned"], holdout.labels, original.output)
-    if original.output == "embedding" and holdout.labels is not None:
-        fid.update(_embedding_measures(ctx, original, models, refs, holdout.labels))
+    before = ref_before = None
     if f.distilled:  # the price of pruning alone, before distillation won some of it back
         before = load_pruned_model(f.rebuilt).model.cpu().eval()
         ref_before = M.predict(before, holdout, r.data.batch_size, torch.device("cpu"))
         fid["before_distill"] = fidelity(refs["original"], ref_before, holdout.labels, original.output)
         del fid["before_distill"]["cosines"]
+    if original.output == "embedding" and holdout.labels is not None:
+        measures, measures_before = _embedding_measures(ctx, original, models, refs, holdout.labels, before, ref_before)
+        fid.update(measures)
+        if measures_before:
+            fid["before_distill"].update(measures_before)  # k-NN (and zero-shot) top-1 of the pruned model alone
     params = {k: count_params(m) for k, m in models.items()}
     flops = {k: M.count_flops(m, original.input_size) for k, m in models.items()}
     runtimes = {name: _row(ctx, name, models, holdout, refs, original.output)
@@ -205,8 +209,11 @@ def build_report(ctx: Context) -> dict[str, Any]:
     }
 
 
-def _embedding_measures(ctx: Context, original, models: dict, refs: dict, labels: torch.Tensor) -> dict[str, Any]:
-    """k-NN top-1 against the calibration images' features; zero-shot top-1 for CLIP models."""
+def _embedding_measures(ctx: Context, original, models: dict, refs: dict, labels: torch.Tensor,
+                        before: torch.nn.Module | None = None, ref_before: torch.Tensor | None = None
+                        ) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """k-NN top-1 against the calibration images' features; zero-shot top-1 for CLIP models. With
+    `before` (the pruned model before distillation) the same measures for it, in a second dict."""
     from amp_deploy.measure.validation import embedding_fidelity
     from amp_deploy.prune.score import class_embeddings
 
@@ -220,9 +227,15 @@ def _embedding_measures(ctx: Context, original, models: dict, refs: dict, labels
             why = f"zero-shot top-1 not measured: {e}"
             ctx.reporter.log(why)
     out = embedding_fidelity(refs, labels, {k: v[0] for k, v in feats.items()}, feats["original"][1], emb)
+    out_before = None
+    if before is not None and ref_before is not None:
+        bank = M.predict_labelled(before, data.calibration, bs, torch.device("cpu"))[0]
+        out_before = embedding_fidelity({**refs, "pruned": ref_before}, labels,
+                                        {"original": feats["original"][0], "pruned": bank}, feats["original"][1], emb)
+        out_before = {k: v["pruned"] for k, v in out_before.items()}  # the original's figures are above
     if why:
         out["zero_shot_top1"] = {"status": "not measured", "reason": why}
-    return out
+    return out, out_before
 
 
 def budget_row(budget: dict, runtimes: dict[str, Any]) -> str | None:

@@ -100,7 +100,7 @@ def distill(student: nn.Module, teacher: nn.Module, images, *, epochs: int, lr: 
         epochs: passes over `images`.
         lr: peak learning rate of AdamW.
         batch_size: the global batch (split across processes).
-        warmup: epochs of linear warm-up (may be fractional).
+        warmup: epochs of linear warm-up (may be fractional; at most half of all steps).
         weight_decay: AdamW's decoupled weight decay.
         loss: kl (logits), cosine or mse (embeddings).
         temperature: softens both distributions for kl.
@@ -123,7 +123,8 @@ def distill(student: nn.Module, teacher: nn.Module, images, *, epochs: int, lr: 
         opt.load_state_dict(resume.optimizer)
         state = resume
     per_epoch = math.ceil(len(images) / batch_size)
-    total, warm = epochs * per_epoch, max(1, round(warmup * per_epoch))
+    total = epochs * per_epoch
+    warm = min(max(1, round(warmup * per_epoch)), max(1, total // 2))  # a short run decays too
     for epoch in range(state.epoch, epochs):
         gen = torch.Generator().manual_seed(seed * 100_003 + epoch)
         order = torch.randperm(len(images), generator=gen)
