@@ -185,6 +185,43 @@ def test_a_budget_on_eager_torch_needs_no_export_and_is_reported_on_the_torch_ro
     assert "latency budget: 1.020x asked on torch fp32 at batch 8" in res.output
 
 
+def test_the_table_prepares_every_candidate_once_and_opens_one_at_a_time(tmp_path):
+    """Twelve candidates of a giant model must not sit in memory together: besides the full model's
+    runner, one candidate's runner is open at a time, and each is prepared (exported) only once."""
+    import weakref
+
+    from amp_deploy.deploy import runtimes as R
+    from amp_deploy.pipeline.context import Context
+    from amp_deploy.pipeline.speedup import TABLE_PASSES, _table
+
+    r = load_recipe(QUICKSTART, ["prune.target_speedup=1.2", "prune.latency.iterations=6", "prune.latency.warmup=1"])
+    ctx = Context.create(r, tmp_path / "o")
+    prepared, opened, live, most = [], [], [0], [0]
+
+    def closed() -> None:
+        live[0] -= 1
+
+    def make(build, tag):
+        prepared.append(tag)
+
+        def open_runner():
+            run = R.Runner(lambda x: x, {"tag": tag})
+            live[0] += 1
+            most[0] = max(most[0], live[0])
+            weakref.finalize(run, closed)
+            opened.append(tag)
+            return run
+
+        return open_runner
+
+    cands = [[16, 32, 48, 64]] * 4
+    table, full = _table(ctx, make, None, cands, np.zeros((8, 1), np.float32))
+    assert prepared == ["w16", "w32", "w48", "w64"] and full.info["tag"] == "w64"
+    assert sorted(opened) == sorted(["w64"] + ["w16", "w32", "w48"] * TABLE_PASSES)
+    assert most[0] == 2 and live[0] == 1  # the full model and one candidate; afterwards the full model only
+    assert table.widths == [16, 32, 48, 64]
+
+
 def test_the_tensorrt_latency_path_builds_engines_as_the_compile_stage_does(monkeypatch, tmp_path):
     """Not run here (no TensorRT): the wiring is checked with the engine build and runner replaced."""
     import onnx
@@ -202,7 +239,9 @@ def test_the_tensorrt_latency_path_builds_engines_as_the_compile_stage_does(monk
                                  "prune.latency.precision=fp16", "export.exporter=torchscript"])
     ctx = Context.create(r, tmp_path / "o")
     loaded = ctx.original()
-    runner = runner_factory(ctx, loaded.input_size, tmp_path)(loaded.model, "w64")
+    opener = runner_factory(ctx, loaded.input_size, tmp_path)(lambda: loaded.model, "w64")
+    assert len(built) == 1  # the engine is built once, when prepared; each opening only loads it
+    runner = opener()
     (onnx_path, plan, settings), = built
     assert runner.info["plan"] == str(plan) == str(tmp_path / "w64.plan")
     assert settings.precision == "fp16" and settings.strongly_typed and settings.batch_opt == 8

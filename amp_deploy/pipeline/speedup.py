@@ -4,7 +4,8 @@
 measured with (the recipe's runtime, batch and precision, from the same export settings as the
 build), times them interleaved, and runs the measure -> choose -> check -> correct loop:
 
-1. latency table: the model with every block at each candidate width, and the full model;
+1. latency table: the model with every block at each candidate width, and the full model (each
+   candidate prepared once, its runner open only while it is timed);
 2. loss curves: each block alone at each candidate width (the search's cached evaluator);
 3. widths by knapsack for the target; the chosen model measured end to end against the full
    model (interleaved); when the measured speedup is off by more than `latency.tolerance`, the
@@ -59,9 +60,15 @@ def unavailable_reason(lat, device_type: str) -> str | None:
     return None
 
 
-def runner_factory(ctx: Context, input_size: tuple[int, int, int], work: Path) -> Callable[[nn.Module, str], Runner]:
-    """A function that makes the budget runtime's runner of a model (exported, quantized or compiled
-    into `work` as the build would)."""
+Opener = Callable[[], Runner]  # opens a prepared candidate's runner (and only then holds its weights)
+
+
+def runner_factory(ctx: Context, input_size: tuple[int, int, int], work: Path
+                   ) -> Callable[[Callable[[], nn.Module], str], Opener]:
+    """A function that prepares a model for the budget's runtime as the build would (exported,
+    quantized or compiled into `work`) and returns what opens its runner. Only the files stay: the
+    model is built by `build()` when needed and dropped, and a runner exists only while it is timed,
+    so twelve candidates of a giant model never sit in memory together."""
     from amp_deploy.deploy import runtimes as R
     from amp_deploy.deploy.export import export_onnx
 
@@ -74,9 +81,17 @@ def runner_factory(ctx: Context, input_size: tuple[int, int, int], work: Path) -
 
     if lat.runtime == "torch":
         dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(lat.precision)
-        return lambda model, tag: R.torch_runner(_Cast(model, dtype) if dtype else model, v.threads, ctx.device)
+
+        def torch_model(build: Callable[[], nn.Module], tag: str) -> Opener:
+            return lambda: R.torch_runner(_Cast(build(), dtype) if dtype else build(), v.threads, ctx.device)
+
+        return torch_model
     if lat.runtime == "onnxruntime-cuda":
-        return lambda model, tag: R.onnxruntime_runner(exported(model, tag), v.threads, R.cuda_providers())
+        def cuda(build: Callable[[], nn.Module], tag: str) -> Opener:
+            path = exported(build(), tag)
+            return lambda: R.onnxruntime_runner(path, v.threads, R.cuda_providers())
+
+        return cuda
     if lat.runtime == "tensorrt":
         return _tensorrt_factory(ctx, input_size, work, exported)
     if lat.precision == "int8":
@@ -86,17 +101,23 @@ def runner_factory(ctx: Context, input_size: tuple[int, int, int], work: Path) -
         reader = Q.CalibrationReader(Q.calibration_batches(ctx.data().calibration.batches(ctx.recipe.data.batch_size),
                                                            TIMING_CALIBRATION, e.batch.max))
 
-        def int8(model: nn.Module, tag: str) -> Runner:
+        def int8(build: Callable[[], nn.Module], tag: str) -> Opener:
             dst = work / f"{tag}.int8.onnx"
-            Q.quantize_onnxruntime(exported(model, tag), dst, reader, method="minmax", per_channel=q.per_channel,
+            Q.quantize_onnxruntime(exported(build(), tag), dst, reader, method="minmax", per_channel=q.per_channel,
                                    op_types=q.op_types, preprocess=q.preprocess, activation=q.activations)
-            return R.onnxruntime_runner(dst, v.threads)
+            return lambda: R.onnxruntime_runner(dst, v.threads)
 
         return int8
-    return lambda model, tag: R.onnxruntime_runner(exported(model, tag), v.threads)
+
+    def cpu(build: Callable[[], nn.Module], tag: str) -> Opener:
+        path = exported(build(), tag)
+        return lambda: R.onnxruntime_runner(path, v.threads)
+
+    return cpu
 
 
-def _tensorrt_factory(ctx: Context, input_size, work: Path, exported) -> Callable[[nn.Module, str], Runner]:
+def _tensorrt_factory(ctx: Context, input_size, work: Path, exported
+                      ) -> Callable[[Callable[[], nn.Module], str], Opener]:
     """Engines built as the compile stage builds them (strongly typed from a graph in the precision)."""
     import dataclasses
 
@@ -106,12 +127,12 @@ def _tensorrt_factory(ctx: Context, input_size, work: Path, exported) -> Callabl
     lat, c = ctx.recipe.prune.latency, ctx.recipe.compile
     settings = dataclasses.replace(compile_settings(ctx, input_size), precision=lat.precision)
 
-    def make(model: nn.Module, tag: str) -> Runner:
+    def make(build: Callable[[], nn.Module], tag: str) -> Opener:
         typed = lat.precision != "fp32" and c.strongly_typed
-        onnx_path = exported(model, tag, lat.precision if typed else "fp32")
+        onnx_path = exported(build(), tag, lat.precision if typed else "fp32")
         plan = work / f"{tag}.plan"
         build_engine(onnx_path, plan, settings, ctx.folder.root if c.timing_cache else None)
-        return R.tensorrt_runner(plan)
+        return lambda: R.tensorrt_runner(plan)
 
     return make
 
@@ -193,25 +214,27 @@ def _table(ctx: Context, make, scores, cands: list[list[int]], x) -> tuple[B.Lat
     k = len(cands[0])
     advance = ctx.reporter.task(f"search: latency table ({k} widths on {lat.runtime} {lat.precision}, "
                                 f"batch {lat.batch})", k + TABLE_PASSES)
-    runners: dict[int, Runner] = {}
+    openers: dict[int, Opener] = {}
     try:
         for j in range(k):
-            runners[cands[0][j]] = make(_uniform(ctx, scores, [c[j] for c in cands]), f"w{cands[0][j]}")
+            widths = [c[j] for c in cands]
+            openers[cands[0][j]] = make(lambda w=widths: _uniform(ctx, scores, w), f"w{cands[0][j]}")
             advance(1)
+        full = openers.pop(cands[0][-1])()  # the full model's runner stays open for the checks
     except Unavailable as err:
         raise UserError(f"prune.latency.runtime {lat.runtime}: cannot run here: {first_line(err)}") from None
-    full_width = cands[0][-1]
-    full = runners.pop(full_width)
-    samples: dict[int, list[float]] = {w: [] for w in runners}
-    full_samples: dict[int, list[float]] = {w: [] for w in runners}
+    samples: dict[int, list[float]] = {w: [] for w in openers}
+    full_samples: dict[int, list[float]] = {w: [] for w in openers}
     per_pass = max(1, -(-lat.iterations // TABLE_PASSES))
     for _ in range(TABLE_PASSES):
-        for w, runner in runners.items():
+        for w, opener in openers.items():
+            runner = opener()  # one candidate open at a time
             stats = M.latency({"full": full, "cand": runner}, x, lat.warmup, per_pass)
+            del runner
+            gc.collect()
             samples[w] += stats["cand"]["samples"]
             full_samples[w] += stats["full"]["samples"]
         advance(1)
-    runners.clear()
     table = B.latency_table(cands[0], len(cands), samples, full_samples)
     return table, full
 
@@ -227,7 +250,7 @@ def _checks(ctx: Context, make, full: Runner, scores, table: B.LatencyTable, cur
         aim = min(aim, reach)
         choice = B.choose_widths(table, curves, aim)
         start = time.perf_counter()
-        runner = make(_uniform(ctx, scores, choice.widths), f"check{n}")
+        runner = make(lambda w=choice.widths: _uniform(ctx, scores, w), f"check{n}")()
         stats = M.latency({"full": full, "pruned": runner}, x, lat.warmup, 2 * lat.iterations)
         measured = 1.0 / M.median_ratio(stats["pruned"]["samples"], stats["full"]["samples"])
         rounds.append({"aim": aim, "widths": choice.widths, "predicted_speedup": choice.predicted_speedup,
@@ -235,6 +258,7 @@ def _checks(ctx: Context, make, full: Runner, scores, table: B.LatencyTable, cur
                        "full_ms": stats["full"]["p50"], "pruned_ms": stats["pruned"]["p50"],
                        "seconds": round(time.perf_counter() - start, 3)})
         del runner
+        gc.collect()
         advance(1, f"search: end-to-end check {n + 1}: {measured:.3f}x measured for {target:.3g}x")
         if abs(measured / target - 1) <= lat.tolerance or (aim >= reach and measured < target):
             break
