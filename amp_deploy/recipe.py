@@ -158,6 +158,11 @@ class PruneSpec(_Strict):
                       "structure k-NN and zero-shot use); cosine (1 - cosine of the output to the original's, per "
                       "image: keeps embeddings compatible with an index built from the original); entropy (the "
                       "level, as the reference code; it can fall as neurons go). The ce criterion searches with ce")
+    uniform_check: bool = _f(True, "with target_params: also evaluate the same fraction of neurons in every block "
+                                   "at the budget, and keep it when it holds the search loss lower than the threshold "
+                                   "search's ragged widths (which a greedy search can miss at deep cuts; with search_loss divergence or "
+                                   "cosine, or the ce criterion: an entropy level is no departure); false: the "
+                                   "reference's widths always")
     steps: int = _f(6, "bisection steps per block", ge=1, le=20)
     align: int = _f(1, "kept widths are multiples of this (e.g. 64 for tensor cores)", ge=1)
     cache: bool = _f(True, "replay the hidden states entering each block during the search (false: the "

@@ -42,6 +42,37 @@ def test_parameter_budget_is_met_as_closely_as_the_steps_allow(tmp_path):
     assert _params(out) >= 0.57 * total  # one width step per block is ~0.4% of the model
     assert search["threshold"] > 0 and len(search["thresholds_tried"]) > 3
     assert search["block_forwards_all_thresholds"] == sum(t[2] for t in search["thresholds_tried"]) > search["block_forwards"]
+    check = search["uniform_check"]  # the threshold search's widths against uniform widths of the same budget
+    assert len(set(check["widths"])) == 1 and check["params"] <= search["budget_params"] < check["params"] + 4 * 130
+    assert check["adaptive_params"] <= search["budget_params"] and check["loss"] > 0 and check["adaptive_loss"] > 0
+    kept = "uniform" if check["loss"] < check["adaptive_loss"] else "adaptive"
+    assert check["chosen"] == kept and search["widths"] == check[{"uniform": "widths", "adaptive": "adaptive_widths"}[kept]]
+
+
+def test_the_uniform_check_scores_both_models_with_the_search_loss(tmp_path):
+    """model_losses = the divergence of each whole model from the original, computed directly."""
+    import copy
+
+    from amp_deploy.prune.families import count_params
+    from amp_deploy.prune.rebuild import apply_widths
+    from amp_deploy.prune.score import Divergence
+    from amp_deploy.prune.search import model_losses, uniform_for_params
+
+    ctx = Context.create(load_recipe(QUICKSTART), tmp_path / "o", "cpu")
+    original, val = ctx.original(), ctx.data().validation
+    scores = [torch.rand(256, generator=torch.Generator().manual_seed(i)) for i in range(4)]
+    budget = int(0.6 * count_params(original.model))
+    uniform, widths = uniform_for_params(lambda: copy.deepcopy(original), scores, budget, 1)
+    assert len(set(widths)) == 1 and count_params(uniform.model) <= budget
+    wider = copy.deepcopy(original)
+    apply_widths(wider, scores, [w + 1 for w in widths])
+    assert count_params(wider.model) > budget  # the largest that fits
+    loss = Divergence("predictions", 1.0)
+    got = model_losses(original, [uniform, original], val, loss=loss, batch_size=64)
+    with torch.no_grad():
+        x = val.images
+        want = loss(uniform.model(x), None, original.model(x)).mean().item()
+    assert got[0] == pytest.approx(want, rel=1e-5) and got[1] == pytest.approx(0.0, abs=1e-7)
 
 
 def test_uniform_keeps_the_same_fraction_everywhere(tmp_path):

@@ -30,7 +30,7 @@ from amp_deploy.prune.score import (
     search_loss_fn,
     taylor_scores,
 )
-from amp_deploy.prune.search import adaptive_widths, budget_widths, uniform_widths
+from amp_deploy.prune.search import adaptive_widths, budget_widths, model_losses, uniform_for_params, uniform_widths
 
 
 def stage_score(ctx: Context) -> None:
@@ -144,15 +144,45 @@ def _adaptive_search(ctx: Context, loaded: Loaded, scores) -> dict:
             advance(1)
             return run(target, threshold)
 
-        _, res, threshold, tried = budget_widths(ctx.original, budget, run_counted,
-                                                 tolerance=int(BUDGET_TOLERANCE * count_params(loaded.model)))
+        pruned, res, threshold, tried = budget_widths(ctx.original, budget, run_counted,
+                                                      tolerance=int(BUDGET_TOLERANCE * count_params(loaded.model)))
         extra = dict(threshold=threshold, target_params=p.target_params, budget_params=budget,
                      thresholds_tried=tried, block_forwards_all_thresholds=sum(t[2] for t in tried))
+        if p.uniform_check and (getattr(loss, "reference", False) or criterion == "ce"):  # a level is no departure
+            extra["uniform_check"] = _uniform_check(ctx, loaded, pruned, scores, budget, loss)
     if res.fell:
         ctx.reporter.log(falling_loss_warning(res.fell))
-    return dict(widths=res.widths, base_loss=res.base_loss, losses=res.losses, block_forwards=res.block_forwards,
+    chosen = extra["uniform_check"]["widths"] if extra.get("uniform_check", {}).get("chosen") == "uniform" else None
+    return dict(widths=chosen or res.widths, base_loss=res.base_loss, losses=res.losses, block_forwards=res.block_forwards,
                 block_forwards_naive=res.block_forwards_naive, steps=res.steps, loss_fell=res.fell,
                 search_loss=p.search_loss if criterion != "ce" else "ce", **extra)
+
+
+def _uniform_check(ctx: Context, original: Loaded, pruned: Loaded, scores, budget: int, loss) -> dict:
+    """The threshold search's model against the same fraction of neurons in every block within the same
+    parameter budget, both scored by the search loss on the validation images: the one that departs
+    less is kept (the greedy per-block threshold can lose to uniform widths on its own loss at deep
+    cuts: DINOv2 ViT-S/14 at 0.6 of its parameters, benchmarks/RESULTS.md)."""
+    import contextlib
+
+    p = ctx.recipe.prune
+    uniform, widths = uniform_for_params(ctx.original, scores, budget, p.align)
+    models = [original, pruned, uniform]
+    with contextlib.ExitStack() as stack:
+        for m in models:
+            m.model.to(ctx.device).eval()
+            stack.enter_context(loss_features(m, view_of(ctx, m)))
+        ours, theirs = model_losses(original, [pruned, uniform], ctx.data().validation, loss=loss,
+                                    batch_size=ctx.recipe.data.batch_size, device=ctx.device)
+    chosen = "uniform" if theirs < ours else "adaptive"
+    if chosen == "uniform":
+        ctx.reporter.log(f"search: the same width in every block ({widths[0]} of {original.widths()[0]} neurons) "
+                         f"departs less from the original than the threshold search's widths at this budget "
+                         f"(search loss {theirs:.4g} vs {ours:.4g}): kept (prune.uniform_check=false keeps the "
+                         "threshold search's)")
+    return {"widths": widths, "params": count_params(uniform.model), "loss": theirs,
+            "adaptive_widths": pruned.widths(), "adaptive_params": count_params(pruned.model), "adaptive_loss": ours,
+            "chosen": chosen}
 
 
 def _latency_search(ctx: Context, loaded: Loaded, scores, loss) -> dict:

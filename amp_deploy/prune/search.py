@@ -24,7 +24,7 @@ from amp_deploy.data import Split
 from amp_deploy.errors import require_finite
 from amp_deploy.numerics import fp32_reference
 from amp_deploy.prune.families import Loaded, count_params
-from amp_deploy.prune.rebuild import keep_top, set_modules, sliced_modules
+from amp_deploy.prune.rebuild import apply_widths, keep_top, set_modules, sliced_modules
 
 CACHE_ON_DEVICE_BYTES = 4 << 30  # cached block inputs beyond this go to host memory
 
@@ -223,6 +223,43 @@ def uniform_widths(widths: list[int], keep_ratio: float, align: int) -> list[int
         grid = width_grid(h, align)
         out.append(min(grid, key=lambda w: (abs(w - keep_ratio * h), -w)))
     return out
+
+
+@torch.no_grad()
+def model_losses(original: Loaded, models: list[Loaded], val: Split, *, loss: Callable, batch_size: int = 64,
+                 device: torch.device | None = None) -> list[float]:
+    """The search loss of each whole model over the validation images, against `original`'s outputs
+    (a loss that compares with the original gets the unpruned model's outputs as its reference)."""
+    with fp32_reference():
+        ev = _Evaluator(original, val, batch_size, loss, device or torch.device("cpu"), cached=False)
+        ev.first_pass()
+        out = []
+        for m in models:
+            ev.loaded = m
+            out.append(ev._run(0))
+        return out
+
+
+def uniform_for_params(fresh: Callable[[], Loaded], scores: list[torch.Tensor], target_params: int, align: int,
+                       rounds: int = 14) -> tuple[Loaded, list[int]]:
+    """The largest same-fraction-in-every-block widths whose model has at most `target_params`
+    parameters: bisection over the kept fraction, each probe a pruned copy from `fresh()`."""
+    def build(ratio: float) -> tuple[Loaded, list[int], int]:
+        loaded = fresh()
+        widths = uniform_widths(loaded.widths(), ratio, align)
+        apply_widths(loaded, scores, widths)
+        return loaded, widths, count_params(loaded.model)
+
+    lo, hi, best = 0.0, 1.0, None
+    for _ in range(rounds):
+        mid = (lo + hi) / 2
+        cand = build(mid)
+        if cand[2] <= target_params:
+            lo, best = mid, cand
+        else:
+            hi = mid
+    best = best or build(0.0)
+    return best[0], best[1]
 
 
 def budget_widths(fresh: Callable[[], Loaded], target_params: int, run: Callable[[Loaded, float], SearchResult],
