@@ -185,9 +185,12 @@ def test_a_budget_on_eager_torch_needs_no_export_and_is_reported_on_the_torch_ro
     assert "latency budget: 1.020x asked on torch fp32 at batch 8" in res.output
 
 
-def test_the_table_prepares_every_candidate_once_and_opens_one_at_a_time(tmp_path):
-    """Twelve candidates of a giant model must not sit in memory together: besides the full model's
-    runner, one candidate's runner is open at a time, and each is prepared (exported) only once."""
+@pytest.mark.parametrize("stay_open", [False, True])
+def test_the_table_prepares_every_candidate_once_and_opens_one_at_a_time(tmp_path, stay_open):
+    """Twelve candidates of a giant model must not sit in memory together: when memory is short,
+    besides the full model's runner one candidate's runner is open at a time; when it is not, each
+    runner is opened once and kept between passes (a fresh session's first calls are slower). Either
+    way each candidate is prepared (exported) only once."""
     import weakref
 
     from amp_deploy.deploy import runtimes as R
@@ -215,11 +218,20 @@ def test_the_table_prepares_every_candidate_once_and_opens_one_at_a_time(tmp_pat
         return open_runner
 
     cands = [[16, 32, 48, 64]] * 4
-    table, full = _table(ctx, make, None, cands, np.zeros((8, 1), np.float32))
+    table, full = _table(ctx, make, None, cands, np.zeros((8, 1), np.float32), stay_open)
     assert prepared == ["w16", "w32", "w48", "w64"] and full.info["tag"] == "w64"
-    assert sorted(opened) == sorted(["w64"] + ["w16", "w32", "w48"] * TABLE_PASSES)
-    assert most[0] == 2 and live[0] == 1  # the full model and one candidate; afterwards the full model only
-    assert table.widths == [16, 32, 48, 64]
+    assert sorted(opened) == sorted(["w64"] + ["w16", "w32", "w48"] * (1 if stay_open else TABLE_PASSES))
+    assert most[0] == (4 if stay_open else 2)  # all, or the full model and one candidate
+    assert live[0] == 1 and table.widths == [16, 32, 48, 64]  # afterwards the full model only
+
+
+def test_runners_stay_open_only_while_memory_allows():
+    from amp_deploy.pipeline.speedup import KEEP_OPEN_SHARE, available_bytes, keep_open
+
+    free = available_bytes(torch.device("cpu"))
+    assert free and free > 0
+    assert keep_open(1, 12, torch.device("cpu"))
+    assert not keep_open(16 * int(free * KEEP_OPEN_SHARE / 12), 12, torch.device("cpu"))
 
 
 def test_the_tensorrt_latency_path_builds_engines_as_the_compile_stage_does(monkeypatch, tmp_path):

@@ -5,7 +5,8 @@ measured with (the recipe's runtime, batch and precision, from the same export s
 build), times them interleaved, and runs the measure -> choose -> check -> correct loop:
 
 1. latency table: the model with every block at each candidate width, and the full model (each
-   candidate prepared once, its runner open only while it is timed);
+   candidate prepared once; its runner kept open between passes while memory allows, else opened
+   only while it is timed);
 2. loss curves: each block alone at each candidate width (the search's cached evaluator);
 3. widths by knapsack for the target; the chosen model measured end to end against the full
    model (interleaved); when the measured speedup is off by more than `latency.tolerance`, the
@@ -165,7 +166,10 @@ def latency_search(ctx: Context, loaded: Loaded, scores, curves_of: Callable[[Lo
     try:
         make = runner_factory(ctx, loaded.input_size, work)
         start = time.perf_counter()
-        table, full_runner = _table(ctx, make, scores, cands, x)
+        model_bytes = sum(t.numel() * t.element_size() for t in loaded.model.state_dict().values())
+        stay_open = keep_open(model_bytes, k, ctx.device if lat.runtime in ("torch", "tensorrt", "onnxruntime-cuda")
+                              else torch.device("cpu"))
+        table, full_runner = _table(ctx, make, scores, cands, x, stay_open)
         seconds = {"table": round(time.perf_counter() - start, 3)}
         target = p.target_speedup
         if target is None:
@@ -200,16 +204,44 @@ def latency_search(ctx: Context, loaded: Loaded, scores, curves_of: Callable[[Lo
             "predicted_speedup": best["predicted_speedup"], "measured_speedup": best["measured_speedup"],
             "met": abs(best["measured_speedup"] / target - 1) <= lat.tolerance, "tolerance": lat.tolerance,
             "checks": rounds, "table": table.to_dict(), "curves": curves.to_dict(), "candidates": k,
+            "runners_kept_open": stay_open,
             "seconds": {**seconds, "checks": round(sum(r["seconds"] for r in rounds), 3)},
         })
 
 
 TABLE_PASSES = 3  # the table's rounds are split into passes over every candidate: drift spreads over all of them
+KEEP_OPEN_SHARE = 0.25  # candidates stay open between passes while their weights take at most this much memory
 
 
-def _table(ctx: Context, make, scores, cands: list[list[int]], x) -> tuple[B.LatencyTable, Runner]:
+def available_bytes(device: torch.device) -> int | None:
+    """Memory free for more runners: the GPU's free memory for a GPU runtime, else the host's
+    MemAvailable (Linux); None when unknown."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def keep_open(model_bytes: int, candidates: int, device: torch.device) -> bool:
+    """Whether every candidate's runner may stay open between passes (each is at most the full
+    model's size): a session opened afresh runs its first calls slower, which a table of small
+    differences feels, so runners stay open when memory allows, and are opened one at a time when
+    it does not (a giant model on one GPU)."""
+    free = available_bytes(device)
+    return free is not None and model_bytes * candidates <= KEEP_OPEN_SHARE * free
+
+
+def _table(ctx: Context, make, scores, cands: list[list[int]], x, stay_open: bool = True
+           ) -> tuple[B.LatencyTable, Runner]:
     """Each candidate timed against the full model, two runners at a time (as the end-to-end checks
-    are), in TABLE_PASSES passes over all candidates so that a slow phase of the machine hits them alike."""
+    are), in TABLE_PASSES passes over all candidates so that a slow phase of the machine hits them alike.
+    With `stay_open` each candidate's runner is opened once and kept until the table is done; without,
+    it is opened for each pass and closed after it (one candidate in memory at a time)."""
     lat = ctx.recipe.prune.latency
     k = len(cands[0])
     advance = ctx.reporter.task(f"search: latency table ({k} widths on {lat.runtime} {lat.precision}, "
@@ -226,15 +258,19 @@ def _table(ctx: Context, make, scores, cands: list[list[int]], x) -> tuple[B.Lat
     samples: dict[int, list[float]] = {w: [] for w in openers}
     full_samples: dict[int, list[float]] = {w: [] for w in openers}
     per_pass = max(1, -(-lat.iterations // TABLE_PASSES))
+    kept: dict[int, Runner] = {}
     for _ in range(TABLE_PASSES):
         for w, opener in openers.items():
-            runner = opener()  # one candidate open at a time
+            runner = kept.get(w) or opener()
             stats = M.latency({"full": full, "cand": runner}, x, lat.warmup, per_pass)
+            if stay_open:
+                kept[w] = runner
             del runner
             gc.collect()
             samples[w] += stats["cand"]["samples"]
             full_samples[w] += stats["full"]["samples"]
         advance(1)
+    kept.clear()
     table = B.latency_table(cands[0], len(cands), samples, full_samples)
     return table, full
 
