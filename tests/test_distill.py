@@ -49,6 +49,9 @@ def test_distillation_wins_back_what_half_the_parameters_cost(distilled):
     assert d["losses"][-1] < d["losses"][0]
     assert "plots/distill.png" in rep["plots"] and "## Distillation" in (distilled / "report.md").read_text()
     assert not (distilled / "distill.ckpt.safetensors").exists()  # removed once finished
+    u = rep["prune"]["uniform_check"]  # a parameter budget: the threshold search's widths were checked
+    assert u["chosen"] == ("uniform" if u["loss"] < u["adaptive_loss"] else "adaptive")
+    assert ("uniform widths kept" in (distilled / "report.md").read_text()) == (u["chosen"] == "uniform")
 
 
 def test_distill_changes_rerun_distill_and_later_stages_only(distilled, tmp_path):

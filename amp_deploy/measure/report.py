@@ -132,6 +132,19 @@ def _distill_md(rep: dict) -> list[str]:
             *_before_row("zero-shot top-1 %", b.get("zero_shot_top1"), rep["fidelity"].get("zero_shot_top1")), ""]
 
 
+def _uniform_md(rep: dict) -> list[str]:
+    """What the uniform check decided (prune.uniform_check), when it ran."""
+    u = rep["prune"].get("uniform_check")
+    if not u:
+        return []
+    if u["chosen"] == "uniform":
+        return ["", f"The same width in every block ({u['widths'][0]}) departed less from the original than the threshold "
+                    f"search's widths on the search loss ({u['loss']:.4g} vs {u['adaptive_loss']:.4g}): uniform widths "
+                    "kept (`prune.uniform_check`)."]
+    return ["", f"Uniform widths at the same budget departed more ({u['loss']:.4g} vs {u['adaptive_loss']:.4g} on the "
+                "search loss): the threshold search's widths kept."]
+
+
 def _before_row(label: str, before, after) -> list[str]:
     """A distillation table row for an embedding measure (pruned before distillation, and after)."""
     if not isinstance(before, (int, float)) or not isinstance(after, dict) or "pruned" not in after:
@@ -225,7 +238,7 @@ def render_md(rep: dict) -> str:
     lines = [f"# amp-deploy report: {rep['name']}", "",
              f"Model: {rep['model']['source']} `{rep['model']['name']}` ({rep['model']['output']}), "
              f"pruned with {rep['prune']['criterion']} / {rep['prune']['search']} "
-             f"(threshold {rep['prune']['threshold']}) in {rep['prune']['seconds']:.1f} s.", "",
+             f"(threshold {rep['prune']['threshold']}) in {rep['prune']['seconds']:.1f} s.", *_uniform_md(rep), "",
              "| | original | pruned | ratio |", "|---|---:|---:|---:|",
              f"| parameters | {_fmt(p['original'])} | {_fmt(p['pruned'])} | {p['ratio']:.3f} |",
              f"| FLOPs / image | {_fmt(f['original'])} | {_fmt(f['pruned'])} | {f['ratio']:.3f} |", ""]

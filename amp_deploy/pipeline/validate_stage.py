@@ -281,6 +281,7 @@ def _prune_section(ctx: Context, search: dict) -> dict[str, Any]:
         # budget mode: the final search's count above; every threshold tried together here
         "block_forwards_all_thresholds": search.get("block_forwards_all_thresholds"),
         "base_loss": search.get("base_loss"), "final_loss": (search.get("losses") or [None])[-1],
+        "uniform_check": search.get("uniform_check"),
     }
 
 
