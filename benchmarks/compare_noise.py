@@ -80,7 +80,7 @@ def main() -> None:
             growth = (lo + hi) / 2
             cand = onnxruntime_runner(enlarged(ctx, growth, Path(tmp) / f"g{growth:.4f}.onnx"))
             lat = M.latency({"p": pruned, "c": cand}, x, 10, a.iterations)
-            ratio = float(np.median(np.asarray(lat["c"]["samples"]) / np.asarray(lat["p"]["samples"])))
+            ratio = M.median_ratio(lat["c"]["samples"], lat["p"]["samples"])
             print(f"growth {growth:.3f}: {ratio:.3f}x the pruned model (median per-round ratio)", flush=True)
             if chosen is None or abs(ratio - a.slowdown) < abs(chosen[2] - a.slowdown):
                 chosen = (growth, cand, ratio)

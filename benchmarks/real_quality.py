@@ -59,10 +59,9 @@ from amp_deploy.prune.score import (  # noqa: E402
     random_scores,
     taylor_scores,
 )
-from amp_deploy.prune.search import adaptive_widths, budget_widths, uniform_widths  # noqa: E402
+from amp_deploy.prune.search import adaptive_widths, budget_widths, uniform_for_params  # noqa: E402
 
 CPU = torch.device("cpu")
-TEMPERATURE = [20.0]  # --temperature, for the divergence every row reports
 # variants measured at one budget only (CPU time): the level search shows its falling loss at the first
 # budget already; the per-token aggregation is compared with the reference's at 0.8
 ONE_BUDGET = {"entropy-adaptive-level": 0.9, "entropy-adaptive-token": 0.8}
@@ -82,25 +81,12 @@ def split_data(images: str, base, args):
     return train, test.holdout
 
 
-def uniform_for_budget(base, scores, limit: int) -> object:
-    """The largest uniform keep ratio whose model fits `limit` parameters."""
-    lo, hi = 0.0, 1.0
-    for _ in range(20):
-        mid = (lo + hi) / 2
-        m = copy.deepcopy(base)
-        apply_widths(m, scores, uniform_widths(m.widths(), mid, 1))
-        lo, hi = (mid, hi) if count_params(m.model) <= limit else (lo, mid)
-    m = copy.deepcopy(base)
-    apply_widths(m, scores, uniform_widths(m.widths(), lo, 1))
-    return m
-
-
-def evaluate(model, train, holdout, bank_ref, hold_ref, bs: int) -> dict:
+def evaluate(model, train, holdout, bank_ref, hold_ref, bs: int, temperature: float) -> dict:
     bank = predict(model, train.holdout, bs, CPU)
     hold = predict(model, holdout, bs, CPU)
     cos = torch.nn.functional.cosine_similarity(hold, hold_ref).mean().item()
     correct = knn_correct(bank, train.holdout.labels, hold, holdout.labels)
-    div = Divergence("image-image", TEMPERATURE[0])  # the search's loss on the test images, batches of 128
+    div = Divergence("image-image", temperature)  # the search's loss on the test images, batches of 128
     test_div = torch.cat([div(hold[i:i + 128], None, hold_ref[i:i + 128]) for i in range(0, len(hold) - 127, 128)])
     return {"knn": correct.float().mean().item() * 100, "correct": correct, "divergence": test_div.mean().item(),
             "cos": cos, "cos_bank": torch.nn.functional.cosine_similarity(bank, bank_ref).mean().item()}
@@ -137,7 +123,6 @@ def main() -> None:
                                                                      "entropy-adaptive-knapsack method")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
-    TEMPERATURE[0] = args.temperature
 
     t0 = time.perf_counter()
     base = load(args.model, args.size)
@@ -197,8 +182,9 @@ def main() -> None:
                                                        limit)
                 extra = f"t={thr:.2g}, {len(tried)} searches, loss fell in {len(res.fell)} blocks"
             else:
-                pruned = uniform_for_budget(base, scores["abs" if crit == "entropy" else crit], limit)
-            m = evaluate(pruned.model, train, holdout, bank_ref, hold_ref, args.batch)
+                pruned, _ = uniform_for_params(lambda: copy.deepcopy(base), scores["abs" if crit == "entropy" else crit],
+                                               limit, 1, rounds=20)
+            m = evaluate(pruned.model, train, holdout, bank_ref, hold_ref, args.batch, args.temperature)
             secs = time.perf_counter() - t
             row = {"budget": budget, "method": method, "params": count_params(pruned.model) / total,
                    "widths": pruned.widths(), "seconds": round(secs), **m, "note": extra}
@@ -217,7 +203,7 @@ def main() -> None:
                         batch_size=spec.batch_size, warmup=args.warmup, weight_decay=spec.weight_decay,
                         loss="cosine", seed=0, augment=hflip)
                 student.model.eval()
-                m = evaluate(student.model, train, holdout, bank_ref, hold_ref, args.batch)
+                m = evaluate(student.model, train, holdout, bank_ref, hold_ref, args.batch, args.temperature)
                 secs = time.perf_counter() - t
                 m.pop("correct")
                 results.append({"budget": budget, "method": method + " + distill", "params": row["params"],
@@ -284,7 +270,7 @@ def compare_builds(args, base, train, holdout, bank_ref, hold_ref, orig: float) 
     for build in args.builds:
         pruned = load_pruned_model(build / "pruned.safetensors")
         pruned.model.eval()
-        m = evaluate(pruned.model, train, holdout, bank_ref, hold_ref, args.batch)
+        m = evaluate(pruned.model, train, holdout, bank_ref, hold_ref, args.batch, args.temperature)
         diff, se = paired(m["correct"], m["correct"] if previous is None else previous)
         previous = m["correct"]
         m.pop("correct")
@@ -298,8 +284,7 @@ def compare_builds(args, base, train, holdout, bank_ref, hold_ref, orig: float) 
                  "vs the build above (paired s.e.)", "widths"], rows,
                 title=f"original k-NN top-1 {orig:.2f} ({len(holdout)} test images, bank {len(bank_ref)})")
     write_json(args.json, {"original_knn": orig, "holdout": len(holdout), "bank": len(bank_ref), "rows": results,
-                           "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
-                                    if k != "builds"} | {"builds": [str(b) for b in args.builds]}})
+                           "args": {**vars(args), "builds": [str(b) for b in args.builds]}})
 
 
 def distill_images(args, base) -> torch.Tensor:

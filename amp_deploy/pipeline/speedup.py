@@ -68,8 +68,8 @@ def runner_factory(ctx: Context, input_size: tuple[int, int, int], work: Path
                    ) -> Callable[[Callable[[], nn.Module], str], Opener]:
     """A function that prepares a model for the budget's runtime as the build would (exported,
     quantized or compiled into `work`) and returns what opens its runner. Only the files stay: the
-    model is built by `build()` when needed and dropped, and a runner exists only while it is timed,
-    so twelve candidates of a giant model never sit in memory together."""
+    model is built by `build()` when needed and dropped, and a runner holds weights only once opened
+    (`_table` decides whether runners stay open between passes)."""
     from amp_deploy.deploy import runtimes as R
     from amp_deploy.deploy.export import export_onnx
 
@@ -87,12 +87,6 @@ def runner_factory(ctx: Context, input_size: tuple[int, int, int], work: Path
             return lambda: R.torch_runner(_Cast(build(), dtype) if dtype else build(), v.threads, ctx.device)
 
         return torch_model
-    if lat.runtime == "onnxruntime-cuda":
-        def cuda(build: Callable[[], nn.Module], tag: str) -> Opener:
-            path = exported(build(), tag)
-            return lambda: R.onnxruntime_runner(path, v.threads, R.cuda_providers())
-
-        return cuda
     if lat.runtime == "tensorrt":
         return _tensorrt_factory(ctx, input_size, work, exported)
     if lat.precision == "int8":
@@ -110,11 +104,13 @@ def runner_factory(ctx: Context, input_size: tuple[int, int, int], work: Path
 
         return int8
 
-    def cpu(build: Callable[[], nn.Module], tag: str) -> Opener:
-        path = exported(build(), tag)
-        return lambda: R.onnxruntime_runner(path, v.threads)
+    providers = R.cuda_providers() if lat.runtime == "onnxruntime-cuda" else ("CPUExecutionProvider",)
 
-    return cpu
+    def onnx(build: Callable[[], nn.Module], tag: str) -> Opener:
+        path = exported(build(), tag)
+        return lambda: R.onnxruntime_runner(path, v.threads, providers)
+
+    return onnx
 
 
 def _tensorrt_factory(ctx: Context, input_size, work: Path, exported
