@@ -23,8 +23,8 @@ from .conftest import QUICKSTART, assert_one_line_error, build
 from .test_score_search import EmbedNet
 
 # Cheap settings for a latency-budget build of the quickstart model (timing is not what is tested).
-CHEAP = ["export.exporter=torchscript", "prune.latency.widths=4", "prune.latency.iterations=6",
-         "prune.latency.warmup=1", "prune.latency.corrections=1", "validate.iterations=8", "validate.warmup=2",
+CHEAP = ["export.exporter=torchscript", "prune.latency.widths=4", "prune.latency.iterations=30",
+         "prune.latency.warmup=5", "prune.latency.corrections=1", "validate.iterations=8", "validate.warmup=2",
          "runtimes=[onnxruntime]"]
 
 
