@@ -11,9 +11,10 @@ from typing import Annotated, Literal
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
-from amp_deploy.errors import GateFailed, UserError
+from amp_deploy.errors import GateFailed, GateUndecided, UserError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Prune the MLPs of a vision transformer with AMP, export, compile and validate it.")
@@ -30,7 +31,7 @@ Overrides = Annotated[list[str] | None, typer.Argument(help="Recipe overrides as
 
 
 def _handled(fn):
-    """Map library errors to exit codes: 2 bad input, 1 failed gate, 130 interrupted."""
+    """Map library errors to exit codes: 2 bad input, 1 failed gate, 3 a gate that could not judge, 130 interrupted."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
@@ -42,12 +43,14 @@ def _handled(fn):
             _fail(e, 2, "error")
         except GateFailed as e:
             _fail(e, 1, "failed")
+        except GateUndecided as e:
+            _fail(e, 3, "could not judge")
         except KeyboardInterrupt:
             err.print("interrupted: finished stages are kept; run the same command again to resume")
             raise typer.Exit(130) from None
         except OSError as e:
             if e.errno == 28:  # ENOSPC
-                _fail(UserError(f"no space left on the device while writing {e.filename or 'output'}"), 2, "error")
+                _fail(UserError(f"no space left on the device while writing {e.filename or 'the output'}"), 2, "error")
             raise
 
     return wrapper
@@ -56,7 +59,7 @@ def _handled(fn):
 def _fail(e: Exception, code: int, word: str):
     if _state["debug"]:
         raise e
-    err.print(f"[bold red]{word}:[/bold red] {e}", soft_wrap=True)
+    err.print(f"[bold red]{word}:[/bold red] {escape(str(e))}", soft_wrap=True)  # brackets in the text are text
     raise typer.Exit(code) from None
 
 
@@ -241,8 +244,9 @@ def compare_cmd(reports: Annotated[list[Path], typer.Argument(help="report.json 
                          "(one-sided Mann-Whitney U on the timing samples, p < 0.01).")] = None,
                 fmt: Annotated[Format, typer.Option("--format", help="table, md (for a pull request) or json.")] = Format.table) -> None:
     """Compare reports side by side: latency per runtime and batch size, size, widths, fidelity."""
-    from amp_deploy.measure.compare import compare, load_report, render_md
+    from amp_deploy.measure.compare import compare, gate_threshold, load_report, render_md
 
+    gate_threshold(fail_on_regression)
     cmp = compare([load_report(p) for p in reports], fail_on_regression)
     if fmt is Format.json:
         out.print_json(data=cmp)
@@ -253,9 +257,23 @@ def compare_cmd(reports: Annotated[list[Path], typer.Argument(help="report.json 
     if cmp["regressions"]:
         raise GateFailed(f"{len(cmp['regressions'])} regression(s) over {fail_on_regression:g}%: "
                          + "; ".join(cmp["regressions"]))
+    if cmp["undecided"]:
+        raise GateUndecided(f"the regression gate could not judge {len(cmp['undecided'])} row(s): "
+                            + "; ".join(cmp["undecided"]))
+
+
+def _log_console() -> Console:
+    """stdout, as wide as a table needs when it is no terminal (a CI log): Rich would draw 80 columns
+    and cut every cell."""
+    import os
+
+    if out.is_terminal or os.environ.get("COLUMNS"):
+        return out
+    return Console(highlight=False, width=240)
 
 
 def _compare_table(cmp: dict) -> None:
+    out = _log_console()
     s = Table(title="reports")
     for col in ("report", "params", "FLOPs", "accuracy %", "cosine mean", "path"):
         s.add_column(col, justify="left" if col in ("report", "path") else "right")
@@ -275,7 +293,9 @@ def _compare_table(cmp: dict) -> None:
                   f"{r['p99'][1]:.3f}", f"{r['throughput_change_pct']:+.1f}%")
     out.print(t)
     for w in cmp["warnings"]:
-        err.print(f"[yellow]warning:[/yellow] {w}", soft_wrap=True)
+        err.print(f"[yellow]warning:[/yellow] {escape(w)}", soft_wrap=True)
+    for u in cmp["undecided"]:
+        err.print(f"[yellow]could not judge:[/yellow] {escape(u)}", soft_wrap=True)
 
 
 def _summary(report_path: Path) -> None:
@@ -291,6 +311,12 @@ def _summary(report_path: Path) -> None:
             t.add_row("holdout top-1 % (before distill)", f"{fi['accuracy_original']:.2f}",
                       f"{fi['before_distill']['accuracy_pruned']:.2f}", "")
         t.add_row("holdout top-1 %", f"{fi['accuracy_original']:.2f}", f"{fi['accuracy_pruned']:.2f}", "")
+    if (kn := fi.get("knn_top1")) and kn.get("original") is not None:
+        t.add_row(f"k-NN top-1 % (k={kn.get('k')})", f"{kn['original']:.2f}", f"{kn['pruned']:.2f}", "")
+    if (zs := fi.get("zero_shot_top1")) and zs.get("original") is not None:
+        t.add_row("zero-shot top-1 %", f"{zs['original']:.2f}", f"{zs['pruned']:.2f}", "")
+    if fi.get("cosine_mean") is not None:
+        t.add_row("output cosine to the original", "", f"{fi['cosine_mean']:.4f} (min {fi['cosine_min']:.4f})", "")
     notes = []
     for name, row in rep["runtimes"].items():
         if row["status"] != "ok":

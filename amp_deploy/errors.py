@@ -16,6 +16,11 @@ class GateFailed(Exception):
     """A validation gate (parity, fidelity, regression) failed. The CLI exits 1."""
 
 
+class GateUndecided(Exception):
+    """A gate could not judge (too few timing rounds, a runtime not measured, a limit on a figure
+    the model has not got): never a pass. The CLI exits 3, with the reason and what would resolve it."""
+
+
 def first_line(e: BaseException, limit: int = 200) -> str:
     """The first line of an exception's message (its type name when the message is empty)."""
     return (str(e).strip().splitlines() or [type(e).__name__])[0][:limit]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -25,7 +26,16 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     tmp_path = Path(tmp)
     os.chmod(tmp_path, 0o666 & ~_umask())  # mkstemp makes 0600; the final file follows the umask
     try:
-        yield tmp_path
+        try:
+            yield tmp_path
+            # a writer that replaced the file (safetensors writes its own, mode 0600) must not decide
+            # who can read it: the final file follows the umask like every other output
+            if tmp_path.is_file():
+                os.chmod(tmp_path, 0o666 & ~_umask())
+        except OSError as e:
+            if e.errno == errno.ENOSPC and not e.filename:  # name the file being written
+                raise OSError(e.errno, e.strerror, str(path)) from e
+            raise
         fault_point(path)
         os.replace(tmp_path, path)
     finally:
@@ -95,6 +105,34 @@ def hash_file_cached(path: str | Path, cache: dict) -> str:
     digest = hash_file(path)
     cache[key] = [st.st_size, st.st_mtime_ns, digest]
     return digest
+
+
+def path_digest(value: str | Path, cache: dict) -> str:
+    """What a stage reads from a path the recipe names, as a short hash.
+
+    A file (weights, a class-names list): its contents (`hash_file_cached`, read again only when
+    its size or mtime changed). A folder (images, a checkpoint folder): the relative name, size and
+    modification time (ns) of every file below it, links followed, without reading any file: one
+    stat per file, so an ImageNet-sized folder costs seconds where hashing its contents would read
+    it all on every new machine. An image rewritten in place changes its mtime (and usually its
+    size); a copy that keeps both (`cp -p`, `touch -r`, `rsync -t` of other contents) goes unseen.
+    """
+    path = Path(value)
+    if path.is_file():
+        return hash_file_cached(path, cache)
+    if not path.is_dir():
+        return "missing"
+    h = hashlib.sha256()
+    for root, dirs, files in os.walk(path, followlinks=True):
+        dirs.sort()
+        rel = Path(root).relative_to(path).as_posix()
+        for name in sorted(files):
+            try:
+                st = os.stat(os.path.join(root, name))
+            except OSError:
+                continue  # a dangling link: nothing a loader could read
+            h.update(f"{rel}/{name}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()[:16]
 
 
 def hash_bytes(blob: bytes) -> str:

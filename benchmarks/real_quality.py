@@ -40,6 +40,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -47,7 +48,7 @@ from _common import print_table, write_json  # noqa: E402
 
 from amp_deploy.data import load_folder_data  # noqa: E402
 from amp_deploy.measure.metrics import knn_correct, knn_top1, predict  # noqa: E402
-from amp_deploy.prune.distill import distill, hflip  # noqa: E402
+from amp_deploy.prune.distill import distill, hflip, probe_lr  # noqa: E402
 from amp_deploy.recipe import DistillSpec  # noqa: E402
 from amp_deploy.prune.families import count_params, load_transformers  # noqa: E402
 from amp_deploy.prune.rebuild import apply_widths  # noqa: E402
@@ -110,8 +111,9 @@ def main() -> None:
     ap.add_argument("--distill", type=float, nargs="*", default=[], help="budgets to distil at")
     ap.add_argument("--distill-images", type=int, default=4096)
     ap.add_argument("--epochs", type=int, default=2)
-    ap.add_argument("--lr", type=float, default=DistillSpec().lr, help="distillation's peak learning rate (the "
-                                                                       "recipe default)")
+    ap.add_argument("--lr", nargs="+", default=[DistillSpec().lr], help="distillation's peak learning rates, each "
+                    "a number or auto (the recipe default: probed, distill.lr_candidates for distill.probe of the "
+                    "steps each, chosen by the distillation loss on the validation images); one row each")
     ap.add_argument("--warmup", type=float, default=DistillSpec().warmup, help="warm-up epochs (the recipe default)")
     ap.add_argument("--rounds", type=int, default=6, help="bisection rounds of the threshold per budget")
     ap.add_argument("--tolerance", type=float, default=0.01, help="stop within this fraction of the parameters "
@@ -194,14 +196,23 @@ def main() -> None:
                          f"{m['cos']:.3f}", f"{m['divergence']:.3f}", " ".join(map(str, pruned.widths())),
                          f"{secs:.0f}", extra])
             print(rows[-1], flush=True)
-            if budget in args.distill and method in ("entropy-adaptive", "entropy-uniform"):
+            for lr_arg in (args.lr if budget in args.distill and method in ("entropy-adaptive", "entropy-uniform")
+                           else []):
                 t = time.perf_counter()
                 student = copy.deepcopy(pruned)
                 images = distill_images(args, base)
                 spec = DistillSpec()
-                distill(student.model, copy.deepcopy(base.model), images, epochs=args.epochs, lr=args.lr,
-                        batch_size=spec.batch_size, warmup=args.warmup, weight_decay=spec.weight_decay,
-                        loss="cosine", seed=0, augment=hflip)
+                train_args = dict(batch_size=spec.batch_size, warmup=args.warmup, weight_decay=spec.weight_decay,
+                                  loss="cosine", seed=0, augment=hflip)
+                lr, probe_note = (float(lr_arg), "") if lr_arg != "auto" else (None, "")
+                if lr is None:
+                    total_steps = args.epochs * -(-len(images) // spec.batch_size)
+                    steps = min(total_steps, max(8, int(np.ceil(spec.probe * total_steps))))
+                    probe = probe_lr(student.model, base.model, images, train.validation.images, epochs=args.epochs,
+                                     steps=steps, candidates=tuple(spec.lr_candidates), **train_args)
+                    lr = probe["lr"]
+                    probe_note = " (auto: " + ", ".join(f"{float(k):g} {v:.4f}" for k, v in probe["losses"].items()) + ")"
+                distill(student.model, copy.deepcopy(base.model), images, epochs=args.epochs, lr=lr, **train_args)
                 student.model.eval()
                 m = evaluate(student.model, train, holdout, bank_ref, hold_ref, args.batch, args.temperature)
                 secs = time.perf_counter() - t
@@ -211,7 +222,7 @@ def main() -> None:
                 rows.append([budget, method + " + distill", f"{row['params']:.3f}", f"{m['knn']:.2f}",
                              f"{m['knn'] - orig:+.2f}", f"{m['cos']:.3f}", f"{m['divergence']:.3f}", "",
                              f"{secs:.0f}",
-                             f"{args.epochs} epochs, {len(images)} images, lr {args.lr:g}"])
+                             f"{args.epochs} epochs, {len(images)} images, lr {lr:g}{probe_note}"])
                 print(rows[-1], flush=True)
     n = len(holdout)
     se = (orig / 100 * (1 - orig / 100) / n) ** 0.5 * 100

@@ -70,7 +70,7 @@ def test_the_quantize_stage_calibrates_on_calibration_images_never_the_holdout(m
         return {}
 
     monkeypatch.setattr(Q, "quantize_onnxruntime", fake)
-    monkeypatch.setattr(Q, "matmul_coverage", lambda *a: {"blocks": {}, "outside": {}})
+    monkeypatch.setattr(Q, "matmul_coverage", lambda *a: {"blocks": {}, "outside": {"matmuls": 0, "quantized": 0, "float": []}})
     stage_quantize(ctx)
     data = ctx.data()
     assert len(seen) == 2 and all(len(s) == 40 for s in seen)

@@ -103,6 +103,11 @@ def _ort_quant():
         from onnxruntime.quantization.shape_inference import quant_pre_process
     except ImportError as e:
         raise UserError(f"quantize: onnxruntime.quantization is not importable ({first_line(e)})") from None
+    import onnxruntime
+
+    # the sessions the quantizer and its pre-processing open themselves take the default logger, whose
+    # native warnings ("Removing initializer ...") reach the terminal past any Python redirection
+    onnxruntime.set_default_logger_severity(3)
     return q, quant_pre_process
 
 
@@ -334,6 +339,18 @@ def matmul_coverage(path: str | Path, reference: str | Path) -> dict[str, Any]:
     return {"blocks": dict(sorted(blocks.items())), "outside": outside}
 
 
+def ort_quantizable_ops() -> set[str]:
+    """The operator types ONNX Runtime's static quantizer has QDQ or QLinear rules for."""
+    from onnxruntime.quantization.registry import QDQRegistry, QLinearOpsRegistry
+
+    return set(QDQRegistry) | set(QLinearOpsRegistry)
+
+
+def quantized_matmuls(coverage: dict[str, Any]) -> int:
+    """How many matrix products of the graph (in blocks or outside them) have both inputs quantized."""
+    return sum(b["quantized"] for b in coverage["blocks"].values()) + coverage["outside"]["quantized"]
+
+
 def coverage_problems(coverage: dict[str, Any], per_block: int | None = None) -> list[str]:
     """What is not quantized as it should be: a block with a float matrix product, or blocks with
     fewer matrix products than `per_block` (when given)."""
@@ -345,6 +362,8 @@ def coverage_problems(coverage: dict[str, Any], per_block: int | None = None) ->
             out.append(f"block {i}: {b['matmuls']} matrix products, expected {per_block}")
     if not coverage["blocks"]:
         out.append("no transformer block found by name in the graph")
+    if not quantized_matmuls(coverage):
+        out.append("no matrix product is quantized: the model is float with quantize/dequantize pairs around it")
     return out
 
 

@@ -49,6 +49,7 @@ def onnxruntime_runner(path: str | Path, threads: int | None = None,
         import onnxruntime as ort
     except ImportError as e:
         raise Unavailable(f"onnxruntime is not installed ({e})") from None
+    ort.set_default_logger_severity(3)  # native warnings of sessions opened without these options, too
     opts = ort.SessionOptions()
     if threads:
         opts.intra_op_num_threads = threads

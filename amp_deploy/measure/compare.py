@@ -42,10 +42,11 @@ def change_test(a: list[float], b: list[float], pct: float | None, alpha: float 
     ma = np.median(xa[rng.integers(0, len(xa), (BOOTSTRAP, len(xa)))], axis=1)
     mb = np.median(xb[rng.integers(0, len(xb), (BOOTSTRAP, len(xb)))], axis=1)
     lo, hi = np.percentile(mb / ma - 1.0, [2.5, 97.5]) * 100
-    out: dict[str, Any] = {"ci95_pct": [float(lo), float(hi)], "p_value": None, "regression": False}
+    out: dict[str, Any] = {"ci95_pct": [float(lo), float(hi)], "p_value": None, "regression": False,
+                           "rounds": [len(xa), len(xb)]}
     if pct is not None:
         p = float(mannwhitneyu(xb, xa * (1 + pct / 100), alternative="greater").pvalue)
-        out.update(p_value=p, regression=p < alpha)
+        out.update(p_value=p, regression=p < alpha, smallest_p=smallest_p(len(xb), len(xa)))
     return out
 
 
@@ -65,19 +66,54 @@ def load_report(path: str | Path) -> dict[str, Any]:
         raise UserError(f"{path}: not a readable JSON report ({e})") from None
     if not isinstance(rep, dict) or rep.get("schema") != SCHEMA:
         raise UserError(f"{path}: not an amp-deploy report (schema {SCHEMA!r} expected)")
+    for key in ("runtimes", "params", "flops", "widths", "fidelity"):
+        if not isinstance(rep.get(key), dict):
+            raise UserError(f"{path}: the report has no '{key}' section (written by an interrupted or edited build?)")
     rep["_path"] = str(path)
     return rep
+
+
+def gate_threshold(pct: float | None) -> None:
+    """A UserError for a --fail-on-regression that can never mean anything: negative, NaN or infinite."""
+    import math
+
+    if pct is not None and not (math.isfinite(pct) and pct >= 0):
+        raise UserError(f"--fail-on-regression {pct:g}: a percentage of at least 0 (a slowdown the gate tolerates)")
+
+
+def smallest_p(n: int, m: int) -> float:
+    """The smallest p-value the one-sided Mann-Whitney U test can give with n and m samples (every
+    sample of one larger than every sample of the other)."""
+    from scipy.stats import mannwhitneyu
+
+    return float(mannwhitneyu([2.0 + i for i in range(n)], [-1.0 - i for i in range(m)], alternative="greater").pvalue)
+
+
+def rounds_to_judge(alpha: float = ALPHA) -> int:
+    """The fewest timed rounds per report (validate.iterations) with which the test can reach p < alpha."""
+    n = 2
+    while smallest_p(n, n) >= alpha:
+        n += 1
+    return n
 
 
 def _pct(new: float, old: float) -> float:
     return (new / old - 1.0) * 100.0 if old else 0.0
 
 
-def _latency_rows(base: dict, other: dict, label: str, pct: float | None = None) -> list[dict[str, Any]]:
+def _latency_rows(base: dict, other: dict, label: str, pct: float | None = None,
+                  unmeasured: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
+    """Rows for every runtime and batch size measured in both; a runtime measured in the baseline and
+    not in `other` (failed, skipped, missing) goes to `unmeasured`."""
     rows = []
     for rt, row in base["runtimes"].items():
         o_row = other["runtimes"].get(rt, {})
-        if row.get("status") != "ok" or o_row.get("status") != "ok":
+        if row.get("status") != "ok":
+            continue
+        if o_row.get("status") != "ok":
+            if unmeasured is not None:
+                unmeasured.append({"report": label, "runtime": rt, "status": o_row.get("status", "missing"),
+                                   "reason": o_row.get("reason") or "not in the report"})
             continue
         for model in ("pruned", "original"):
             for b, a in row["latency_ms"][model].items():
@@ -130,45 +166,70 @@ def _setting_warnings(base: dict, other: dict, label: str) -> list[str]:
 
 
 def compare(reports: list[dict[str, Any]], fail_on_regression: float | None = None) -> dict[str, Any]:
-    """Compare every report with the first; list rows, summary figures, warnings and regressions."""
+    """Compare every report with the first; list rows, summary figures, warnings, regressions, and
+    what the gate could not judge (`undecided`: too few rounds for the test, a runtime measured in
+    the baseline but not in a later report)."""
     if len(reports) < 2:
         raise UserError("compare needs at least two reports")
+    gate_threshold(fail_on_regression)
     base = reports[0]
     labels = [chr(ord("A") + i) for i in range(len(reports))]
-    rows, warnings = [], []
+    rows, warnings, unmeasured = [], [], []
     for label, rep in zip(labels[1:], reports[1:]):
-        rows += _latency_rows(base, rep, label, fail_on_regression)
+        rows += _latency_rows(base, rep, label, fail_on_regression, unmeasured)
         warnings += _setting_warnings(base, rep, label)
     if not rows:
         warnings.append("no runtime and batch size was measured in both the baseline and another report")
-    summary = {label: {"path": rep["_path"], "params": rep["params"]["pruned"], "flops": rep["flops"]["pruned"],
-                       "widths": rep["widths"]["pruned"],
+    summary = {label: {"path": rep["_path"], "params": rep["params"].get("pruned"), "flops": rep["flops"].get("pruned"),
+                       "widths": rep["widths"].get("pruned"),
                        "accuracy": rep["fidelity"].get("accuracy_pruned"),
                        "cosine_mean": rep["fidelity"].get("cosine_mean")}
                for label, rep in zip(labels, reports)}
-    regressions = []
+    regressions: list[str] = []
+    undecided: list[str] = []
     if fail_on_regression is not None:
-        for r in (r for r in rows if r["model"] == "pruned"):
-            where = (f"{r['report']} {r['runtime']} {r['model']} batch {r['batch']}: p50 {r['p50'][0]:.3f} -> "
-                     f"{r['p50'][1]:.3f} ms ({r['p50_change_pct']:+.1f}%")
-            t = r["test"]
-            if t is None:  # a report without samples: the two p50s alone
-                if r["p50_change_pct"] > fail_on_regression:
-                    regressions.append(f"{where} > {fail_on_regression:g}%, p50s only: no samples)")
-            elif t["regression"]:
-                regressions.append(f"{where}, 95% CI {t['ci95_pct'][0]:+.1f}%..{t['ci95_pct'][1]:+.1f}%; slower by more "
-                                   f"than {fail_on_regression:g}% at p = {t['p_value']:.2g} < {ALPHA:g})")
-        wide = [f"{r['report']} {r['runtime']} batch {r['batch']} ({ci_text(r)})" for r in rows
-                if r["model"] == "pruned" and r["test"]
-                and (r["test"]["ci95_pct"][1] - r["test"]["ci95_pct"][0]) / 2 > fail_on_regression]
-        if wide:
-            warnings.append(f"the 95% interval of the change is wider than the gate's {fail_on_regression:g}% for "
-                            f"{', '.join(wide)}: a slowdown of that size may go unnoticed; more validate.iterations "
-                            "(or a quieter machine) resolve it")
-        if any(r["test"] is None for r in rows):
-            warnings.append("some reports keep no timing samples (made before they were kept): those rows are "
-                            "judged on the two p50s alone, which noise can move past the threshold")
-    return {"baseline": "A", "summary": summary, "rows": rows, "warnings": warnings, "regressions": regressions}
+        _judge(rows, unmeasured, fail_on_regression, regressions, undecided, warnings)
+    return {"baseline": "A", "summary": summary, "rows": rows, "warnings": warnings, "regressions": regressions,
+            "undecided": undecided, "unmeasured": unmeasured}
+
+
+def _judge(rows: list[dict], unmeasured: list[dict], pct: float, regressions: list[str], undecided: list[str],
+           warnings: list[str]) -> None:
+    """The regression gate over the pruned rows: a regression, or a row it could not judge."""
+    need = rounds_to_judge()
+    for u in unmeasured:
+        where = f"{u['report']} {u['runtime']}"
+        if u["status"] == "failed":  # it ran in the baseline and broke in this build: that is a regression
+            regressions.append(f"{where}: measured in A, failed here ({u['reason']})")
+        else:
+            undecided.append(f"{where}: measured in A, {u['status']} here ({u['reason']}): no latency to judge")
+    if not rows and not unmeasured:
+        undecided.append("no runtime and batch size was measured in both reports")
+    for r in (r for r in rows if r["model"] == "pruned"):
+        where = (f"{r['report']} {r['runtime']} {r['model']} batch {r['batch']}: p50 {r['p50'][0]:.3f} -> "
+                 f"{r['p50'][1]:.3f} ms ({r['p50_change_pct']:+.1f}%")
+        t = r["test"]
+        if t is None:  # a report without samples: the two p50s alone
+            if r["p50_change_pct"] > pct:
+                regressions.append(f"{where} > {pct:g}%, p50s only: no samples)")
+            continue
+        if t["regression"]:
+            regressions.append(f"{where}, 95% CI {t['ci95_pct'][0]:+.1f}%..{t['ci95_pct'][1]:+.1f}%; slower by more "
+                               f"than {pct:g}% at p = {t['p_value']:.2g} < {ALPHA:g})")
+        elif t["smallest_p"] >= ALPHA:
+            undecided.append(f"{where}): {t['rounds'][0]} and {t['rounds'][1]} timed rounds can never reach "
+                             f"p < {ALPHA:g} (smallest p {t['smallest_p']:.3g}); at least {need} rounds per report "
+                             f"(validate.iterations >= {need}) resolve the test")
+    wide = [f"{r['report']} {r['runtime']} batch {r['batch']} ({ci_text(r)})" for r in rows
+            if r["model"] == "pruned" and r["test"]
+            and (r["test"]["ci95_pct"][1] - r["test"]["ci95_pct"][0]) / 2 > pct]
+    if wide:
+        warnings.append(f"the 95% interval of the change is wider than the gate's {pct:g}% for "
+                        f"{', '.join(wide)}: a slowdown of that size may go unnoticed; more validate.iterations "
+                        "(or a quieter machine) resolve it")
+    if any(r["test"] is None for r in rows):
+        warnings.append("some reports keep no timing samples (made before they were kept): those rows are "
+                        "judged on the two p50s alone, which noise can move past the threshold")
 
 
 def render_md(cmp: dict[str, Any]) -> str:
@@ -187,6 +248,8 @@ def render_md(cmp: dict[str, Any]) -> str:
         lines.append(f"\n> warning: {w}")
     for r in cmp["regressions"]:
         lines.append(f"\n**regression**: {r}")
+    for u in cmp.get("undecided", []):
+        lines.append(f"\n**could not judge**: {u}")
     return "\n".join(lines) + "\n"
 
 

@@ -196,6 +196,7 @@ def host_peak(fn: Callable[[], Any]) -> tuple[Any, int | None]:
     Linux: the high-water mark is reset through /proc/self/clear_refs, then read from VmHWM. None
     where that is not available.
     """
+    release_free_memory()  # else the new session reuses pages an earlier one freed and seems to need none
     try:
         base = _status_kb("VmRSS")
         Path("/proc/self/clear_refs").write_text("5")
@@ -203,6 +204,20 @@ def host_peak(fn: Callable[[], Any]) -> tuple[Any, int | None]:
         return fn(), None
     result = fn()
     return result, max(0, _status_kb("VmHWM") - base) * 1024
+
+
+def release_free_memory() -> None:
+    """Collect garbage and hand the C heap's free pages back to the system (glibc's malloc_trim), so
+    that resident memory counted from here is memory a new allocation really took."""
+    import ctypes
+    import ctypes.util
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass  # not glibc: the figure may then undercount
 
 
 def _status_kb(field: str) -> int:

@@ -61,21 +61,29 @@ def parity_breaches(report: dict, max_abs_err: float, cosine_min: float,
 
 
 def apply_fidelity_gate(report: dict, cosine_mean: float | None, top1_agreement: float | None,
-                        accuracy_drop: float | None) -> list[str]:
-    """Record the optional fidelity gate; return its breaches."""
-    f, breaches = report["fidelity"], []
+                        accuracy_drop: float | None) -> tuple[list[str], list[str]]:
+    """Record the optional fidelity gate; return its breaches and the limits it could not judge
+    (an accuracy drop without labels, a top-1 agreement without a classifier head)."""
+    f, breaches, undecided = report["fidelity"], [], []
     if cosine_mean is not None and not f["cosine_mean"] >= cosine_mean:
         breaches.append(f"fidelity cosine_mean {f['cosine_mean']:.5f} < {cosine_mean:g}")
-    if top1_agreement is not None and not (f["top1_agreement"] or 0) >= top1_agreement:
-        breaches.append(f"fidelity top1_agreement {f['top1_agreement']} < {top1_agreement:g}")
-    if accuracy_drop is not None and f["accuracy_original"] is not None:
-        drop = f["accuracy_original"] - f["accuracy_pruned"]
-        if not drop <= accuracy_drop:
-            breaches.append(f"fidelity accuracy drop {drop:.2f} points > {accuracy_drop:g}")
+    if top1_agreement is not None:
+        if f.get("top1_agreement") is None:
+            undecided.append("validate.fidelity.top1_agreement: the model has no classifier head (no top-1 to agree on)")
+        elif not f["top1_agreement"] >= top1_agreement:
+            breaches.append(f"fidelity top1_agreement {f['top1_agreement']} < {top1_agreement:g}")
+    if accuracy_drop is not None:
+        if f.get("accuracy_original") is None or f.get("accuracy_pruned") is None:
+            undecided.append("validate.fidelity.accuracy_drop: the holdout images have no labels (a class-folder "
+                             "data.path or data.source digits gives them)")
+        else:
+            drop = f["accuracy_original"] - f["accuracy_pruned"]
+            if not drop <= accuracy_drop:
+                breaches.append(f"fidelity accuracy drop {drop:.2f} points > {accuracy_drop:g}")
     report.setdefault("gates", {})["fidelity"] = {
-        "passed": not breaches, "breaches": breaches,
+        "passed": not breaches and not undecided, "breaches": breaches, "undecided": undecided,
         "limits": {"cosine_mean": cosine_mean, "top1_agreement": top1_agreement, "accuracy_drop": accuracy_drop}}
-    return breaches
+    return breaches, undecided
 
 
 def apply_parity_gate(report: dict, max_abs_err: float, cosine_min: float,
@@ -103,7 +111,11 @@ def apply_quantization_gate(report: dict, gates: dict[str, dict[str, float | Non
                 out.append(f"{name} {k}: cosine_min {p['cosine_min']:.5f} < {limits['cosine_min']:g}")
             if limits.get("max_abs_err") is not None and not p["max_abs_err"] <= limits["max_abs_err"]:
                 out.append(f"{name} {k}: max_abs_err {p['max_abs_err']:.3g} > {limits['max_abs_err']:g}")
-    if any(r.get("precision") in QUANTIZED for r in report["runtimes"].values()):
+    for fmt, per in ((report.get("quantize") or {}).get("formats") or {}).items():
+        for k, info in per.items():  # a "quantized" model none of whose matrix products is quantized
+            if info.get("quantized_matmuls") == 0:
+                out.append(f"{fmt} {k}: no matrix product quantized (quantize.op_types {info.get('op_types')})")
+    if out or any(r.get("precision") in QUANTIZED for r in report["runtimes"].values()):
         report.setdefault("gates", {})["quantization"] = {"passed": not out, "breaches": out, "limits": gates}
     return out
 
@@ -123,13 +135,23 @@ def _distill_md(rep: dict) -> list[str]:
     resumed = f", resumed after epoch {d['resumed_after_epoch']}" if d.get("resumed_after_epoch") else ""
     return ["## Distillation", "",
             f"{d['epochs']} epochs on {d['images']} images ({d['loss']} loss, lr {d['lr']:g}) in {d['seconds']:.1f} s"
-            f"{resumed}; loss {d['losses'][0]:.4g} -> {d['losses'][-1]:.4g}.", "",
+            f"{resumed}; loss {d['losses'][0]:.4g} -> {d['losses'][-1]:.4g}.", *_probe_md(d), "",
             "| | pruned only | pruned + distilled |", "|---|---:|---:|",
             f"| accuracy % | {_fmt(b['accuracy_pruned'], '.2f')} | {_fmt(rep['fidelity']['accuracy_pruned'], '.2f')} |",
             f"| top-1 agreement | {_fmt(b['top1_agreement'], '.4f')} | {_fmt(rep['fidelity']['top1_agreement'], '.4f')} |",
             f"| cosine mean | {b['cosine_mean']:.5f} | {rep['fidelity']['cosine_mean']:.5f} |",
             *_before_row("k-NN top-1 %", b.get("knn_top1"), rep["fidelity"].get("knn_top1")),
             *_before_row("zero-shot top-1 %", b.get("zero_shot_top1"), rep["fidelity"].get("zero_shot_top1")), ""]
+
+
+def _probe_md(d: dict) -> list[str]:
+    """distill.lr auto: the rates probed, their validation losses, the one chosen."""
+    pr = d.get("lr_probe")
+    if not pr:
+        return []
+    tried = ", ".join(f"{float(lr):g}: {loss:.5g}" for lr, loss in pr["losses"].items())
+    return ["", f"Learning rate chosen by the probe (distill.lr auto): {pr['lr']:g}; distillation loss on the "
+                f"validation images after {pr['steps']} steps at each rate: {tried}."]
 
 
 def _uniform_md(rep: dict) -> list[str]:
@@ -232,20 +254,37 @@ def _budget_md(rep: dict) -> list[str]:
     return lines + [""]
 
 
+def _how_md(rep: dict) -> str:
+    """What decided the widths: the threshold, the parameter budget, the latency budget or the ratio."""
+    pr = rep["prune"]
+    lb = rep.get("latency_budget")
+    if lb:
+        return (f"latency budget {lb['target_speedup']:.3g}x on {lb['runtime']} {lb['precision']} at batch "
+                f"{lb['batch']}")
+    if pr.get("target_params") is not None:
+        t = pr.get("threshold")
+        return f"parameter budget {pr['target_params']:g}" + (f", threshold {t:.3g}" if t is not None else "")
+    if pr.get("search") == "uniform":
+        return "the same fraction of neurons in every block"
+    return f"threshold {pr.get('threshold')}"
+
+
 def render_md(rep: dict) -> str:
     """report.md from report.json's dict."""
     p, f, fi = rep["params"], rep["flops"], rep["fidelity"]
     lines = [f"# amp-deploy report: {rep['name']}", "",
              f"Model: {rep['model']['source']} `{rep['model']['name']}` ({rep['model']['output']}), "
              f"pruned with {rep['prune']['criterion']} / {rep['prune']['search']} "
-             f"(threshold {rep['prune']['threshold']}) in {rep['prune']['seconds']:.1f} s.", *_uniform_md(rep), "",
+             f"({_how_md(rep)}) in {rep['prune']['seconds']:.1f} s.", *_uniform_md(rep), "",
              "| | original | pruned | ratio |", "|---|---:|---:|---:|",
              f"| parameters | {_fmt(p['original'])} | {_fmt(p['pruned'])} | {p['ratio']:.3f} |",
              f"| FLOPs / image | {_fmt(f['original'])} | {_fmt(f['pruned'])} | {f['ratio']:.3f} |", ""]
-    lines += ["## Fidelity (pruned vs original, holdout images)", "",
-              f"- accuracy: {_fmt(fi['accuracy_original'], '.2f')}% -> {_fmt(fi['accuracy_pruned'], '.2f')}%",
-              f"- top-1 agreement: {_fmt(fi['top1_agreement'] and fi['top1_agreement'] * 100, '.2f')}%",
-              f"- cosine: mean {fi['cosine_mean']:.5f}, min {fi['cosine_min']:.5f} ({fi['images']} images)"]
+    lines += ["## Fidelity (pruned vs original, holdout images)", ""]
+    if fi.get("accuracy_original") is not None:  # labelled holdout images
+        lines.append(f"- accuracy: {fi['accuracy_original']:.2f}% -> {_fmt(fi['accuracy_pruned'], '.2f')}%")
+    if fi.get("top1_agreement") is not None:  # a classifier head
+        lines.append(f"- top-1 agreement: {fi['top1_agreement'] * 100:.2f}%")
+    lines.append(f"- cosine: mean {fi['cosine_mean']:.5f}, min {fi['cosine_min']:.5f} ({fi['images']} images)")
     if fi.get("knn_top1"):
         kn = fi["knn_top1"]
         lines.append(f"- k-NN top-1 (k = {kn['k']}, cosine, against the calibration images): "
@@ -292,7 +331,8 @@ def render_md(rep: dict) -> str:
         lines += ["", "## Plots", ""] + [f"![{Path(p).stem}]({p})" for p in rep["plots"]]
     lines.append("")
     for name, gate in rep.get("gates", {}).items():
-        verdict = "passed" if gate.get("passed", True) else "FAILED: " + "; ".join(gate["breaches"])
+        verdict = ("passed" if gate.get("passed", True) else "FAILED: " + "; ".join(gate["breaches"])
+                   if gate["breaches"] else "COULD NOT JUDGE: " + "; ".join(gate.get("undecided", [])))
         if name == "fidelity" and all(v is None for v in gate.get("limits", {}).values()):
             verdict = "no limits set (validate.fidelity)"
         lines.append(f"{name.capitalize()} gate: {verdict}")

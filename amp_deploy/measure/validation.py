@@ -112,7 +112,8 @@ def _start(make: Callable[[Which], Runner], largest) -> tuple[dict, dict, dict]:
         r.run(largest)
         return r
 
-    M.host_peak(lambda: create("pruned"))  # a throwaway first session: one-time library set-up is nobody's peak
+    throwaway = M.host_peak(lambda: create("pruned"))  # a first session: one-time library set-up is nobody's peak
+    del throwaway  # freed (and handed back by the next host_peak) before the measured sessions start
     runners, host_peak, device_peak = {}, {}, {}
     for k in MODELS:
         cuda_torch = torch.cuda.is_available()

@@ -59,12 +59,16 @@ class Stage:
     """
 
     name: str
-    depends: tuple[str, ...]  # dotted recipe sections, beyond the key of the stage before
+    # dotted recipe sections, beyond the key of the stage before (a function of the recipe: some
+    # settings matter for some recipes only)
+    depends: tuple[str, ...] | Callable[[Recipe], tuple[str, ...]]
     outputs: Callable[[BuildFolder], list[Path]]  # a stage whose outputs are missing or changed is redone
     run: Callable[[Context], str | None]
     machine_bound: bool | Callable[[Recipe], bool] = False  # engines and measurements belong to the machine they
     # were made on (a function of the recipe: bound for some recipes only)
     parallel: bool = False  # runs in --nproc processes under torchrun (data parallel)
+    reads: tuple[str, ...] = ()  # dotted recipe keys naming files or folders whose contents are inputs
+    device_bound: bool = False  # its result depends on --device (cpu or cuda)
 
 
 def resolve_device(name: str) -> torch.device:

@@ -133,7 +133,7 @@ class BuildFolder:
         for idx, st in opt["state"].items():
             tensors.update({f"opt.{idx}.{k}": torch.as_tensor(v).contiguous().cpu() for k, v in st.items()})
         meta = {"fingerprint": fingerprint, "epoch": str(state.epoch), "losses": json.dumps(state.losses),
-                "param_groups": json.dumps(opt["param_groups"])}
+                "param_groups": json.dumps(opt["param_groups"]), "probe": json.dumps(state.probe)}
         with atomic_path(self.distill_checkpoint) as tmp:
             save_file(tensors, str(tmp), metadata=meta)
 
@@ -164,7 +164,8 @@ class BuildFolder:
                 _, idx, name = k.split(".", 2)
                 state.setdefault(int(idx), {})[name] = v
         optimizer = {"state": state, "param_groups": json.loads(meta["param_groups"])}
-        return DistillState(student, optimizer, int(meta["epoch"]), json.loads(meta["losses"]))
+        return DistillState(student, optimizer, int(meta["epoch"]), json.loads(meta["losses"]),
+                            json.loads(meta.get("probe") or "null"))
 
     # --- JSON documents --------------------------------------------------------------------------
     def write_distill_log(self, log: dict[str, Any]) -> None:

@@ -92,7 +92,7 @@ def _folder(ctx, standalone: bool):
         with FolderLock(ctx.folder.root):
             ctx.folder.write_recipe(dump_recipe(ctx.recipe))
             manifest = Manifest(ctx.folder.manifest)
-            keys = stage_keys(ctx.recipe, STAGES, manifest.hashes)
+            keys = stage_keys(ctx.recipe, STAGES, manifest.hashes, ctx.folder, ctx.device.type)
             yield lambda stage, seconds: manifest.record(stage.name, keys[stage.name], seconds, stage.outputs(ctx.folder))
 
     return held()

@@ -11,37 +11,86 @@ from amp_deploy.errors import UserError
 
 
 class FolderLock:
-    """One build per output folder. The lock file names its owner (host, pid, process start time);
-    a lock whose owner is gone, or whose pid now belongs to another process, is taken over."""
+    """One build per output folder.
+
+    The lock is an advisory `flock` on `.lock`, held for the whole build: the kernel releases it
+    when its process dies, so a stale lock needs no takeover at all and two processes can never both
+    hold it (the owner file alone could be taken twice: two processes that read the same stale owner
+    both unlinked it and went on). Under the flock the file names its owner (host, pid, process
+    start time) for the message a second build gets, and a lock file naming a live process on this
+    host (or any on another host, on a disk shared with a filesystem without flock) is still
+    respected. After taking the flock, the path must still be the file locked: a holder that just
+    finished unlinks it, and a lock on the unlinked file would guard nothing.
+    """
 
     def __init__(self, folder: Path) -> None:
         self.path = folder / ".lock"
+        self._fd: int | None = None
 
     def __enter__(self) -> FolderLock:
-        for _ in range(3):
+        for _ in range(10):
+            fd = os.open(self.path, os.O_CREAT | os.O_RDWR, 0o644)
             try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
+                if not _flock(fd):
+                    raise self._busy(self._owner())
+                if not _same_file(fd, self.path):
+                    continue  # unlinked (or replaced) by the build that held it: lock the new one
                 owner = self._owner()
-                if owner is not None and _alive(owner):
-                    raise UserError(f"{self.path.parent}: another build (pid {owner['pid']}) is using this "
-                                    "folder; wait for it or choose another --out") from None
-                self.path.unlink(missing_ok=True)  # stale: its process is gone
-                continue
-            with os.fdopen(fd, "w") as f:
-                json.dump({"host": socket.gethostname(), "pid": os.getpid(), "start": _start_time(os.getpid())}, f)
-            return self
+                if owner is not None and owner.get("pid") != os.getpid() and _alive(owner):
+                    raise self._busy(owner)
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, json.dumps({"host": socket.gethostname(), "pid": os.getpid(),
+                                          "start": _start_time(os.getpid())}).encode(), 0)
+                self._fd, fd = fd, None
+                return self
+            finally:
+                if fd is not None:
+                    os.close(fd)
         raise UserError(f"{self.path}: could not take the folder lock")
+
+    def _busy(self, owner: dict | None) -> UserError:
+        who = f"pid {owner['pid']}" if owner else "another process"
+        return UserError(f"{self.path.parent}: another build ({who}) is using this folder; wait for it or "
+                         "choose another --out")
 
     def _owner(self) -> dict | None:
         try:
             owner = json.loads(self.path.read_text())
             return owner if isinstance(owner, dict) and isinstance(owner.get("pid"), int) else None
         except (OSError, ValueError):
-            return None  # unreadable or half-written: its writer died
+            return None  # unreadable, empty or half-written: its writer died
 
     def __exit__(self, *exc) -> None:
-        self.path.unlink(missing_ok=True)
+        if self._fd is None:
+            return
+        self.path.unlink(missing_ok=True)  # while still locked: a waiter then sees it was unlinked
+        os.close(self._fd)
+        self._fd = None
+
+
+def _flock(fd: int) -> bool:
+    """Take an exclusive flock without waiting: False when another process holds it. Where the
+    filesystem has no flock (some network and FUSE mounts), the owner file alone decides."""
+    import errno
+    import fcntl
+
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except BlockingIOError:
+        return False
+    except OSError as e:
+        if e.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+            return True
+        raise
+
+
+def _same_file(fd: int, path: Path) -> bool:
+    try:
+        a, b = os.fstat(fd), os.stat(path)
+    except FileNotFoundError:
+        return False
+    return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
 
 
 def _start_time(pid: int) -> str | None:

@@ -1,9 +1,21 @@
 """manifest.json: which stages finished, with which inputs, and the hashes of what they wrote.
 
-A stage's key hashes the recipe sections it depends on and the key of the stage before it, so a
-changed `validate.iterations` re-runs validation only, and a changed `prune.threshold` re-runs the
-search and everything after it but not the scores. Engines and measurements also depend on the
-machine they were made on (its GPU, TensorRT's version, the host).
+A stage's key hashes everything its result depends on:
+- the recipe sections it reads (`Stage.depends`, a function of the recipe where a setting matters
+  for some recipes only: the search to a latency budget also reads export, quantize, compile and
+  validate.threads, the settings its latency table was measured with);
+- the contents of the files and folders the recipe names for it (`Stage.reads`: model weights,
+  `data.path`, `data.class_names`, `distill.path`; see `path_digest`);
+- the content hashes of the files every earlier stage wrote, as they are now: a stage re-run with a
+  different result (other images, a re-timed latency search, CUDA scoring) re-runs what follows, and
+  one whose files came out the same leaves it be;
+- the key of the stage before (so a setting read upstream reaches every later stage);
+- the device it ran on (`Stage.device_bound`: scoring, the search and distillation on CUDA differ
+  from the CPU's) and, for stages bound to the machine, the machine: its CPU model and count, GPU,
+  TensorRT's and the runtimes' versions (not the host name: a container's changes every run).
+
+A changed `validate.iterations` re-runs validation only; a changed `prune.threshold` re-runs the
+search and everything after it but not the scores.
 """
 
 from __future__ import annotations
@@ -19,7 +31,7 @@ import torch
 
 from amp_deploy._version import __version__
 from amp_deploy.pipeline.context import Stage
-from amp_deploy.files import hash_file_cached, hash_obj, write_json
+from amp_deploy.files import hash_file_cached, hash_obj, path_digest, write_json
 from amp_deploy.recipe import Recipe
 
 MANIFEST_SCHEMA = "amp-deploy.manifest/1"
@@ -32,13 +44,22 @@ def versions() -> dict[str, str]:
 
 
 def machine() -> dict[str, Any]:
-    """What engines and timings depend on: the GPU, TensorRT's version, the host and its CPUs."""
-    import platform
+    """What engines and timings depend on: the CPU model and count, the GPU, TensorRT's and the
+    runtimes' versions."""
+    from importlib import metadata
 
     from amp_deploy.deploy.tensorrt_engine import installed_version
+    from amp_deploy.measure.report import cpu_model
 
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else None
-    return {"tensorrt": installed_version(), "gpu": gpu, "host": platform.node(), "cpus": os.cpu_count()}
+    runtimes = {}
+    for dist in ("onnxruntime", "onnxruntime-gpu", "openvino"):
+        try:
+            runtimes[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            pass
+    return {"tensorrt": installed_version(), "gpu": gpu, "cpu": cpu_model(), "cpus": os.cpu_count(),
+            "runtimes": runtimes}
 
 
 def _section(doc: dict, dotted: str) -> Any:
@@ -47,20 +68,47 @@ def _section(doc: dict, dotted: str) -> Any:
     return doc
 
 
-def stage_keys(recipe: Recipe, stages: Sequence[Stage], hashes: dict | None = None) -> dict[str, str]:
-    """The key of every stage; `hashes` caches file hashes by size and mtime (manifest.json's)."""
+def _resolve(value, recipe: Recipe) -> Any:
+    return value(recipe) if callable(value) else value
+
+
+def input_digests(recipe: Recipe, stages: Sequence[Stage], hashes: dict | None = None) -> dict[str, Any]:
+    """The content digest of every file or folder a stage reads by name from the recipe (`Stage.reads`)."""
+    doc = recipe.to_dict()
+    hashes = {} if hashes is None else hashes
+    out: dict[str, Any] = {}
+    for stage in stages:
+        for dotted in stage.reads:
+            value = _section(doc, dotted)
+            out[dotted] = path_digest(value, hashes) if isinstance(value, str) else value
+    return out
+
+
+def stage_keys(recipe: Recipe, stages: Sequence[Stage], hashes: dict | None = None, folder=None,
+               device: str = "cpu", digests: dict[str, Any] | None = None) -> dict[str, str]:
+    """The key of every stage. `hashes` caches file hashes by size and mtime (manifest.json's);
+    `folder` (a BuildFolder): the files earlier stages wrote there, as they are now, are part of
+    every later key; `digests`: `input_digests` computed once for a build."""
     doc = recipe.to_dict()
     doc["data"].pop("workers", None)  # how many processes read the images changes no result
-    weights = doc["model"]["pretrained"]
     hashes = {} if hashes is None else hashes
-    extra = {"weights": hash_file_cached(weights, hashes) if isinstance(weights, str) else weights,
-             "versions": versions()}
-    keys, prev = {}, hash_obj(extra)
+    digests = input_digests(recipe, stages, hashes) if digests is None else digests
+    keys, prev = {}, hash_obj({"versions": versions()})
     here = machine()
+    upstream: dict[str, str] = {}
     for stage in stages:
-        bound = stage.machine_bound(recipe) if callable(stage.machine_bound) else stage.machine_bound
-        where = {"machine": here} if bound else {}
-        prev = keys[stage.name] = hash_obj({"prev": prev, **where, **{d: _section(doc, d) for d in stage.depends}})
+        parts: dict[str, Any] = {"prev": prev, "inputs": dict(upstream),
+                                 "reads": {d: digests[d] for d in stage.reads}}
+        if _resolve(stage.machine_bound, recipe):
+            parts["machine"] = here
+        if stage.device_bound:
+            parts["device"] = device
+        parts.update({d: _section(doc, d) for d in _resolve(stage.depends, recipe)})
+        prev = keys[stage.name] = hash_obj(parts)
+        if folder is not None:
+            for p in stage.outputs(folder):
+                if p.is_file():
+                    upstream[p.name] = hash_file_cached(p, hashes)
     return keys
 
 

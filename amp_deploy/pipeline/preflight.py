@@ -80,7 +80,15 @@ def _quantize_preflight(recipe: Recipe) -> None:
     from amp_deploy.deploy.quantize import modelopt_problem, runtime_of
     from amp_deploy.pipeline.stages import fp8_capable
 
-    trt = [f for f in recipe.quantize.formats if runtime_of(f) == "tensorrt"]
+    q = recipe.quantize
+    if "onnxruntime-int8" in q.formats:
+        from amp_deploy.deploy.quantize import ort_quantizable_ops
+
+        known = ort_quantizable_ops()
+        if bad := [t for t in q.op_types if t not in known]:
+            raise UserError(f"quantize.op_types: {', '.join(map(repr, bad))} is not an operator type ONNX Runtime's "
+                            f"quantizer knows (it knows {', '.join(sorted(known))})")
+    trt = [f for f in q.formats if runtime_of(f) == "tensorrt"]
     if trt and (problem := modelopt_problem()):
         raise UserError(f"quantize.formats {trt}: {problem}")
     for fmt in trt:

@@ -13,10 +13,10 @@ from pathlib import Path
 
 from amp_deploy.pipeline.context import Context, Stage
 from amp_deploy.pipeline.lock import FolderLock
-from amp_deploy.pipeline.manifest import Manifest, stage_keys
+from amp_deploy.pipeline.manifest import Manifest, input_digests, stage_keys
 from amp_deploy.pipeline.preflight import preflight, prepare_out
 from amp_deploy.pipeline.stages import STAGES
-from amp_deploy.errors import GateFailed, StageFailed, UserError, first_line
+from amp_deploy.errors import GateFailed, GateUndecided, StageFailed, UserError, first_line
 from amp_deploy.files import remove_stray_temps
 from amp_deploy.recipe import dump_recipe
 
@@ -34,9 +34,11 @@ def run_stages(ctx: Context, names: Sequence[str], force: bool = False) -> dict[
             say.note(f"removed {p.name}, left by an interrupted build")
         folder.write_recipe(dump_recipe(ctx.recipe))
         manifest = Manifest(folder.manifest)
-        keys = stage_keys(ctx.recipe, STAGES, manifest.hashes)
+        digests = input_digests(ctx.recipe, STAGES, manifest.hashes)  # the data folders: stat'ed once a build
         status = {}
         for stage in (s for s in STAGES if s.name in names):
+            # keys anew before each stage: a stage that just ran may have written other files
+            keys = stage_keys(ctx.recipe, STAGES, manifest.hashes, folder, ctx.device.type, digests)
             if not force and manifest.is_done(stage.name, keys[stage.name], stage.outputs(folder)):
                 say.note(f"{stage.name}: inputs unchanged, skipped")
                 status[stage.name] = "skipped"
@@ -112,11 +114,13 @@ def _guarded(ctx: Context, stage: Stage) -> str | None:
     and the stage's files are only ever written atomically, so nothing is half-written)."""
     try:
         return stage.run(ctx)
-    except (UserError, GateFailed, KeyboardInterrupt, MemoryError):
+    except (UserError, GateFailed, GateUndecided, KeyboardInterrupt, MemoryError):
         raise
     except OSError as e:
-        if e.errno == 28:  # ENOSPC: the CLI names it
-            raise
+        if e.errno == 28:  # ENOSPC
+            where = e.filename or ctx.folder.root
+            raise StageFailed(f"stage '{stage.name}': no space left on the device while writing {where}; free some "
+                              "space and run the same command again (finished stages are kept)") from e
         raise StageFailed(f"stage '{stage.name}' failed: {type(e).__name__}: {first_line(e)}") from e
     except Exception as e:  # noqa: BLE001 - anything else is a defect or an unforeseen input: say where
         raise StageFailed(f"stage '{stage.name}' failed: {type(e).__name__}: {first_line(e)} "

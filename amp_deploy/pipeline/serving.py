@@ -16,6 +16,9 @@ def triton_entry(out: Path, repo: Path, name: str | None = None,
                  which: Literal["pruned", "original"] = "pruned") -> Path:
     """Write REPO/NAME (NAME: the recipe's name by default) serving the build's pruned (or original)
     model as ONNX or as its TensorRT plan."""
+    repo = Path(repo)
+    if repo.exists() and not repo.is_dir():
+        raise UserError(f"--repo {repo}: exists and is not a folder (a Triton model repository is a folder)")
     folder = BuildFolder(Path(out))
     recipe = folder.read_recipe_doc()
     onnx_path = folder.onnx(which)

@@ -279,7 +279,7 @@ def _checks(ctx: Context, make, full: Runner, scores, table: B.LatencyTable, cur
     aim = target
     advance = ctx.reporter.task("search: end-to-end check of the chosen widths", lat.corrections + 1)
     for n in range(lat.corrections + 1):
-        aim = min(aim, reach)
+        aim = min(max(aim, 1.0), reach)  # a check that overshot can correct the aim below 1x: no model is faster
         choice = B.choose_widths(table, curves, aim)
         start = time.perf_counter()
         runner = make(lambda w=choice.widths: _uniform(ctx, scores, w), f"check{n}")()

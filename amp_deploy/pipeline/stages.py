@@ -30,7 +30,14 @@ from amp_deploy.prune.score import (
     search_loss_fn,
     taylor_scores,
 )
-from amp_deploy.prune.search import adaptive_widths, budget_widths, model_losses, uniform_for_params, uniform_widths
+from amp_deploy.prune.search import (
+    adaptive_widths,
+    budget_widths,
+    model_losses,
+    uniform_for_params,
+    uniform_widths,
+    width_grid,
+)
 
 
 def stage_score(ctx: Context) -> None:
@@ -108,6 +115,9 @@ def stage_search(ctx: Context) -> None:
     start = time.perf_counter()
     loaded = ctx.original()
     original = loaded.widths()
+    if all(len(width_grid(h, p.align)) < 2 for h in original):
+        raise UserError(f"prune.align: {p.align} is at least every block's MLP width ({max(original)}): no neuron can "
+                        f"be removed; choose prune.align below {min(original)}")
     result: dict = {"original_widths": original, "search": p.search, "threshold": p.threshold}
     if p.search == "uniform":
         result.update(widths=uniform_widths(original, p.keep_ratio, p.align), block_forwards=0,
@@ -137,7 +147,9 @@ def _adaptive_search(ctx: Context, loaded: Loaded, scores) -> dict:
         advance = ctx.reporter.task("search: widths, last block first", len(loaded.sites))
         res = run(loaded, p.threshold, lambda i, w: advance(1))
     else:
-        budget = int(p.target_params * count_params(loaded.model))
+        total = count_params(loaded.model)
+        budget = int(p.target_params * total)
+        _budget_reachable(ctx, scores, loaded.widths(), budget, total)
         advance = ctx.reporter.task("search: threshold for the parameter budget", None)
 
         def run_counted(target: Loaded, threshold: float):
@@ -153,9 +165,31 @@ def _adaptive_search(ctx: Context, loaded: Loaded, scores) -> dict:
     if res.fell:
         ctx.reporter.log(falling_loss_warning(res.fell))
     chosen = extra["uniform_check"]["widths"] if extra.get("uniform_check", {}).get("chosen") == "uniform" else None
+    if p.target_params is not None and chosen is None and count_params(pruned.model) > extra["budget_params"]:
+        raise UserError(f"prune.target_params: {p.target_params:g}: the threshold search found no widths within "
+                        f"{extra['budget_params']:,} parameters (closest {count_params(pruned.model):,} at threshold "
+                        f"{extra['threshold']:.3g}); ask for a larger budget or prune.search=uniform")
     return dict(widths=chosen or res.widths, base_loss=res.base_loss, losses=res.losses, block_forwards=res.block_forwards,
                 block_forwards_naive=res.block_forwards_naive, steps=res.steps, loss_fell=res.fell,
                 search_loss=p.search_loss if criterion != "ce" else "ce", **extra)
+
+
+def _budget_reachable(ctx: Context, scores, original: list[int], budget: int, total: int) -> None:
+    """Refuse, before any search, a parameter budget under the smallest model MLP pruning can reach
+    (every block at its smallest allowed width: attention, embeddings and the head stay)."""
+    p = ctx.recipe.prune
+    floor = uniform_widths(original, 0.0, p.align)
+    smallest = ctx.original()
+    apply_widths(smallest, scores, floor)
+    least = count_params(smallest.model)
+    del smallest
+    if least > budget:
+        import math
+
+        raise UserError(f"prune.target_params: {p.target_params:g} of {total:,} parameters ({budget:,}) is out of "
+                        f"reach: with every MLP at its smallest width ({floor[0]} of {original[0]} neurons, "
+                        f"prune.align {p.align}) the model keeps {least:,} ({least / total:.3f}); attention and the "
+                        f"rest stay. Ask for prune.target_params >= {math.ceil(least / total * 1000) / 1000:g}")
 
 
 def _uniform_check(ctx: Context, original: Loaded, pruned: Loaded, scores, budget: int, loss) -> dict:
@@ -174,7 +208,7 @@ def _uniform_check(ctx: Context, original: Loaded, pruned: Loaded, scores, budge
             stack.enter_context(loss_features(m, view_of(ctx, m)))
         ours, theirs = model_losses(original, [pruned, uniform], ctx.data().validation, loss=loss,
                                     batch_size=ctx.recipe.data.batch_size, device=ctx.device)
-    chosen = "uniform" if theirs < ours else "adaptive"
+    chosen = "uniform" if theirs < ours or count_params(pruned.model) > budget else "adaptive"
     if chosen == "uniform":
         ctx.reporter.log(f"search: the same width in every block ({widths[0]} of {original.widths()[0]} neurons) "
                          f"departs less from the original than the threshold search's widths at this budget "
@@ -236,19 +270,23 @@ def stage_distill(ctx: Context) -> None:
     if resume is not None:
         ctx.reporter.log(f"distill: resuming after epoch {resume.epoch} of {d.epochs} (from {f.distill_checkpoint.name})")
     rank, _ = rank_world()
+    start = time.perf_counter()
+    loss = default_loss(student.output) if d.loss == "auto" else d.loss
+    train = dict(batch_size=d.batch_size, warmup=d.warmup, weight_decay=d.weight_decay, loss=loss,
+                 temperature=d.temperature, seed=ctx.recipe.data.seed, device=ctx.device,
+                 augment=_augmentation(ctx) if d.augment else None, autocast=ctx.device.type == "cuda")
+    probe = resume.probe if resume is not None else None
+    if d.lr == "auto" and probe is None:
+        probe = _probe_lr(ctx, student.model, teacher.model, images, train)
+    lr = probe["lr"] if d.lr == "auto" else d.lr
 
     def save(state) -> None:
+        state.probe = probe
         if rank == 0:
             f.write_distill_checkpoint(state, fingerprint)
 
-    start = time.perf_counter()
-    loss = default_loss(student.output) if d.loss == "auto" else d.loss
-    state = distill(student.model, teacher.model, images, epochs=d.epochs, lr=d.lr, batch_size=d.batch_size,
-                    warmup=d.warmup, weight_decay=d.weight_decay, loss=loss, temperature=d.temperature,
-                    seed=ctx.recipe.data.seed, device=ctx.device, augment=_augmentation(ctx) if d.augment else None,
-                    autocast=ctx.device.type == "cuda", resume=resume,
-                    on_epoch=save,
-                    on_step=_distill_progress(ctx, len(images), resume.epoch if resume else 0))
+    state = distill(student.model, teacher.model, images, epochs=d.epochs, lr=lr, resume=resume, on_epoch=save,
+                    on_step=_distill_progress(ctx, len(images), resume.epoch if resume else 0), **train)
     if rank != 0:
         return None  # rank 0 alone writes
     student.model.cpu()
@@ -257,9 +295,35 @@ def stage_distill(ctx: Context) -> None:
     f.write_distill_log({"epochs": d.epochs, "images": len(images), "skipped_unreadable": skipped,
                          "losses": state.losses,
                          "resumed_after_epoch": resume.epoch if resume else None,
-                         "seconds": round(time.perf_counter() - start, 3), "loss": loss, "lr": d.lr})
+                         "seconds": round(time.perf_counter() - start, 3), "loss": loss, "lr": lr,
+                         "lr_setting": d.lr, "lr_probe": probe})
     f.distill_checkpoint.unlink(missing_ok=True)
     return None
+
+
+def _probe_lr(ctx: Context, student, teacher, images, train: dict) -> dict:
+    """distill.lr auto: each candidate rate trains a copy for distill.probe of the run's steps; the
+    lowest distillation loss on the validation images (never trained on) chooses the rate."""
+    import math
+
+    from amp_deploy.prune.distill import probe_lr
+
+    d = ctx.recipe.distill
+    total = d.epochs * math.ceil(len(images) / d.batch_size)
+    steps = min(total, max(8, math.ceil(d.probe * total)))
+    advance = ctx.reporter.task(f"distill: probing {len(d.lr_candidates)} learning rates, {steps} steps each",
+                                len(d.lr_candidates))
+
+    def said(lr: float, loss: float) -> None:
+        advance(1)
+        ctx.reporter.note(f"distill: lr {lr:g}: validation loss {loss:.5f} after {steps} steps")
+
+    start = time.perf_counter()
+    result = probe_lr(student, teacher, images, ctx.data().validation.images, epochs=d.epochs, steps=steps,
+                      candidates=tuple(d.lr_candidates), on_rate=said, **train)
+    result["seconds"] = round(time.perf_counter() - start, 3)
+    ctx.reporter.log(f"distill: learning rate {result['lr']:g} chosen by the probe (distill.lr auto)")
+    return result
 
 
 def _augmentation(ctx: Context):
@@ -342,6 +406,7 @@ def stage_quantize(ctx: Context) -> None:
                     info = Q.quantize_modelopt(src, dst, reader, precision=Q.precision_of(fmt))
                 info["coverage"] = Q.matmul_coverage(dst, src)
                 info["coverage_problems"] = Q.coverage_problems(info["coverage"])
+                info["quantized_matmuls"] = Q.quantized_matmuls(info["coverage"])
                 info["seconds"] = round(time.perf_counter() - start, 3)
                 log["formats"][fmt][which] = info
                 advance(1)
@@ -413,20 +478,28 @@ def latency_budget(recipe) -> bool:
     return recipe.prune.target_speedup is not None or recipe.prune.target_latency_ms is not None
 
 
+def search_depends(recipe) -> tuple[str, ...]:
+    """The search reads prune; to a latency budget, also the settings its latency table is measured
+    with (the exported graph, its quantization and engines, the runtimes, the timing threads)."""
+    timed = ("export", "quantize", "compile", "runtimes", "validate.threads", "validate.warmup")
+    return ("prune", *timed) if latency_budget(recipe) else ("prune",)
+
+
 STAGES: tuple[Stage, ...] = (
-    Stage("score", ("model", "data", "prune.criterion", "prune.temperature", "prune.loss_view"), lambda f: [f.scores],
-          stage_score, parallel=True),
-    Stage("search", ("prune",), lambda f: [f.search], stage_search, machine_bound=latency_budget),
+    Stage("score", ("model", "data", "prune.criterion", "prune.temperature", "prune.loss_view"),
+          lambda f: [f.scores], stage_score, parallel=True,
+          reads=("model.pretrained", "data.path", "data.class_names"), device_bound=True),
+    Stage("search", search_depends, lambda f: [f.search], stage_search, machine_bound=latency_budget, device_bound=True),
     Stage("rebuild", ("distill.epochs",), lambda f: [f.rebuilt], stage_rebuild),
     Stage("distill", ("distill", "data"), lambda f: [f.pruned, f.distill_log] if f.distilled else [], stage_distill,
-          parallel=True),
+          parallel=True, reads=("distill.path",), device_bound=True),
     Stage("export", ("export",), lambda f: [f.onnx("original"), f.onnx("pruned")], stage_export),
     Stage("quantize", ("quantize",), lambda f: [f.quantize_log, *f.quantized_files(list(f.read_quantize_log().get(
         "formats", {})))], stage_quantize),
     Stage("compile", ("runtimes", "compile"), lambda f: [f.compile_status, *f.engine_files()], stage_compile,
           machine_bound=True),
     Stage("validate", ("validate", "runtimes", "compile"), lambda f: [f.report_json, f.report_md], stage_validate,
-          machine_bound=True),
+          machine_bound=True, device_bound=True),
 )
 STAGE_NAMES = tuple(s.name for s in STAGES)
 PRUNE_STAGES = ("score", "search", "rebuild")

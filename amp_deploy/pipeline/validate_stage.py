@@ -15,7 +15,7 @@ import torch
 from amp_deploy.pipeline.context import Context
 from amp_deploy.checkpoint import load_pruned_model
 from amp_deploy.deploy.runtimes import Runner
-from amp_deploy.errors import GateFailed, UserError
+from amp_deploy.errors import GateFailed, GateUndecided, UserError
 from amp_deploy.measure import metrics as M
 from amp_deploy.measure.report import (
     SCHEMA,
@@ -290,10 +290,13 @@ def stage_validate(ctx: Context) -> None:
     report = build_report(ctx)
     parity = apply_parity_gate(report, v.parity.max_abs_err, v.parity.cosine_min,
                                (v.parity_reduced.max_abs_err, v.parity_reduced.cosine_min))
-    fid = apply_fidelity_gate(report, v.fidelity.cosine_mean, v.fidelity.top1_agreement, v.fidelity.accuracy_drop)
+    fid, undecided = apply_fidelity_gate(report, v.fidelity.cosine_mean, v.fidelity.top1_agreement,
+                                         v.fidelity.accuracy_drop)
     quant = apply_quantization_gate(report, {"int8": v.parity_int8.model_dump(), "fp8": v.parity_fp8.model_dump()})
     ctx.folder.write_report(report)  # written first: a failed gate still leaves the evidence
     failed = [f"{gate} gate failed: {'; '.join(breaches)}"
               for gate, breaches in (("parity", parity), ("fidelity", fid), ("quantization", quant)) if breaches]
     if failed:
         raise GateFailed("; ".join(failed) + f" (report: {ctx.folder.report_md})")
+    if undecided:
+        raise GateUndecided("fidelity gate could not judge: " + "; ".join(undecided) + f" (report: {ctx.folder.report_md})")

@@ -164,7 +164,7 @@ def max_speedup(table: LatencyTable, curves: Curves) -> float:
 def choose_widths(table: LatencyTable, curves: Curves, speedup: float) -> Choice:
     """The least summed loss increase whose predicted speedup is at least `speedup` (exact
     multiple-choice knapsack on savings in 1/UNITS of the latency; ValueError when out of reach)."""
-    need = int(np.ceil((1.0 - 1.0 / speedup) * UNITS - 1e-9))
+    need = max(0, int(np.ceil((1.0 - 1.0 / speedup) * UNITS - 1e-9)))  # at most 1x asked: the full widths do
     depth = len(curves.widths)
     inf = float("inf")
     best = np.full(need + 1, inf)

@@ -65,6 +65,7 @@ class DistillState:
     optimizer: dict[str, Any]
     epoch: int  # epochs finished
     losses: list[float] = field(default_factory=list)  # mean loss of each finished epoch
+    probe: dict[str, Any] | None = None  # distill.lr auto: the rates tried and the one chosen (kept for a resume)
 
 
 NO_DECAY_NAMES = ("pos_embed", "position_embedding", "cls_token", "reg_token", "register_tokens", "mask_token",
@@ -89,7 +90,8 @@ def distill(student: nn.Module, teacher: nn.Module, images, *, epochs: int, lr: 
             seed: int = 0, device: torch.device | None = None, augment: Augment | None = None,
             autocast: bool = False, resume: DistillState | None = None,
             on_epoch: Callable[[DistillState], None] = lambda s: None,
-            on_step: Callable[[int, float], None] = lambda n, loss: None) -> DistillState:
+            on_step: Callable[[int, float], None] = lambda n, loss: None,
+            max_steps: int | None = None) -> DistillState:
     """Train `student` (in place) to reproduce `teacher` on `images`; return the final state.
 
     Args:
@@ -111,6 +113,7 @@ def distill(student: nn.Module, teacher: nn.Module, images, *, epochs: int, lr: 
         resume: a state saved by `on_epoch`: training continues after its last finished epoch.
         on_epoch: called with the state after every epoch (the caller saves the checkpoint).
         on_step: called with (images in this step, loss) for progress.
+        max_steps: stop after this many steps, the schedule (warm-up, decay) fitted to them: a probe.
     """
     device = device or torch.device("cpu")
     rank, world = rank_world()
@@ -124,12 +127,17 @@ def distill(student: nn.Module, teacher: nn.Module, images, *, epochs: int, lr: 
         state = resume
     per_epoch = math.ceil(len(images) / batch_size)
     total = epochs * per_epoch
+    if max_steps is not None:
+        total = min(total, max_steps)
+        epochs = math.ceil(total / per_epoch)
     warm = min(max(1, round(warmup * per_epoch)), max(1, total // 2))  # a short run decays too
     for epoch in range(state.epoch, epochs):
         gen = torch.Generator().manual_seed(seed * 100_003 + epoch)
         order = torch.randperm(len(images), generator=gen)
         summed, count = 0.0, 0
         for i, batch in _epoch_batches(images, order, batch_size, per_epoch):
+            if epoch * per_epoch + i >= total:
+                break
             if augment is not None:
                 batch = augment(batch, gen)  # every rank augments the whole global batch alike
             for g in opt.param_groups:
@@ -148,6 +156,49 @@ def distill(student: nn.Module, teacher: nn.Module, images, *, epochs: int, lr: 
         state = DistillState(student.state_dict(), opt.state_dict(), epoch + 1, [*state.losses, summed / max(count, 1)])
         on_epoch(state)
     return state
+
+
+LR_CANDIDATES = (3e-5, 1e-4, 3e-4)  # fine-tuning a pretrained backbone .. training a small model from scratch
+
+
+@torch.no_grad()
+def distill_eval(student: nn.Module, teacher: nn.Module, images: torch.Tensor, *, batch_size: int,
+                 loss: DistillLoss, temperature: float = 1.0, device: torch.device | None = None) -> float:
+    """The mean distillation loss of `student` against `teacher` over `images` (eval mode)."""
+    device = device or torch.device("cpu")
+    student.to(device).eval()
+    teacher.to(device).eval()
+    summed = 0.0
+    for i in range(0, len(images), batch_size):
+        x = images[i:i + batch_size].to(device)
+        summed += float(distill_loss(loss, student(x), teacher(x), temperature).sum())
+    return summed / max(1, len(images))
+
+
+def probe_lr(student: nn.Module, teacher: nn.Module, images, held_out: torch.Tensor, *, epochs: int, steps: int,
+             candidates: tuple[float, ...] | list[float] = LR_CANDIDATES, on_rate: Callable[[float, float], None]
+             = lambda lr, loss: None, **train) -> dict[str, Any]:
+    """The peak learning rate for this student, measured: each candidate trains a copy of `student`
+    for `steps` steps (the run's schedule fitted to them, same images and seed), then is scored by
+    its distillation loss on `held_out` images it never trained on; the lowest loss wins (a tie:
+    the smaller rate). `train`: distill()'s other arguments. Returns {"lr", "losses", "steps"}."""
+    import copy
+
+    losses: dict[str, float] = {}
+    for lr in candidates:
+        trial = copy.deepcopy(student)
+        try:
+            distill(trial, teacher, images, epochs=epochs, lr=lr, max_steps=steps, **train)
+        except UserError:  # diverged at this rate
+            losses[repr(lr)] = math.inf
+            on_rate(lr, math.inf)
+            continue
+        losses[repr(lr)] = distill_eval(trial, teacher, held_out, batch_size=train["batch_size"], loss=train["loss"],
+                                        temperature=train.get("temperature", 1.0), device=train.get("device"))
+        on_rate(lr, losses[repr(lr)])
+        del trial
+    best = min(candidates, key=lambda lr: (losses[repr(lr)] if math.isfinite(losses[repr(lr)]) else math.inf, lr))
+    return {"lr": best, "losses": losses, "steps": steps}
 
 
 def _epoch_batches(images, order: torch.Tensor, batch_size: int, per_epoch: int):
