@@ -214,6 +214,8 @@ def inspect(path: Annotated[Path, typer.Argument(help="A pruned.safetensors or a
 class Backend(str, Enum):
     onnxruntime = "onnxruntime"
     tensorrt = "tensorrt"
+    openvino = "openvino"
+    openvino_int8 = "openvino-int8"
 
 
 @app.command()
@@ -221,7 +223,8 @@ class Backend(str, Enum):
 def triton(folder: Annotated[Path, typer.Argument(help="Output folder of a build.")],
            repo: Annotated[Path, typer.Option("--repo", help="Triton model repository to write into.")],
            name: Annotated[str | None, typer.Option(help="Model name in the repository (default: the recipe's name).")] = None,
-           backend: Annotated[Backend, typer.Option(help="onnxruntime (pruned.onnx) or tensorrt (pruned.plan).")] = Backend.onnxruntime,
+           backend: Annotated[Backend, typer.Option(help="onnxruntime (pruned.onnx), tensorrt (pruned.plan), openvino "
+                                                        "(pruned.xml) or openvino-int8 (pruned.openvino-int8.xml).")] = Backend.onnxruntime,
            original: Annotated[bool, typer.Option("--original", help="Serve the original model instead of the pruned one.")] = False) -> None:
     """Write a Triton Inference Server model repository entry for a build."""
     from amp_deploy.pipeline.serving import triton_entry

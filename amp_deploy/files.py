@@ -148,6 +148,11 @@ def hash_file(path: str | Path) -> str:
     return h.hexdigest()[:16]
 
 
+def file_mode() -> int:
+    """The permissions a new file gets under the current umask (what every output follows)."""
+    return 0o666 & ~_umask()
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)

@@ -104,9 +104,9 @@ class DataSpec(_Strict):
         return self
 
 
-LatencyRuntime = Literal["onnxruntime", "onnxruntime-cuda", "torch", "tensorrt"]
+LatencyRuntime = Literal["onnxruntime", "onnxruntime-cuda", "torch", "tensorrt", "openvino"]
 LATENCY_PRECISIONS = {"onnxruntime": ("fp32", "int8"), "onnxruntime-cuda": ("fp32",), "torch": ("fp32", "fp16", "bf16"),
-                      "tensorrt": ("fp32", "fp16")}
+                      "tensorrt": ("fp32", "fp16"), "openvino": ("fp32", "bf16", "int8")}
 
 
 class LatencySpec(_Strict):
@@ -117,7 +117,8 @@ class LatencySpec(_Strict):
     batch: int = _f(8, "the batch size the speedup is asked at (inside export.batch)", ge=1)
     precision: Literal["fp32", "fp16", "bf16", "int8"] = _f(
         "fp32", "the precision the speedup is asked in: onnxruntime fp32 | int8 (ONNX Runtime static INT8, as "
-                "quantize.formats onnxruntime-int8), onnxruntime-cuda fp32, torch fp32 | fp16 | bf16, tensorrt fp32 | fp16")
+                "quantize.formats onnxruntime-int8), onnxruntime-cuda fp32, torch fp32 | fp16 | bf16, tensorrt fp32 | fp16, "
+                "openvino fp32 | bf16 | int8 (NNCF, as quantize.formats openvino-int8)")
     widths: int = _f(12, "candidate widths per block (evenly spaced up to the full width, on the prune.align grid); "
                          "the latency table and the loss curves are measured at these", ge=2, le=64)
     iterations: int = _f(30, "timed rounds for the latency table (every candidate interleaved with the full model); "
@@ -270,6 +271,12 @@ def _reduced_gate() -> ParityGate:
     return ParityGate(max_abs_err=5e-2, cosine_min=0.999)
 
 
+class Bf16Gate(_Strict):
+    max_abs_err: float | None = _f(None, "optional: largest absolute difference from the torch model (bf16's error "
+                                         "grows with the output's scale)", gt=0)
+    cosine_min: float = _f(0.999, "smallest per-image cosine with the torch model", ge=-1, le=1)
+
+
 class FidelityGate(_Strict):
     """Optional limits on the price of pruning (pruned vs original on the holdout images)."""
 
@@ -293,7 +300,9 @@ class ValidateSpec(_Strict):
     iterations: int = _f(50, "timed rounds (original and pruned interleaved)", ge=1)
     threads: int | None = _f(None, "CPU threads for the runtimes (default: theirs)", ge=1)
     parity: ParityGate = _f(description="parity limits for fp32 runtimes (breach: exit 1)", factory=ParityGate)
-    parity_reduced: ParityGate = _f(description="parity limits for fp16/bf16/tf32 runtimes (breach: exit 1)", factory=_reduced_gate)
+    parity_reduced: ParityGate = _f(description="parity limits for fp16/tf32 runtimes (breach: exit 1)", factory=_reduced_gate)
+    parity_bf16: Bf16Gate = _f(description="parity limits for bf16 runtimes (openvino-bf16, torch/tensorrt bf16; "
+                                           "breach: exit 1)", factory=Bf16Gate)
     fidelity: FidelityGate = _f(description="optional limits on pruned vs original (breach: exit 1)", factory=FidelityGate)
     parity_int8: QuantGate = _f(description="INT8 rows (quantize.formats) vs their fp32 model (breach: exit 1)",
                                 factory=QuantGate)
@@ -305,7 +314,8 @@ class QuantizeSpec(_Strict):
     """Post-training quantization of the exported models, calibrated on the calibration images."""
 
     formats: list[Format] = _f(description="what to make: onnxruntime-int8 (ONNX Runtime static QDQ) | tensorrt-int8 "
-                                           "| tensorrt-fp8 (NVIDIA Model Optimizer Q/DQ, compiled strongly typed); "
+                                           "| tensorrt-fp8 (NVIDIA Model Optimizer Q/DQ, compiled strongly typed) "
+                                           "| openvino-int8 (NNCF post-training INT8, OpenVINO IR); "
                                            "empty: no quantization", factory=list)
     calibration: int = _f(256, "images calibrated on: the first of data.calibration (never holdout or validation)",
                           ge=1)
@@ -317,6 +327,9 @@ class QuantizeSpec(_Strict):
     op_types: list[str] = _f(description="onnxruntime-int8: operator types quantized; the rest stays float",
                              factory=lambda: list(DEFAULT_ORT_OPS), min_length=1)
     preprocess: bool = _f(True, "onnxruntime-int8: ONNX Runtime's quant_pre_process first (graph optimisations)")
+    openvino_model_type: Literal["transformer", "default"] = _f(
+        "transformer", "openvino-int8: NNCF's model type (transformer: SmoothQuant, LayerNorm/Softmax/GELU kept "
+                       "in float; default: NNCF's generic placement)")
 
 
 class Recipe(_Strict):
@@ -361,14 +374,15 @@ class Recipe(_Strict):
         if p.target_speedup is None and p.target_latency_ms is None:
             return
         lat = p.latency
-        if lat.runtime not in self.runtimes:
-            raise ValueError(f"prune.latency.runtime: {lat.runtime} is not in runtimes {self.runtimes} (validate "
+        row = "openvino-bf16" if (lat.runtime, lat.precision) == ("openvino", "bf16") else lat.runtime
+        if row not in self.runtimes:
+            raise ValueError(f"prune.latency.runtime: {row} is not in runtimes {self.runtimes} (validate "
                              "measures the runtime the budget is asked on)")
         if not b.min <= lat.batch <= b.max:
             raise ValueError(f"prune.latency.batch: {lat.batch} is outside export.batch [{b.min}, {b.max}]")
-        if lat.precision == "int8" and "onnxruntime-int8" not in self.quantize.formats:
-            raise ValueError("prune.latency.precision int8: add onnxruntime-int8 to quantize.formats (validate measures "
-                             "the budget on that row)")
+        if lat.precision == "int8" and f"{lat.runtime}-int8" not in self.quantize.formats:
+            raise ValueError(f"prune.latency.precision int8: add {lat.runtime}-int8 to quantize.formats (validate "
+                             "measures the budget on that row)")
         if lat.runtime == "tensorrt" and lat.precision != self.compile.precision:
             raise ValueError(f"prune.latency.precision: {lat.precision} on tensorrt, but compile.precision is "
                              f"{self.compile.precision}; set them alike (validate measures the engines compile builds)")
@@ -378,7 +392,10 @@ class Recipe(_Strict):
         if not q.formats:
             return
         for fmt in q.formats:
-            if runtime_of(fmt) not in self.runtimes:
+            if fmt == "openvino-int8" and not {"openvino", "openvino-bf16"} & set(self.runtimes):
+                raise ValueError(f"quantize.formats: {fmt} is validated on openvino, which is not in runtimes "
+                                 f"{self.runtimes}")
+            if fmt != "openvino-int8" and runtime_of(fmt) not in self.runtimes:
                 raise ValueError(f"quantize.formats: {fmt} is validated on {runtime_of(fmt)}, which is not in runtimes "
                                  f"{self.runtimes}")
         if len(set(q.formats)) != len(q.formats):

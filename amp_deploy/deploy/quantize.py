@@ -33,7 +33,7 @@ from amp_deploy.deploy.export import INPUT_NAME, external_files
 from amp_deploy.errors import UserError, first_line
 from amp_deploy.files import fault_point
 
-Format = Literal["onnxruntime-int8", "tensorrt-int8", "tensorrt-fp8"]
+Format = Literal["onnxruntime-int8", "tensorrt-int8", "tensorrt-fp8", "openvino-int8"]
 CalibrationMethod = Literal["minmax", "entropy", "percentile"]
 MODELOPT_MIN_VERSION = (0, 33)  # the ONNX quantize() with calibration_data_reader and calibration_eps
 FP8_MIN_CAPABILITY = (8, 9)  # Ada and Hopper and later: FP8 tensor cores

@@ -20,7 +20,9 @@ from amp_deploy.errors import first_line
 from amp_deploy.numerics import fp32_reference
 
 Run = Callable[[np.ndarray], np.ndarray]
-RuntimeName = Literal["onnxruntime", "onnxruntime-cuda", "onnxruntime-trt", "tensorrt", "torch", "torch-compile"]
+RuntimeName = Literal["onnxruntime", "onnxruntime-cuda", "onnxruntime-trt", "tensorrt", "torch", "torch-compile",
+                      "openvino", "openvino-bf16"]
+OPENVINO_RUNTIMES = {"openvino": "fp32", "openvino-bf16": "bf16"}  # runtime name -> the precision it pins
 
 
 class Unavailable(Exception):
@@ -151,6 +153,31 @@ def _captured_native():
             os.close(saved)
             sink.seek(0)
             buf.write(sink.read())
+
+
+def openvino_runner(xml: str | Path, threads: int | None = None, precision: str = "fp32") -> Runner:
+    """OpenVINO's CPU plugin on an IR, with the inference precision pinned (fp32 or bf16; an INT8 IR
+    from NNCF runs its quantized products in int8 and the rest in the pinned precision). The info
+    says which precision each matrix product really executed in."""
+    from amp_deploy.deploy import openvino as OV
+
+    if problem := OV.openvino_problem():
+        raise Unavailable(problem)
+    if precision == "bf16" and (problem := OV.bf16_problem()):
+        raise Unavailable(problem)
+    import openvino as ov
+
+    compiled = OV.compile_ir(xml, precision, threads)
+    request = compiled.create_infer_request()
+    out = compiled.outputs[0]
+
+    def run(x: np.ndarray) -> np.ndarray:
+        return np.asarray(request.infer({0: x})[out], dtype=np.float32)
+
+    info = {"version": ov.__version__, "device": "CPU", "threads": threads or "default",
+            "inference_precision_hint": compiled.get_property("INFERENCE_PRECISION_HINT").to_string(),
+            "execution_precision": OV.execution_precisions(compiled)}
+    return Runner(run, info)
 
 
 def tensorrt_runner(plan: str | Path) -> Runner:

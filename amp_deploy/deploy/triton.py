@@ -3,6 +3,7 @@
     REPO/NAME/config.pbtxt
     REPO/NAME/1/model.onnx                    backend onnxruntime
     REPO/NAME/1/model_<cc>.plan               platform tensorrt_plan, one file per compute capability
+    REPO/NAME/1/model.xml, model.bin          backend openvino (OpenVINO IR: fp32, or NNCF's INT8)
 
 A TensorRT engine only runs on the GPU model it was built for, so plans are listed under
 `cc_model_filenames` keyed by the compute capability recorded in their sidecar.
@@ -38,12 +39,13 @@ def _io(onnx_path: Path) -> tuple[list[int], list[int], str]:
     return dims(graph.input[0]), dims(graph.output[0]), dtype
 
 
-def config_text(name: str, platform: Literal["onnxruntime", "tensorrt"], input_dims: list[int],
-                output_dims: list[int], dtype: str, max_batch: int, plans: dict[str, str] | None = None) -> str:
+def config_text(name: str, platform: Literal["onnxruntime", "tensorrt", "openvino"], input_dims: list[int],
+                output_dims: list[int], dtype: str, max_batch: int, plans: dict[str, str] | None = None,
+                parameters: dict[str, str] | None = None) -> str:
     """Triton's config.pbtxt for one model (dynamic batching, one instance)."""
-    kind = "KIND_GPU" if platform == "tensorrt" else "KIND_AUTO"
+    kind = {"tensorrt": "KIND_GPU", "openvino": "KIND_CPU"}.get(platform, "KIND_AUTO")
     lines = [f'name: "{name}"',
-             'platform: "tensorrt_plan"' if platform == "tensorrt" else 'backend: "onnxruntime"',
+             'platform: "tensorrt_plan"' if platform == "tensorrt" else f'backend: "{platform}"',
              f"max_batch_size: {max_batch}",
              f'input [ {{ name: "{INPUT_NAME}" data_type: {dtype} dims: {input_dims} }} ]',
              f'output [ {{ name: "{OUTPUT_NAME}" data_type: {dtype} dims: {output_dims} }} ]',
@@ -52,11 +54,13 @@ def config_text(name: str, platform: Literal["onnxruntime", "tensorrt"], input_d
     if plans:
         entries = ", ".join(f'{{ key: "{cc}" value: "{f}" }}' for cc, f in sorted(plans.items()))
         lines.append(f"cc_model_filenames [ {entries} ]")
+    for key, value in (parameters or {}).items():
+        lines.append(f'parameters {{ key: "{key}" value: {{ string_value: "{value}" }} }}')
     return "\n".join(lines) + "\n"
 
 
 def write_model_repository(repo: Path, name: str, *, onnx_path: Path, max_batch: int, plan_path: Path | None = None,
-                           provenance: dict | None = None) -> Path:
+                           ir_path: Path | None = None, provenance: dict | None = None) -> Path:
     """Write REPO/NAME serving `onnx_path` (backend onnxruntime) or, given `plan_path`, that TensorRT
     plan (platform tensorrt_plan, keyed by the compute capability in its sidecar). The entry appears
     whole or not at all; `provenance` is written beside config.pbtxt as amp-deploy.json."""
@@ -65,8 +69,12 @@ def write_model_repository(repo: Path, name: str, *, onnx_path: Path, max_batch:
 
     if not re.fullmatch(SAFE_NAME, name):
         raise UserError(f"--name {name!r}: use letters, digits, '.', '_' and '-'")
-    plans = None
-    if plan_path is None:
+    plans, platform, parameters = None, "onnxruntime" if plan_path is None else "tensorrt", None
+    if ir_path is not None:  # OpenVINO IR; the ONNX export it came from names the shapes
+        in_dims, out_dims, dtype = _io(onnx_path)
+        files = {"model.xml": ir_path, "model.bin": ir_path.with_suffix(".bin")}
+        platform, parameters = "openvino", {"PERFORMANCE_HINT": "LATENCY"}
+    elif plan_path is None:
         in_dims, out_dims, dtype = _io(onnx_path)
         files = {"model.onnx": onnx_path, **{f.name: f for f in external_files(onnx_path)}}
     else:
@@ -76,8 +84,7 @@ def write_model_repository(repo: Path, name: str, *, onnx_path: Path, max_batch:
         in_dims, out_dims, dtype = _io(src if src.is_file() else onnx_path)
         plans = {cc: f"model_{cc}.plan"}
         files = {plans[cc]: plan_path}
-    text = config_text(name, "onnxruntime" if plan_path is None else "tensorrt", in_dims, out_dims, dtype,
-                       max_batch, plans)
+    text = config_text(name, platform, in_dims, out_dims, dtype, max_batch, plans, parameters)
     return _write_entry(Path(repo), name, files, text, provenance or {})
 
 

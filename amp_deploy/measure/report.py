@@ -41,19 +41,24 @@ def cpu_model() -> str:
 
 
 def parity_breaches(report: dict, max_abs_err: float, cosine_min: float,
-                    reduced: tuple[float, float] | None = None) -> list[str]:
-    """Runtimes whose outputs differ from torch's beyond the limits (fp16/bf16/tf32 rows: `reduced`)."""
+                    reduced: tuple[float, float] | None = None,
+                    bf16: tuple[float | None, float] | None = None) -> list[str]:
+    """Runtimes whose outputs differ from torch's beyond the limits (fp16/bf16/tf32 rows: `reduced`;
+    bf16 rows: `bf16` when given, whose absolute limit may be None: bf16 keeps 8 bits of mantissa, so
+    its absolute error grows with the output's scale and only the cosine judges it across models)."""
     out = []
     for name, row in report["runtimes"].items():
         if row.get("precision") in QUANTIZED:
             continue
         lim_err, lim_cos = reduced if reduced and row.get("precision") in REDUCED else (max_abs_err, cosine_min)
+        if bf16 is not None and row.get("precision") == "bf16":
+            lim_err, lim_cos = bf16
         for k in ("original", "pruned"):
             p = (row.get("parity") or {}).get(k)
             if p is None:
                 continue
             # "not <=" so that NaN counts as a breach
-            if not p["max_abs_err"] <= lim_err:
+            if lim_err is not None and not p["max_abs_err"] <= lim_err:
                 out.append(f"{name} {k}: max_abs_err {p['max_abs_err']:.3g} > {lim_err:g}")
             if not p["cosine_min"] >= lim_cos:
                 out.append(f"{name} {k}: cosine_min {p['cosine_min']:.7f} < {lim_cos:g}")
@@ -87,9 +92,10 @@ def apply_fidelity_gate(report: dict, cosine_mean: float | None, top1_agreement:
 
 
 def apply_parity_gate(report: dict, max_abs_err: float, cosine_min: float,
-                      reduced: tuple[float, float] | None = None) -> list[str]:
+                      reduced: tuple[float, float] | None = None,
+                      bf16: tuple[float | None, float] | None = None) -> list[str]:
     """Record the parity gate in the report; return its breaches (empty when it passed)."""
-    breaches = parity_breaches(report, max_abs_err, cosine_min, reduced)
+    breaches = parity_breaches(report, max_abs_err, cosine_min, reduced, bf16)
     report.setdefault("gates", {})["parity"] = {"passed": not breaches, "breaches": breaches,
                                                 "max_abs_err": max_abs_err, "cosine_min": cosine_min}
     return breaches

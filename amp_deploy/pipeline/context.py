@@ -71,6 +71,13 @@ class Stage:
     device_bound: bool = False  # its result depends on --device (cpu or cuda)
 
 
+def runs_openvino(recipe: Recipe) -> bool:
+    """The recipe measures OpenVINO (a runtime row, or a latency budget on it): its IR is exported."""
+    from amp_deploy.deploy.runtimes import OPENVINO_RUNTIMES
+
+    return bool(set(OPENVINO_RUNTIMES) & set(recipe.runtimes)) or recipe.prune.latency.runtime == "openvino"
+
+
 def resolve_device(name: str) -> torch.device:
     """auto, cpu or cuda -> a torch device; a UserError when cuda is asked for and missing."""
     if name not in ("auto", "cpu", "cuda"):
@@ -97,7 +104,8 @@ class Context:
     @classmethod
     def create(cls, recipe: Recipe, out: str | Path, device: torch.device | str = "cpu", **kw) -> Context:
         dev = device if isinstance(device, torch.device) else resolve_device(device)
-        return cls(recipe, BuildFolder(Path(out), distilled=recipe.distill.epochs > 0), dev, **kw)
+        folder = BuildFolder(Path(out), distilled=recipe.distill.epochs > 0, openvino=runs_openvino(recipe))
+        return cls(recipe, folder, dev, **kw)
 
     def original(self) -> Loaded:
         """A fresh copy of the original model on the build's device (stages prune their copy in place)."""

@@ -25,6 +25,7 @@ class BuildFolder:
 
     root: Path
     distilled: bool = False  # the recipe distils: the rebuilt model waits under another name
+    openvino: bool = False  # the recipe runs OpenVINO: the export stage writes IR beside the ONNX files
 
     # --- paths ---------------------------------------------------------------------------------
     @property
@@ -86,15 +87,26 @@ class BuildFolder:
         return self.root / (f"{which}.onnx" if precision == "fp32" else f"{which}.{precision}.onnx")
 
     def quantized(self, which: Which, fmt: str) -> Path:
-        """A quantized model: `pruned.onnxruntime-int8.onnx`, `original.tensorrt-fp8.onnx`, ..."""
-        return self.root / f"{which}.{fmt}.onnx"
+        """A quantized model: `pruned.onnxruntime-int8.onnx`, `original.tensorrt-fp8.onnx`, ...
+        (OpenVINO's INT8: the IR `pruned.openvino-int8.xml` and its `.bin`)."""
+        return self.root / (f"{which}.{fmt}.xml" if fmt.startswith("openvino-") else f"{which}.{fmt}.onnx")
+
+    def ir(self, which: Which) -> Path:
+        """The OpenVINO IR of the fp32 export: `pruned.xml` (and `pruned.bin`)."""
+        return self.root / f"{which}.xml"
+
+    def ir_files(self) -> list[Path]:
+        """Both models' IR files (graph and weights), when the recipe runs OpenVINO."""
+        return [p for w in ("original", "pruned") for p in (self.ir(w), self.ir(w).with_suffix(".bin"))] \
+            if self.openvino else []
 
     @property
     def quantize_log(self) -> Path:
         return self.root / "quantize.json"
 
     def quantized_files(self, formats: list[str]) -> list[Path]:
-        return [self.quantized(w, f) for f in formats for w in ("original", "pruned")]
+        files = [self.quantized(w, f) for f in formats for w in ("original", "pruned")]
+        return [q for p in files for q in ((p, p.with_suffix(".bin")) if p.suffix == ".xml" else (p,))]
 
     def plan(self, which: Which, fmt: str | None = None) -> Path:
         """The engine of `which` (fp16/bf16/fp32 from the export), or of a TensorRT Q/DQ format."""

@@ -57,6 +57,7 @@ def preflight(recipe: Recipe, device: str | None = None) -> None:
             raise UserError(f"data.path: {d.path} has {have} image files but the recipe asks for {want} "
                             "(data.calibration + validation + holdout)")
     _distill_preflight(recipe)
+    _openvino_preflight(recipe)
     _quantize_preflight(recipe)
     _latency_preflight(recipe, device)
 
@@ -73,6 +74,26 @@ def _latency_preflight(recipe: Recipe, device: str | None) -> None:
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if reason := unavailable_reason(p.latency, device):
         raise UserError(f"prune.latency.runtime {p.latency.runtime}: cannot be measured here: {reason}")
+
+
+def _openvino_preflight(recipe: Recipe) -> None:
+    """OpenVINO (and NNCF for its INT8) installed; bf16 only on a CPU with bf16 units."""
+    from amp_deploy.deploy.runtimes import OPENVINO_RUNTIMES
+    from amp_deploy.pipeline.context import runs_openvino
+
+    if not runs_openvino(recipe):
+        return
+    from amp_deploy.deploy.openvino import bf16_problem, openvino_problem
+
+    int8 = "openvino-int8" in recipe.quantize.formats or (
+        recipe.prune.latency.runtime == "openvino" and recipe.prune.latency.precision == "int8")
+    asked = [r for r in recipe.runtimes if r in OPENVINO_RUNTIMES] + (["openvino-int8"] if int8 else [])
+    if problem := openvino_problem(int8):
+        raise UserError(f"runtimes {asked}: {problem}")
+    lat = recipe.prune.latency
+    if "openvino-bf16" in recipe.runtimes or (lat.runtime == "openvino" and lat.precision == "bf16"):
+        if problem := bf16_problem():
+            raise UserError(f"openvino bf16: {problem}; use runtimes openvino (fp32) or openvino-int8")
 
 
 def _quantize_preflight(recipe: Recipe) -> None:

@@ -12,7 +12,7 @@ from amp_deploy.pipeline.manifest import Manifest
 
 
 def triton_entry(out: Path, repo: Path, name: str | None = None,
-                 backend: Literal["onnxruntime", "tensorrt"] = "onnxruntime",
+                 backend: Literal["onnxruntime", "tensorrt", "openvino", "openvino-int8"] = "onnxruntime",
                  which: Literal["pruned", "original"] = "pruned") -> Path:
     """Write REPO/NAME (NAME: the recipe's name by default) serving the build's pruned (or original)
     model as ONNX or as its TensorRT plan."""
@@ -29,8 +29,14 @@ def triton_entry(out: Path, repo: Path, name: str | None = None,
         plan = folder.plan(which)
         if not plan.is_file():
             raise UserError(f"{out}: no {plan.name}; build engines with `amp-deploy compile` on a GPU with TensorRT")
+    ir = None
+    if backend.startswith("openvino"):
+        ir = folder.ir(which) if backend == "openvino" else folder.quantized(which, backend)
+        if not (ir.is_file() and ir.with_suffix(".bin").is_file()):
+            how = "runtimes [openvino]" if backend == "openvino" else "quantize.formats [openvino-int8]"
+            raise UserError(f"{out}: no {ir.name}; build with {how} first")
     stages = list(Manifest(folder.manifest).stages)
     max_batch = int(((recipe.get("export") or {}).get("batch") or {}).get("max", 8))
     return write_model_repository(repo, name or recipe.get("name") or folder.root.name, onnx_path=onnx_path,
-                                  max_batch=max_batch, plan_path=plan,
+                                  max_batch=max_batch, plan_path=plan, ir_path=ir,
                                   provenance={"source": str(out), "model": which, "backend": backend, "stages": stages})

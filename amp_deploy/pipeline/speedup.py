@@ -55,6 +55,10 @@ def unavailable_reason(lat, device_type: str) -> str | None:
 
     if lat.runtime == "tensorrt":
         return tensorrt_unavailable_reason()
+    if lat.runtime == "openvino":
+        from amp_deploy.deploy.openvino import bf16_problem, openvino_problem
+
+        return openvino_problem(lat.precision == "int8") or (bf16_problem() if lat.precision == "bf16" else None)
     if (lat.runtime == "onnxruntime-cuda" or (lat.runtime == "torch" and lat.precision != "fp32")) \
             and device_type != "cuda":
         return f"{lat.runtime} {lat.precision} needs a CUDA GPU (the build's device is {device_type})"
@@ -89,6 +93,8 @@ def runner_factory(ctx: Context, input_size: tuple[int, int, int], work: Path
         return torch_model
     if lat.runtime == "tensorrt":
         return _tensorrt_factory(ctx, input_size, work, exported)
+    if lat.runtime == "openvino":
+        return _openvino_factory(ctx, work, exported)
     if lat.precision == "int8":
         from amp_deploy.deploy import quantize as Q
 
@@ -111,6 +117,31 @@ def runner_factory(ctx: Context, input_size: tuple[int, int, int], work: Path
         return lambda: R.onnxruntime_runner(path, v.threads, providers)
 
     return onnx
+
+
+def _openvino_factory(ctx: Context, work: Path, exported) -> Callable[[Callable[[], nn.Module], str], Opener]:
+    """IR converted (or quantized by NNCF, for int8) as the export and quantize stages make it, compiled
+    with the precision pinned (int8: the quantized products in int8, the rest in f32)."""
+    from amp_deploy.deploy import openvino as OV
+    from amp_deploy.deploy import runtimes as R
+
+    lat, v = ctx.recipe.prune.latency, ctx.recipe.validate_
+    batches = None
+    if lat.precision == "int8":
+        from amp_deploy.deploy import quantize as Q
+
+        batches = Q.calibration_batches(ctx.data().calibration.batches(ctx.recipe.data.batch_size),
+                                        TIMING_CALIBRATION, ctx.recipe.export.batch.max)
+
+    def make(build: Callable[[], nn.Module], tag: str) -> Opener:
+        onnx_path, xml = exported(build(), tag), work / f"{tag}.xml"
+        if batches is None:
+            OV.convert_onnx(onnx_path, xml)
+        else:
+            OV.quantize_nncf(onnx_path, xml, batches, model_type=ctx.recipe.quantize.openvino_model_type)
+        return lambda: R.openvino_runner(xml, v.threads, "fp32" if batches is not None else lat.precision)
+
+    return make
 
 
 def _tensorrt_factory(ctx: Context, input_size, work: Path, exported

@@ -376,10 +376,23 @@ def _export(ctx: Context, loaded: Loaded, which: str, precision: str = "fp32"):
 
 
 def stage_export(ctx: Context) -> None:
-    advance = ctx.reporter.task("export: ONNX", 2)
+    f = ctx.folder
+    advance = ctx.reporter.task("export: ONNX" + (" and OpenVINO IR" if f.openvino else ""), 2 * (1 + f.openvino))
     for which, loaded in _models(ctx).items():
         _export(ctx, loaded, which)
         advance(1)
+        if f.openvino:  # the same graph as OpenVINO IR (fp32 weights; the precision is chosen at compile time)
+            from amp_deploy.deploy.openvino import convert_onnx
+
+            convert_onnx(f.onnx(which), f.ir(which))
+            advance(1)
+
+
+def export_depends(recipe) -> tuple[str, ...]:
+    """The export reads the export section; with OpenVINO in the recipe it also writes IR."""
+    from amp_deploy.pipeline.context import runs_openvino
+
+    return ("export", "runtimes", "prune.latency.runtime") if runs_openvino(recipe) else ("export",)
 
 
 def stage_quantize(ctx: Context) -> None:
@@ -399,6 +412,11 @@ def stage_quantize(ctx: Context) -> None:
             for which in ("original", "pruned"):
                 start = time.perf_counter()
                 src, dst = f.onnx(which), f.quantized(which, fmt)
+                if fmt == "openvino-int8":
+                    info = _quantize_openvino(ctx, src, dst, reader)
+                    log["formats"][fmt][which] = info
+                    advance(1)
+                    continue
                 if fmt == "onnxruntime-int8":
                     info = Q.quantize_onnxruntime(src, dst, reader, method=q.method, per_channel=q.per_channel,
                                                   op_types=q.op_types, preprocess=q.preprocess, activation=q.activations)
@@ -411,6 +429,23 @@ def stage_quantize(ctx: Context) -> None:
                 log["formats"][fmt][which] = info
                 advance(1)
     f.write_quantize_log(log)
+
+
+def _quantize_openvino(ctx: Context, src, dst, reader) -> dict:
+    """NNCF's post-training INT8 of one export, as IR; which matrix products run in int8, from the
+    compiled model's runtime graph (the rest pinned to f32)."""
+    import time as _time
+
+    from amp_deploy.deploy import openvino as OV
+
+    start = _time.perf_counter()
+    info = OV.quantize_nncf(src, dst, list(reader.batches), model_type=ctx.recipe.quantize.openvino_model_type)
+    q = OV.quantized_matmuls(dst)
+    info.update(quantized_matmuls=q["quantized"], matmuls=q["matmuls"], execution_precision=q["precisions"],
+                coverage_problems=[] if q["quantized"] else
+                ["no matrix product is quantized: the model is float with quantize/dequantize pairs around it"],
+                seconds=round(_time.perf_counter() - start, 3))
+    return info
 
 
 def stage_compile(ctx: Context) -> str | None:
@@ -493,7 +528,7 @@ STAGES: tuple[Stage, ...] = (
     Stage("rebuild", ("distill.epochs",), lambda f: [f.rebuilt], stage_rebuild),
     Stage("distill", ("distill", "data"), lambda f: [f.pruned, f.distill_log] if f.distilled else [], stage_distill,
           parallel=True, reads=("distill.path",), device_bound=True),
-    Stage("export", ("export",), lambda f: [f.onnx("original"), f.onnx("pruned")], stage_export),
+    Stage("export", export_depends, lambda f: [f.onnx("original"), f.onnx("pruned"), *f.ir_files()], stage_export),
     Stage("quantize", ("quantize",), lambda f: [f.quantize_log, *f.quantized_files(list(f.read_quantize_log().get(
         "formats", {})))], stage_quantize),
     Stage("compile", ("runtimes", "compile"), lambda f: [f.compile_status, *f.engine_files()], stage_compile,

@@ -48,6 +48,8 @@ def _runner_factories(ctx: Context, models: dict[str, torch.nn.Module],
         "tensorrt": (lambda k: R.tensorrt_runner(f.plan(k)), c.precision),
         "torch": (lambda k: R.torch_runner(models[k], v.threads, ctx.device), "fp32"),
         "torch-compile": (lambda k: R.torch_runner(torch.compile(models[k]), v.threads, ctx.device), "fp32"),
+        **{name: ((lambda prec: lambda k: R.openvino_runner(f.ir(k), v.threads, prec))(prec), prec)
+           for name, prec in R.OPENVINO_RUNTIMES.items()},
         **_quantized_factories(ctx),
     }
 
@@ -77,6 +79,8 @@ def _quantized_factories(ctx: Context) -> dict[str, tuple[Callable[[str], Runner
     for name, fmt in quantized_rows(ctx.recipe.quantize.formats).items():
         if _engine_row(name):
             make = (lambda fmt: lambda k: R.tensorrt_runner(f.plan(k, fmt)))(fmt)
+        elif fmt == "openvino-int8":  # the int8 products, everything else pinned to f32
+            make = (lambda fmt: lambda k: R.openvino_runner(f.quantized(k, fmt), v.threads, "fp32"))(fmt)
         elif precision_of(fmt) == "fp8":
             make = _no_fp8_on_cpu
         else:
@@ -111,7 +115,11 @@ def _weights_bytes(ctx: Context, name: str, models: dict[str, torch.nn.Module]) 
     if fmt is not None:
         if _engine_row(name):
             return lambda k: f.plan(k, fmt).stat().st_size
+        if fmt.startswith("openvino-"):
+            return lambda k: sum(p.stat().st_size for p in (f.quantized(k, fmt), f.quantized(k, fmt).with_suffix(".bin")))
         return lambda k: f.quantized(k, fmt).stat().st_size
+    if name.startswith("openvino"):
+        return lambda k: sum(p.stat().st_size for p in (f.ir(k), f.ir(k).with_suffix(".bin")))
     if name == "tensorrt":
         return lambda k: f.plan(k).stat().st_size
     if name.startswith("torch"):
@@ -240,9 +248,11 @@ def _embedding_measures(ctx: Context, original, models: dict, refs: dict, labels
 
 def budget_row(budget: dict, runtimes: dict[str, Any]) -> str | None:
     """The report row that runs the budget's runtime in its precision (None when validate has none)."""
-    name = budget["runtime"] if budget["precision"] not in ("int8", "fp8") else f"{budget['runtime']}-{budget['precision']}"
-    row = runtimes.get(name)
-    return name if row is not None and row.get("precision", "fp32") == budget["precision"] else None
+    for name in (f"{budget['runtime']}-{budget['precision']}", budget["runtime"]):  # openvino-bf16, onnxruntime
+        row = runtimes.get(name)
+        if row is not None and row.get("precision", "fp32") == budget["precision"]:
+            return name
+    return None
 
 
 def latency_budget_section(budget: dict | None, runtimes: dict[str, Any]) -> dict[str, Any] | None:
@@ -289,7 +299,8 @@ def stage_validate(ctx: Context) -> None:
     v = ctx.recipe.validate_
     report = build_report(ctx)
     parity = apply_parity_gate(report, v.parity.max_abs_err, v.parity.cosine_min,
-                               (v.parity_reduced.max_abs_err, v.parity_reduced.cosine_min))
+                               (v.parity_reduced.max_abs_err, v.parity_reduced.cosine_min),
+                               (v.parity_bf16.max_abs_err, v.parity_bf16.cosine_min))
     fid, undecided = apply_fidelity_gate(report, v.fidelity.cosine_mean, v.fidelity.top1_agreement,
                                          v.fidelity.accuracy_drop)
     quant = apply_quantization_gate(report, {"int8": v.parity_int8.model_dump(), "fp8": v.parity_fp8.model_dump()})
