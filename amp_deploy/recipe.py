@@ -272,9 +272,12 @@ def _reduced_gate() -> ParityGate:
 
 
 class Bf16Gate(_Strict):
-    max_abs_err: float | None = _f(None, "optional: largest absolute difference from the torch model (bf16's error "
-                                         "grows with the output's scale)", gt=0)
-    cosine_min: float = _f(0.999, "smallest per-image cosine with the torch model", ge=-1, le=1)
+    """bf16 keeps 8 bits of mantissa: its error grows with the output's scale and with depth, so it is
+    judged by cosines (on DINOv2 ViT-S/14, OpenVINO bf16: mean 0.9998, min 0.998 over 1,000 images)."""
+
+    cosine_mean: float = _f(0.999, "at least this mean per-image cosine with the torch model", ge=-1, le=1)
+    cosine_min: float = _f(0.99, "smallest per-image cosine with the torch model", ge=-1, le=1)
+    max_abs_err: float | None = _f(None, "optional: largest absolute difference from the torch model", gt=0)
 
 
 class FidelityGate(_Strict):
@@ -518,15 +521,27 @@ def read_yaml(path: str | Path) -> dict:
     return doc
 
 
+_UNION_TAGS = ("float", "int", "str", "bool", "list", "dict", "none")
+
+
 def format_errors(err: ValidationError) -> list[str]:
-    out = []
+    out: list[str] = []
+    unions: dict[str, list[str]] = {}  # a key with a union type: one line with every member's complaint
     for e in err.errors():
-        loc = ".".join("validate" if p == "validate_" else str(p) for p in e["loc"])
+        parts = ["validate" if p == "validate_" else str(p) for p in e["loc"]]
         msg = "unknown key" if e["type"] == "extra_forbidden" else e["msg"]
         msg = msg.removeprefix("Value error, ")
+        if parts and (parts[-1] in _UNION_TAGS or parts[-1].startswith(("literal[", "list[", "dict["))):
+            key = ".".join(parts[:-1])
+            if key not in unions:
+                unions[key] = []
+                out.append(key)  # placeholder, filled below in order
+            unions[key].append(msg)
+            continue
+        loc = ".".join(parts)
         # Cross-field checks name their keys themselves.
         out.append(msg if not loc or msg.startswith((f"{loc}.", f"{loc}:", f"{loc} ")) else f"{loc}: {msg}")
-    return out
+    return [f"{line}: " + ", or ".join(unions[line]) if line in unions else line for line in out]
 
 
 def recipe_problems(doc: dict) -> tuple[Recipe | None, list[str]]:

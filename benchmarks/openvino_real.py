@@ -39,7 +39,7 @@ from amp_deploy.measure.validation import RunnerModel  # noqa: E402
 from amp_deploy.pipeline.context import Context  # noqa: E402
 from amp_deploy.recipe import load_recipe  # noqa: E402
 
-BATCHES = (1, 8, 32)
+BATCHES = [1, 8, 32]  # --batches replaces it
 
 
 def rows_of(folder: Path, threads: int | None) -> dict[str, tuple]:
@@ -130,8 +130,9 @@ def print_rows(title: str, fid: dict, speed: dict, knn: bool) -> None:
     print(f"\n## {title}\n")
     head = "| model | runtime, precision | cosine to original | parity (cosine min to its fp32) |"
     head += " k-NN top-1 % |" if knn else ""
-    print(head + " p50 b=1 ms | b=8 | b=32 | speedup b=1 | b=8 | b=32 |")
-    print("|---|---|---:|---:|" + ("---:|" if knn else "") + "---:|---:|---:|---:|---:|---:|")
+    print(head + " " + " | ".join(f"p50 b={b} ms" for b in BATCHES) + " | "
+          + " | ".join(f"speedup b={b}" for b in BATCHES) + " |")
+    print("|---|---|---:|---:|" + ("---:|" if knn else "") + "---:|" * (2 * len(BATCHES)))
     for name, f in fid.items():
         model, rt = name.split(" ", 1)
         cells = [f"{f['cosine']:.4f}", f"{f['parity']:.5f}"] + ([f"{f['knn']:.2f}"] if knn else [])
@@ -168,7 +169,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2, help="threads of every runner (both runtimes alike)")
     ap.add_argument("--nncf-choices", action="store_true")
     ap.add_argument("--skip-build-size", action="store_true", help="only the --size table")
+    ap.add_argument("--batches", type=int, nargs="+", default=BATCHES)
     a = ap.parse_args()
+    BATCHES[:] = a.batches
     ctx = Context.create(load_recipe(a.build / "recipe.yaml"), a.build)
     start = time.time()
     holdout = ctx.data().holdout.images

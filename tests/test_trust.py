@@ -423,3 +423,8 @@ def test_distill_lr_auto_is_probed_recorded_and_used(tmp_path):
     assert log["lr_setting"] == "auto" and set(probe["losses"]) == {"1e-05", "0.001"}
     assert log["lr"] == min((1e-5, 1e-3), key=lambda r: (probe["losses"][repr(r)], r))
     assert "chosen by the probe" in res.output and "Learning rate chosen by the probe" in (out / "report.md").read_text()
+
+
+def test_a_key_of_two_types_gets_one_line():
+    res = runner.invoke(app, ["check", str(QUICKSTART), "distill.lr=fast"])
+    assert_one_line_error(res, "distill.lr: Input should be a valid number, or Input should be 'auto'")

@@ -207,17 +207,27 @@ def host_peak(fn: Callable[[], Any]) -> tuple[Any, int | None]:
 
 
 def release_free_memory() -> None:
-    """Collect garbage and hand the C heap's free pages back to the system (glibc's malloc_trim), so
-    that resident memory counted from here is memory a new allocation really took."""
-    import ctypes
-    import ctypes.util
+    """Collect garbage, and have glibc serve every allocation of 1 MiB or more (weights, activations,
+    runtime arenas) from its own mapping, returned to the system when freed: otherwise a session
+    reuses pages an earlier one freed and seems to need none. (mallopt's M_MMAP_THRESHOLD, set once;
+    glibc's default threshold grows to 32 MiB after the first large free. Not malloc_trim: trimming
+    under OpenVINO's live sessions corrupted the heap on DINOv2 ViT-S/14.)"""
     import gc
 
     gc.collect()
-    try:
-        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass  # not glibc: the figure may then undercount
+    if not _MMAP_SET:
+        import ctypes
+        import ctypes.util
+
+        try:
+            libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+            libc.mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
+        except (OSError, AttributeError):
+            pass  # not glibc: the figure may then undercount
+        _MMAP_SET.append(True)
+
+
+_MMAP_SET: list[bool] = []
 
 
 def _status_kb(field: str) -> int:

@@ -42,17 +42,18 @@ def cpu_model() -> str:
 
 def parity_breaches(report: dict, max_abs_err: float, cosine_min: float,
                     reduced: tuple[float, float] | None = None,
-                    bf16: tuple[float | None, float] | None = None) -> list[str]:
+                    bf16: tuple[float | None, float, float] | None = None) -> list[str]:
     """Runtimes whose outputs differ from torch's beyond the limits (fp16/bf16/tf32 rows: `reduced`;
-    bf16 rows: `bf16` when given, whose absolute limit may be None: bf16 keeps 8 bits of mantissa, so
-    its absolute error grows with the output's scale and only the cosine judges it across models)."""
+    bf16 rows: `bf16` = (max_abs_err or None, cosine_min, cosine_mean) when given: bf16 keeps 8 bits of
+    mantissa, so its absolute error grows with the output's scale and the cosines judge it across models)."""
     out = []
     for name, row in report["runtimes"].items():
         if row.get("precision") in QUANTIZED:
             continue
         lim_err, lim_cos = reduced if reduced and row.get("precision") in REDUCED else (max_abs_err, cosine_min)
+        lim_mean = None
         if bf16 is not None and row.get("precision") == "bf16":
-            lim_err, lim_cos = bf16
+            lim_err, lim_cos, lim_mean = bf16
         for k in ("original", "pruned"):
             p = (row.get("parity") or {}).get(k)
             if p is None:
@@ -62,6 +63,8 @@ def parity_breaches(report: dict, max_abs_err: float, cosine_min: float,
                 out.append(f"{name} {k}: max_abs_err {p['max_abs_err']:.3g} > {lim_err:g}")
             if not p["cosine_min"] >= lim_cos:
                 out.append(f"{name} {k}: cosine_min {p['cosine_min']:.7f} < {lim_cos:g}")
+            if lim_mean is not None and not p.get("cosine_mean", float("nan")) >= lim_mean:
+                out.append(f"{name} {k}: cosine_mean {p.get('cosine_mean')} < {lim_mean:g}")
     return out
 
 
@@ -93,7 +96,7 @@ def apply_fidelity_gate(report: dict, cosine_mean: float | None, top1_agreement:
 
 def apply_parity_gate(report: dict, max_abs_err: float, cosine_min: float,
                       reduced: tuple[float, float] | None = None,
-                      bf16: tuple[float | None, float] | None = None) -> list[str]:
+                      bf16: tuple[float | None, float, float] | None = None) -> list[str]:
     """Record the parity gate in the report; return its breaches (empty when it passed)."""
     breaches = parity_breaches(report, max_abs_err, cosine_min, reduced, bf16)
     report.setdefault("gates", {})["parity"] = {"passed": not breaches, "breaches": breaches,

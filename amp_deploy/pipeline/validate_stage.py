@@ -300,7 +300,7 @@ def stage_validate(ctx: Context) -> None:
     report = build_report(ctx)
     parity = apply_parity_gate(report, v.parity.max_abs_err, v.parity.cosine_min,
                                (v.parity_reduced.max_abs_err, v.parity_reduced.cosine_min),
-                               (v.parity_bf16.max_abs_err, v.parity_bf16.cosine_min))
+                               (v.parity_bf16.max_abs_err, v.parity_bf16.cosine_min, v.parity_bf16.cosine_mean))
     fid, undecided = apply_fidelity_gate(report, v.fidelity.cosine_mean, v.fidelity.top1_agreement,
                                          v.fidelity.accuracy_drop)
     quant = apply_quantization_gate(report, {"int8": v.parity_int8.model_dump(), "fp8": v.parity_fp8.model_dump()})
