@@ -268,9 +268,7 @@ def compare_cmd(reports: Annotated[list[Path], typer.Argument(help="report.json 
 def _log_console() -> Console:
     """stdout, as wide as a table needs when it is no terminal (a CI log): Rich would draw 80 columns
     and cut every cell."""
-    import os
-
-    if out.is_terminal or os.environ.get("COLUMNS"):
+    if out.is_terminal:
         return out
     return Console(highlight=False, width=240)
 
@@ -278,17 +276,17 @@ def _log_console() -> Console:
 def _compare_table(cmp: dict) -> None:
     out = _log_console()
     s = Table(title="reports")
-    for col in ("report", "params", "FLOPs", "accuracy %", "cosine mean", "path"):
-        s.add_column(col, justify="left" if col in ("report", "path") else "right")
+    for col in ("report", "params", "FLOPs", "accuracy %", "cosine mean", "path"):  # fold, never cut with "…"
+        s.add_column(col, justify="left" if col in ("report", "path") else "right", overflow="fold")
     for label, r in cmp["summary"].items():
         acc = "n/a" if r["accuracy"] is None else f"{r['accuracy']:.2f}"
-        s.add_row(label, f"{r['params']:,}", f"{r['flops']:,}", acc, f"{r['cosine_mean']:.5f}", r["path"])
+        s.add_row(label, f"{r['params']:,}", f"{r['flops']:,}", acc, f"{r['cosine_mean']:.5f}", escape(r["path"]))
     out.print(s)
     t = Table(title="latency vs A (ms)")
     from amp_deploy.measure.compare import ci_text
 
     for col in ("vs A", "runtime", "model", "batch", "p50 A", "p50", "change", "95% CI", "p99 A", "p99", "img/s change"):
-        t.add_column(col, justify="left" if col in ("vs A", "runtime", "model") else "right")
+        t.add_column(col, justify="left" if col in ("vs A", "runtime", "model") else "right", overflow="fold")
     for r in cmp["rows"]:
         color = "red" if r["p50_change_pct"] > 0 else "green"
         t.add_row(r["report"], r["runtime"], r["model"], str(r["batch"]), f"{r['p50'][0]:.3f}", f"{r['p50'][1]:.3f}",

@@ -2,7 +2,10 @@
 ONNX Runtime's, the precision it really ran, the latency budget's runner, Triton's openvino backend,
 and bad settings refused before any work."""
 
+import importlib.util
 import json
+import os
+import subprocess
 import sys
 
 import numpy as np
@@ -13,14 +16,26 @@ from amp_deploy.cli import app
 
 from .conftest import FAST, QUICKSTART, assert_one_line_error, build, tiny_recipe
 
-ov = pytest.importorskip("openvino", reason="openvino is not installed (the openvino extra)")
+# Not imported here: OpenVINO's sessions run in child processes (a build, a runner), so that no xdist worker
+# keeps OpenVINO's thread pool and allocations beside the other tests' runtimes.
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("openvino") is None,
+                                reason="openvino is not installed (the openvino extra)")
 runner = CliRunner()
 
 
-def _has_bf16() -> bool:
-    from amp_deploy.deploy.openvino import bf16_problem
+def _cli(*args) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "amp_deploy.cli", *map(str, args)], capture_output=True, text=True,
+                          timeout=900, env={**os.environ, "COLUMNS": "200"})
 
-    return bf16_problem() is None
+
+def _py(code: str) -> str:
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-2000:]
+    return res.stdout
+
+
+def _has_bf16() -> bool:
+    return _py("from amp_deploy.deploy.openvino import bf16_problem; print(bf16_problem() is None)").strip() == "True"
 
 
 @pytest.fixture(scope="session")
@@ -28,9 +43,9 @@ def ov_build(tmp_path_factory):
     """The quickstart with OpenVINO fp32 (and bf16 where the CPU has it) and NNCF INT8 beside ONNX Runtime."""
     out = tmp_path_factory.mktemp("ov") / "out"
     runtimes = ["onnxruntime", "openvino"] + (["openvino-bf16"] if _has_bf16() else [])
-    res = build(QUICKSTART, "--out", out, *FAST, f"runtimes=[{','.join(runtimes)}]",
-                "quantize.formats=[openvino-int8]", "quantize.calibration=128")
-    assert res.exit_code == 0, res.output
+    res = _cli("build", QUICKSTART, "--out", out, *FAST, f"runtimes=[{','.join(runtimes)}]",
+               "quantize.formats=[openvino-int8]", "quantize.calibration=128")
+    assert res.returncode == 0, res.stderr
     return out, json.loads((out / "report.json").read_text())
 
 
@@ -72,17 +87,15 @@ def test_the_ir_is_keyed_like_every_artifact(ov_build, tmp_path):
     shutil.copytree(ov_build[0], out)
     (out / "pruned.bin").unlink()
     runtimes = ["onnxruntime", "openvino"] + (["openvino-bf16"] if _has_bf16() else [])
-    res = build(QUICKSTART, "--out", out, *FAST, f"runtimes=[{','.join(runtimes)}]",
-                "quantize.formats=[openvino-int8]", "quantize.calibration=128")
-    assert res.exit_code == 0 and "export: done" in res.output and "score: inputs unchanged" in res.output
+    res = _cli("build", QUICKSTART, "--out", out, *FAST, f"runtimes=[{','.join(runtimes)}]",
+               "quantize.formats=[openvino-int8]", "quantize.calibration=128")
+    assert res.returncode == 0 and "export: done" in res.stderr and "score: inputs unchanged" in res.stderr, res.stderr
     assert (out / "pruned.bin").is_file()
 
 
 def test_a_triton_openvino_entry_serves_the_ir(ov_build, tmp_path):
     from google.protobuf import text_format
     from tritonclient.grpc import model_config_pb2 as mc
-
-    from amp_deploy.deploy.runtimes import onnxruntime_runner, openvino_runner
 
     out = ov_build[0]
     for backend, src in (("openvino", "pruned.xml"), ("openvino-int8", "pruned.openvino-int8.xml")):
@@ -93,24 +106,31 @@ def test_a_triton_openvino_entry_serves_the_ir(ov_build, tmp_path):
         cfg = text_format.Parse((entry / "config.pbtxt").read_text(), mc.ModelConfig())
         assert cfg.backend == "openvino" and cfg.instance_group[0].kind == mc.ModelInstanceGroup.KIND_CPU
         assert (entry / "1" / "model.xml").read_bytes() == (out / src).read_bytes()
-    x = np.random.default_rng(0).standard_normal((2, 3, 8, 8)).astype(np.float32)
-    served = openvino_runner(tmp_path / "openvino" / "quickstart" / "1" / "model.xml").run(x)
-    np.testing.assert_allclose(served, onnxruntime_runner(out / "pruned.onnx").run(x), atol=1e-4)
+    served = tmp_path / "openvino" / "quickstart" / "1" / "model.xml"
+    diff = _py("import numpy as np\n"
+               "from amp_deploy.deploy.runtimes import onnxruntime_runner, openvino_runner\n"
+               "x = np.random.default_rng(0).standard_normal((2, 3, 8, 8)).astype(np.float32)\n"
+               f"a = openvino_runner({str(served)!r}).run(x)\n"
+               f"b = onnxruntime_runner({str(out / 'pruned.onnx')!r}).run(x)\n"
+               "print(float(np.abs(a - b).max()))")
+    assert float(diff) < 1e-4
 
 
 def test_the_latency_budget_opens_openvino_runners_as_the_build_does(tmp_path):
-    from amp_deploy.pipeline.context import Context
-    from amp_deploy.pipeline.speedup import runner_factory
-    from amp_deploy.recipe import load_recipe
-
-    recipe = load_recipe(QUICKSTART, ["runtimes=[openvino]", "prune.target_speedup=1.1",
-                                      "prune.latency.runtime=openvino"])
-    ctx = Context.create(recipe, tmp_path)
-    loaded = ctx.original()
-    opener = runner_factory(ctx, loaded.input_size, tmp_path)(lambda: ctx.original().model, "full")
-    r = opener()
-    x = np.random.default_rng(0).standard_normal((8, *loaded.input_size)).astype(np.float32)
-    assert r.run(x).shape == (8, 10) and set(r.info["execution_precision"]) == {"f32"}
+    code = f"""
+import numpy as np
+from amp_deploy.pipeline.context import Context
+from amp_deploy.pipeline.speedup import runner_factory
+from amp_deploy.recipe import load_recipe
+recipe = load_recipe({str(QUICKSTART)!r}, ["runtimes=[openvino]", "prune.target_speedup=1.1",
+                                             "prune.latency.runtime=openvino"])
+ctx = Context.create(recipe, {str(tmp_path)!r})
+loaded = ctx.original()
+r = runner_factory(ctx, loaded.input_size, ctx.folder.root)(lambda: ctx.original().model, "full")()
+x = np.random.default_rng(0).standard_normal((8, *loaded.input_size)).astype(np.float32)
+print(r.run(x).shape, sorted(r.info["execution_precision"]))
+"""
+    assert _py(code).strip() == "(8, 10) ['f32']"
 
 
 # --- refused before any work ------------------------------------------------------------------------------

@@ -375,10 +375,6 @@ def test_an_embedding_model_shows_its_fidelity_and_no_n_a(tmp_path):
     assert "output cosine to the original" in res.output
     md = (out / "report.md").read_text()
     assert "n/a%" not in md and "threshold 0.05" in md
-    rep = json.loads((out / "report.json").read_text())
-    mem = rep["runtimes"]["onnxruntime"]["memory"]
-    for k in ("original", "pruned"):  # a session holds at least its weights
-        assert mem[k]["host_peak_bytes"] >= 0.5 * mem[k]["weights_bytes"], mem
 
 
 def test_a_latency_budget_report_names_the_budget_not_a_threshold():

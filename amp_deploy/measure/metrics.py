@@ -207,27 +207,13 @@ def host_peak(fn: Callable[[], Any]) -> tuple[Any, int | None]:
 
 
 def release_free_memory() -> None:
-    """Collect garbage, and have glibc serve every allocation of 1 MiB or more (weights, activations,
-    runtime arenas) from its own mapping, returned to the system when freed: otherwise a session
-    reuses pages an earlier one freed and seems to need none. (mallopt's M_MMAP_THRESHOLD, set once;
-    glibc's default threshold grows to 32 MiB after the first large free. Not malloc_trim: trimming
-    under OpenVINO's live sessions corrupted the heap on DINOv2 ViT-S/14.)"""
+    """Collect garbage before a measurement. (Handing the C heap's free pages back to the system would
+    stop a new session from reusing an earlier one's freed pages and reading as needing none; both
+    malloc_trim and mallopt's M_MMAP_THRESHOLD were tried, and with either a process later crashed in
+    glibc's allocator (DINOv2 validate under OpenVINO; a test worker): left out, the figure may undercount.)"""
     import gc
 
     gc.collect()
-    if not _MMAP_SET:
-        import ctypes
-        import ctypes.util
-
-        try:
-            libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-            libc.mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
-        except (OSError, AttributeError):
-            pass  # not glibc: the figure may then undercount
-        _MMAP_SET.append(True)
-
-
-_MMAP_SET: list[bool] = []
 
 
 def _status_kb(field: str) -> int:

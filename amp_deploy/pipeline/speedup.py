@@ -221,7 +221,8 @@ def latency_search(ctx: Context, loaded: Loaded, scores, curves_of: Callable[[Lo
     finally:
         gc.collect()
         shutil.rmtree(work, ignore_errors=True)
-    best = min(rounds, key=lambda r: abs(r["measured_speedup"] / target - 1))
+    pruning = [r for r in rounds if r["widths"] != original] or rounds  # the full model answers no budget
+    best = min(pruning, key=lambda r: abs(r["measured_speedup"] / target - 1))
     return dict(
         widths=best["widths"], base_loss=curves.base_loss, losses=[], block_forwards=curves.block_forwards,
         block_forwards_naive=curves.block_forwards, steps=[], loss_fell=[], threshold=None,
