@@ -24,14 +24,13 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp_path = Path(tmp)
-    os.chmod(tmp_path, 0o666 & ~_umask())  # mkstemp makes 0600; the final file follows the umask
     try:
         try:
             yield tmp_path
-            # a writer that replaced the file (safetensors writes its own, mode 0600) must not decide
-            # who can read it: the final file follows the umask like every other output
+            # mkstemp makes 0600, and a writer may replace the file with its own (safetensors does):
+            # the final file follows the umask like every other output
             if tmp_path.is_file():
-                os.chmod(tmp_path, 0o666 & ~_umask())
+                os.chmod(tmp_path, file_mode())
         except OSError as e:
             if e.errno == errno.ENOSPC and not e.filename:  # name the file being written
                 raise OSError(e.errno, e.strerror, str(path)) from e

@@ -22,6 +22,7 @@ from amp_deploy.deploy.quantize import DEFAULT_ORT_OPS, CalibrationMethod, Forma
 from amp_deploy.deploy.runtimes import RuntimeName
 from amp_deploy.errors import UserError
 from amp_deploy.files import SAFE_NAME
+from amp_deploy.prune.distill import LR_CANDIDATES
 from amp_deploy.prune.score import Criterion, SearchLoss, Taylor
 
 NAME_PATTERN = SAFE_NAME  # a recipe name: names out/NAME and Triton entries
@@ -203,7 +204,7 @@ class DistillSpec(_Strict):
                                             "model trained from scratch lost 1.9 points at 3e-5 where 3e-4 lost "
                                             "none: no one rate holds for both)")
     lr_candidates: list[float] = _f(description="distill.lr auto: the peak rates probed",
-                                    factory=lambda: [3e-5, 1e-4, 3e-4], min_length=1)
+                                    factory=lambda: list(LR_CANDIDATES), min_length=1)
     probe: float = _f(0.25, "distill.lr auto: each candidate's probe, as a fraction of the run's steps (at least 8 "
                             "steps, at most the run)", gt=0, le=1)
     batch_size: int = _f(64, "global batch, split across --nproc processes", ge=1)

@@ -40,6 +40,7 @@ FP8_MIN_CAPABILITY = (8, 9)  # Ada and Hopper and later: FP8 tensor cores
 # Operators ONNX Runtime quantizes by default (the matrix products). The rest of a ViT (LayerNorm,
 # Softmax, GELU, residual adds, reshapes) stays in float: measured in RESULTS.md.
 DEFAULT_ORT_OPS = ("MatMul", "Gemm", "Conv")
+NOTHING_QUANTIZED = "no matrix product is quantized: the model is float with quantize/dequantize pairs around it"
 
 
 def precision_of(fmt: str) -> str:
@@ -363,7 +364,7 @@ def coverage_problems(coverage: dict[str, Any], per_block: int | None = None) ->
     if not coverage["blocks"]:
         out.append("no transformer block found by name in the graph")
     if not quantized_matmuls(coverage):
-        out.append("no matrix product is quantized: the model is float with quantize/dequantize pairs around it")
+        out.append(NOTHING_QUANTIZED)
     return out
 
 

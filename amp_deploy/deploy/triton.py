@@ -65,6 +65,7 @@ def write_model_repository(repo: Path, name: str, *, onnx_path: Path, max_batch:
     plan (platform tensorrt_plan, keyed by the compute capability in its sidecar). The entry appears
     whole or not at all; `provenance` is written beside config.pbtxt as amp-deploy.json."""
     from amp_deploy.deploy.export import external_files
+    from amp_deploy.deploy.openvino import ir_files
     from amp_deploy.deploy.tensorrt_engine import read_sidecar
 
     if not re.fullmatch(SAFE_NAME, name):
@@ -72,7 +73,7 @@ def write_model_repository(repo: Path, name: str, *, onnx_path: Path, max_batch:
     plans, platform, parameters = None, "onnxruntime" if plan_path is None else "tensorrt", None
     if ir_path is not None:  # OpenVINO IR; the ONNX export it came from names the shapes
         in_dims, out_dims, dtype = _io(onnx_path)
-        files = {"model.xml": ir_path, "model.bin": ir_path.with_suffix(".bin")}
+        files = dict(zip(("model.xml", "model.bin"), ir_files(ir_path)))
         platform, parameters = "openvino", {"PERFORMANCE_HINT": "LATENCY"}
     elif plan_path is None:
         in_dims, out_dims, dtype = _io(onnx_path)

@@ -196,7 +196,12 @@ def host_peak(fn: Callable[[], Any]) -> tuple[Any, int | None]:
     Linux: the high-water mark is reset through /proc/self/clear_refs, then read from VmHWM. None
     where that is not available.
     """
-    release_free_memory()  # else the new session reuses pages an earlier one freed and seems to need none
+    import gc
+
+    # Freed pages stay in the C heap, so a session may reuse an earlier one's and read as needing little:
+    # handing them back (malloc_trim, or mallopt's M_MMAP_THRESHOLD) was tried and each time a process
+    # later crashed in glibc's allocator (DINOv2 validate under OpenVINO; a test worker), so it is not done.
+    gc.collect()
     try:
         base = _status_kb("VmRSS")
         Path("/proc/self/clear_refs").write_text("5")
@@ -204,16 +209,6 @@ def host_peak(fn: Callable[[], Any]) -> tuple[Any, int | None]:
         return fn(), None
     result = fn()
     return result, max(0, _status_kb("VmHWM") - base) * 1024
-
-
-def release_free_memory() -> None:
-    """Collect garbage before a measurement. (Handing the C heap's free pages back to the system would
-    stop a new session from reusing an earlier one's freed pages and reading as needing none; both
-    malloc_trim and mallopt's M_MMAP_THRESHOLD were tried, and with either a process later crashed in
-    glibc's allocator (DINOv2 validate under OpenVINO; a test worker): left out, the figure may undercount.)"""
-    import gc
-
-    gc.collect()
 
 
 def _status_kb(field: str) -> int:

@@ -72,10 +72,10 @@ class Stage:
 
 
 def runs_openvino(recipe: Recipe) -> bool:
-    """The recipe measures OpenVINO (a runtime row, or a latency budget on it): its IR is exported."""
+    """The recipe has an OpenVINO row (a latency budget on OpenVINO must have one too): its IR is exported."""
     from amp_deploy.deploy.runtimes import OPENVINO_RUNTIMES
 
-    return bool(set(OPENVINO_RUNTIMES) & set(recipe.runtimes)) or recipe.prune.latency.runtime == "openvino"
+    return bool(set(OPENVINO_RUNTIMES) & set(recipe.runtimes))
 
 
 def resolve_device(name: str) -> torch.device:

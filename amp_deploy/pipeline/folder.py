@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from amp_deploy.deploy.openvino import ir_files
 from amp_deploy.errors import first_line
 from amp_deploy.files import atomic_path, write_json, write_text
 
@@ -97,8 +98,7 @@ class BuildFolder:
 
     def ir_files(self) -> list[Path]:
         """Both models' IR files (graph and weights), when the recipe runs OpenVINO."""
-        return [p for w in ("original", "pruned") for p in (self.ir(w), self.ir(w).with_suffix(".bin"))] \
-            if self.openvino else []
+        return [p for w in ("original", "pruned") for p in ir_files(self.ir(w))] if self.openvino else []
 
     @property
     def quantize_log(self) -> Path:
@@ -106,7 +106,7 @@ class BuildFolder:
 
     def quantized_files(self, formats: list[str]) -> list[Path]:
         files = [self.quantized(w, f) for f in formats for w in ("original", "pruned")]
-        return [q for p in files for q in ((p, p.with_suffix(".bin")) if p.suffix == ".xml" else (p,))]
+        return [q for p in files for q in (ir_files(p) if p.suffix == ".xml" else (p,))]
 
     def plan(self, which: Which, fmt: str | None = None) -> Path:
         """The engine of `which` (fp16/bf16/fp32 from the export), or of a TensorRT Q/DQ format."""

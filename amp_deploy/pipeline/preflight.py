@@ -77,7 +77,8 @@ def _latency_preflight(recipe: Recipe, device: str | None) -> None:
 
 
 def _openvino_preflight(recipe: Recipe) -> None:
-    """OpenVINO (and NNCF for its INT8) installed; bf16 only on a CPU with bf16 units."""
+    """OpenVINO (and NNCF for its INT8) installed; bf16 only on a CPU with bf16 units. (A latency
+    budget on OpenVINO needs the same row in the recipe, so it is checked here too.)"""
     from amp_deploy.deploy.runtimes import OPENVINO_RUNTIMES
     from amp_deploy.pipeline.context import runs_openvino
 
@@ -85,13 +86,11 @@ def _openvino_preflight(recipe: Recipe) -> None:
         return
     from amp_deploy.deploy.openvino import bf16_problem, openvino_problem
 
-    int8 = "openvino-int8" in recipe.quantize.formats or (
-        recipe.prune.latency.runtime == "openvino" and recipe.prune.latency.precision == "int8")
+    int8 = "openvino-int8" in recipe.quantize.formats
     asked = [r for r in recipe.runtimes if r in OPENVINO_RUNTIMES] + (["openvino-int8"] if int8 else [])
     if problem := openvino_problem(int8):
         raise UserError(f"runtimes {asked}: {problem}")
-    lat = recipe.prune.latency
-    if "openvino-bf16" in recipe.runtimes or (lat.runtime == "openvino" and lat.precision == "bf16"):
+    if "openvino-bf16" in recipe.runtimes:
         if problem := bf16_problem():
             raise UserError(f"openvino bf16: {problem}; use runtimes openvino (fp32) or openvino-int8")
 

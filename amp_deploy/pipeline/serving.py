@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
+from amp_deploy.deploy.openvino import ir_files
 from amp_deploy.deploy.triton import write_model_repository
 from amp_deploy.errors import UserError
 from amp_deploy.pipeline.folder import BuildFolder
@@ -32,7 +33,7 @@ def triton_entry(out: Path, repo: Path, name: str | None = None,
     ir = None
     if backend.startswith("openvino"):
         ir = folder.ir(which) if backend == "openvino" else folder.quantized(which, backend)
-        if not (ir.is_file() and ir.with_suffix(".bin").is_file()):
+        if not all(p.is_file() for p in ir_files(ir)):
             how = "runtimes [openvino]" if backend == "openvino" else "quantize.formats [openvino-int8]"
             raise UserError(f"{out}: no {ir.name}; build with {how} first")
     stages = list(Manifest(folder.manifest).stages)

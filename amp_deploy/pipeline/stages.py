@@ -392,7 +392,7 @@ def export_depends(recipe) -> tuple[str, ...]:
     """The export reads the export section; with OpenVINO in the recipe it also writes IR."""
     from amp_deploy.pipeline.context import runs_openvino
 
-    return ("export", "runtimes", "prune.latency.runtime") if runs_openvino(recipe) else ("export",)
+    return ("export", "runtimes") if runs_openvino(recipe) else ("export",)
 
 
 def stage_quantize(ctx: Context) -> None:
@@ -414,17 +414,16 @@ def stage_quantize(ctx: Context) -> None:
                 src, dst = f.onnx(which), f.quantized(which, fmt)
                 if fmt == "openvino-int8":
                     info = _quantize_openvino(ctx, src, dst, reader)
-                    log["formats"][fmt][which] = info
-                    advance(1)
-                    continue
-                if fmt == "onnxruntime-int8":
-                    info = Q.quantize_onnxruntime(src, dst, reader, method=q.method, per_channel=q.per_channel,
-                                                  op_types=q.op_types, preprocess=q.preprocess, activation=q.activations)
                 else:
-                    info = Q.quantize_modelopt(src, dst, reader, precision=Q.precision_of(fmt))
-                info["coverage"] = Q.matmul_coverage(dst, src)
-                info["coverage_problems"] = Q.coverage_problems(info["coverage"])
-                info["quantized_matmuls"] = Q.quantized_matmuls(info["coverage"])
+                    if fmt == "onnxruntime-int8":
+                        info = Q.quantize_onnxruntime(src, dst, reader, method=q.method, per_channel=q.per_channel,
+                                                      op_types=q.op_types, preprocess=q.preprocess,
+                                                      activation=q.activations)
+                    else:
+                        info = Q.quantize_modelopt(src, dst, reader, precision=Q.precision_of(fmt))
+                    info["coverage"] = Q.matmul_coverage(dst, src)
+                    info["coverage_problems"] = Q.coverage_problems(info["coverage"])
+                    info["quantized_matmuls"] = Q.quantized_matmuls(info["coverage"])
                 info["seconds"] = round(time.perf_counter() - start, 3)
                 log["formats"][fmt][which] = info
                 advance(1)
@@ -434,17 +433,13 @@ def stage_quantize(ctx: Context) -> None:
 def _quantize_openvino(ctx: Context, src, dst, reader) -> dict:
     """NNCF's post-training INT8 of one export, as IR; which matrix products run in int8, from the
     compiled model's runtime graph (the rest pinned to f32)."""
-    import time as _time
-
     from amp_deploy.deploy import openvino as OV
+    from amp_deploy.deploy.quantize import NOTHING_QUANTIZED
 
-    start = _time.perf_counter()
     info = OV.quantize_nncf(src, dst, list(reader.batches), model_type=ctx.recipe.quantize.openvino_model_type)
     q = OV.quantized_matmuls(dst)
     info.update(quantized_matmuls=q["quantized"], matmuls=q["matmuls"], execution_precision=q["precisions"],
-                coverage_problems=[] if q["quantized"] else
-                ["no matrix product is quantized: the model is float with quantize/dequantize pairs around it"],
-                seconds=round(_time.perf_counter() - start, 3))
+                coverage_problems=[] if q["quantized"] else [NOTHING_QUANTIZED])
     return info
 
 

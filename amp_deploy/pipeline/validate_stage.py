@@ -109,6 +109,7 @@ def _quantize_section(ctx: Context) -> dict[str, Any] | None:
 
 def _weights_bytes(ctx: Context, name: str, models: dict[str, torch.nn.Module]) -> Callable[[str], int]:
     from amp_deploy.deploy.export import external_files
+    from amp_deploy.deploy.openvino import ir_files
 
     f = ctx.folder
     fmt = quantized_rows(ctx.recipe.quantize.formats).get(name)
@@ -116,10 +117,10 @@ def _weights_bytes(ctx: Context, name: str, models: dict[str, torch.nn.Module]) 
         if _engine_row(name):
             return lambda k: f.plan(k, fmt).stat().st_size
         if fmt.startswith("openvino-"):
-            return lambda k: sum(p.stat().st_size for p in (f.quantized(k, fmt), f.quantized(k, fmt).with_suffix(".bin")))
+            return lambda k: sum(p.stat().st_size for p in ir_files(f.quantized(k, fmt)))
         return lambda k: f.quantized(k, fmt).stat().st_size
     if name.startswith("openvino"):
-        return lambda k: sum(p.stat().st_size for p in (f.ir(k), f.ir(k).with_suffix(".bin")))
+        return lambda k: sum(p.stat().st_size for p in ir_files(f.ir(k)))
     if name == "tensorrt":
         return lambda k: f.plan(k).stat().st_size
     if name.startswith("torch"):
