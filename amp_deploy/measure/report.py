@@ -331,8 +331,11 @@ def render_md(rep: dict) -> str:
         lines += [f"\n> {w}" for w in row.get("warnings", [])]
         mem = row["memory"]
         lines += ["", f"Weights: {mem['original']['weights_bytes']:,} -> {mem['pruned']['weights_bytes']:,} bytes. "
-                  f"Peak host memory of the session (batch {mem['original']['measured_at_batch']}): "
+                  f"Peak host memory of the session (batch {mem['original']['measured_at_batch']}, measured in "
+                  f"{mem['original'].get('host_peak_measured_in', 'this process')}): "
                   f"{_mib(mem['original']['host_peak_bytes'])} -> {_mib(mem['pruned']['host_peak_bytes'])}.", ""]
+        lines += [f"> host memory of the {k} model not measured: {m['host_peak_missing']}" for k, m in mem.items()
+                  if m.get("host_peak_missing")]
     w = rep["widths"]
     lines += ["## MLP width per block", "", "| block | original | pruned | kept |", "|---:|---:|---:|---:|"]
     lines += [f"| {i} | {a} | {b} | {b / a:.0%} |" for i, (a, b) in enumerate(zip(w["original"], w["pruned"]))]

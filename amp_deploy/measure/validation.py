@@ -13,6 +13,7 @@ from typing import Any, Literal
 import torch
 
 from amp_deploy.deploy.runtimes import Runner, Unavailable
+from amp_deploy.deploy.session_memory import SessionSpec
 from amp_deploy.errors import UserError, first_line
 from amp_deploy.measure import metrics as M
 
@@ -54,8 +55,8 @@ def runtime_row(make: Callable[[Which], Runner], *, precision: str, holdout: tor
                 refs: dict[str, torch.Tensor], batch_sizes: list[int], batch_range: tuple[int, int],
                 warmup: int, iterations: int, warmup_seconds: float = 0.0, parity: bool = True,
                 weights_bytes: Callable[[Which], int], on_batch: Callable[[], None] = lambda: None,
-                extra: Callable[[dict[str, Runner], dict[str, torch.Tensor]], dict[str, Any]] | None = None
-                ) -> dict[str, Any]:
+                extra: Callable[[dict[str, Runner], dict[str, torch.Tensor]], dict[str, Any]] | None = None,
+                session: Callable[[Which], SessionSpec] | None = None) -> dict[str, Any]:
     """Measure one runtime: a row with status "ok", or "skipped"/"failed" and the reason.
 
     Args:
@@ -71,9 +72,18 @@ def runtime_row(make: Callable[[Which], Runner], *, precision: str, holdout: tor
         on_batch: called after each timed batch size (progress).
         extra: given the runners and their outputs on `holdout`, what goes under the row's
             "fidelity" (a quantized row: its price against the original fp32 model).
+        session: how a fresh process opens the same session (a CPU runtime on a file): its host memory
+            is then measured there (`deploy.session_memory`); without it, in this process, where a
+            session can reuse freed pages (a lower bound, said so in the row).
     """
     try:
-        runners, host_peak, device_peak = _start(make, M.batch_of(holdout, max(batch_sizes)))
+        largest = M.batch_of(holdout, max(batch_sizes))
+        memory_notes: dict[str, str] = {}
+        if session is not None:  # before this process opens its sessions: never both in memory at once
+            host_peak, memory_notes = _fresh_process_peaks(session, largest.shape)
+        runners, in_process, device_peak = _start(make, largest, measure=session is None)
+        if session is None:
+            host_peak = in_process
     except Unavailable as e:
         return {"status": "skipped", "reason": str(e)}
     except UserError as e:
@@ -99,27 +109,44 @@ def runtime_row(make: Callable[[Which], Runner], *, precision: str, holdout: tor
     row["speedup"] = {str(b): row["latency_ms"]["original"][str(b)]["p50"] / row["latency_ms"]["pruned"][str(b)]["p50"]
                       for b in batch_sizes}
     row["memory"] = {k: {"weights_bytes": weights_bytes(k), "host_peak_bytes": host_peak[k],
+                         "host_peak_measured_in": "a fresh process" if session is not None
+                         else "this process (a lower bound: it may reuse freed pages)",
                          "device_peak_bytes": device_peak.get(k), "measured_at_batch": max(batch_sizes)}
                      for k in MODELS}
+    for k, note in memory_notes.items():
+        row["memory"][k]["host_peak_missing"] = note
     return row
 
 
-def _start(make: Callable[[Which], Runner], largest) -> tuple[dict, dict, dict]:
-    """Both runners, each warmed by one run at the largest batch, with the memory that took."""
+def _fresh_process_peaks(session: Callable[[Which], SessionSpec], shape: tuple[int, ...]
+                         ) -> tuple[dict[str, int | None], dict[str, str]]:
+    from amp_deploy.deploy import session_memory
+
+    got = {k: session_memory.result(session_memory.start(session(k), shape)) for k in MODELS}  # one at a time
+    return {k: peak for k, (peak, _) in got.items()}, {k: why for k, (_, why) in got.items() if why}
+
+
+def _start(make: Callable[[Which], Runner], largest, measure: bool = True) -> tuple[dict, dict, dict]:
+    """Both runners, each warmed by one run at the largest batch, with the memory that took (host
+    memory only when `measure`)."""
 
     def create(k: Which) -> Runner:
         r = make(k)
         r.run(largest)
         return r
 
-    throwaway = M.host_peak(lambda: create("pruned"))  # a first session: one-time library set-up is nobody's peak
-    del throwaway  # freed (and handed back by the next host_peak) before the measured sessions start
+    if measure:
+        throwaway = M.host_peak(lambda: create("pruned"))  # a first session: one-time library set-up is nobody's peak
+        del throwaway
     runners, host_peak, device_peak = {}, {}, {}
     for k in MODELS:
         cuda_torch = torch.cuda.is_available()
         if cuda_torch:
             torch.cuda.reset_peak_memory_stats()
-        runners[k], host_peak[k] = M.host_peak(lambda k=k: create(k))
+        if measure:
+            runners[k], host_peak[k] = M.host_peak(lambda k=k: create(k))
+        else:
+            runners[k] = create(k)
         info = runners[k].info
         if info.get("device_memory_bytes") is not None:  # an engine states what it needs
             device_peak[k] = info["device_memory_bytes"]

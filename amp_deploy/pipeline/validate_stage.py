@@ -24,6 +24,7 @@ from amp_deploy.measure.report import (
     apply_quantization_gate,
     environment,
 )
+from amp_deploy.deploy.session_memory import SessionSpec
 from amp_deploy.measure.validation import fidelity, runtime_row
 from amp_deploy.prune.families import count_params
 
@@ -142,7 +143,27 @@ def _row(ctx: Context, name: str, models: dict, holdout, refs: dict, output: str
     return runtime_row(make, precision=precision, holdout=holdout.images, refs=refs, batch_sizes=v.batch_sizes,
                        batch_range=(b.min, b.max), warmup=v.warmup, iterations=v.iterations,
                        warmup_seconds=v.warmup_seconds, parity=name != "torch",
-                       weights_bytes=_weights_bytes(ctx, name, models), on_batch=lambda: advance(1), extra=extra)
+                       weights_bytes=_weights_bytes(ctx, name, models), on_batch=lambda: advance(1), extra=extra,
+                       session=_session_spec(ctx, name))
+
+
+def _session_spec(ctx: Context, name: str) -> Callable[[str], SessionSpec] | None:
+    """How a fresh process opens this row's session, for its host memory: the CPU runtimes on a file.
+    None for torch (its model lives in this process) and the GPU rows (their figure is device memory)."""
+    from amp_deploy.deploy.quantize import precision_of
+    from amp_deploy.deploy.runtimes import OPENVINO_RUNTIMES
+
+    f, threads = ctx.folder, ctx.recipe.validate_.threads
+    fmt = quantized_rows(ctx.recipe.quantize.formats).get(name)
+    if name == "onnxruntime":
+        return lambda k: SessionSpec("onnxruntime", str(f.onnx(k)), threads)
+    if name in OPENVINO_RUNTIMES:
+        return lambda k: SessionSpec("openvino", str(f.ir(k)), threads, OPENVINO_RUNTIMES[name])
+    if fmt is None or _engine_row(name) or precision_of(fmt) == "fp8":
+        return None
+    if fmt.startswith("openvino-"):
+        return lambda k: SessionSpec("openvino", str(f.quantized(k, fmt)), threads, "fp32")
+    return lambda k: SessionSpec("onnxruntime", str(f.quantized(k, fmt)), threads)
 
 
 def _quantized_fidelity(ctx: Context, labels, refs: dict, output: str):
