@@ -1,8 +1,9 @@
 """The pruned checkpoint: one safetensors file that rebuilds its exact architecture with no pickle.
 
 Its metadata holds the base model spec (source, name, factory kwargs), the MLP sites and the kept
-width of every block: `load_pruned` builds the base architecture with random weights, slices every
-MLP to those widths, then loads the tensors. `load_any` loads a model from a recipe's model
+width of every block (and, where heads were cut, each block's head count): `load_pruned` builds the
+base architecture with random weights, slices every MLP to those widths (and every attention to those
+heads), then loads the tensors. A checkpoint with no head counts keeps every head. `load_any` loads a model from a recipe's model
 section, one of our own checkpoints included.
 """
 
@@ -17,7 +18,7 @@ from torch import nn
 from amp_deploy.errors import UserError
 from amp_deploy.files import atomic_path
 from amp_deploy.prune.families import Loaded, load_model, safetensors_metadata, site_dicts
-from amp_deploy.prune.rebuild import apply_widths
+from amp_deploy.prune.rebuild import apply_heads, apply_widths
 
 FORMAT = "amp-deploy.pruned/1"
 ModelSource = Literal["timm", "open_clip", "transformers", "checkpoint"]  # the factories, and a pruned.safetensors of ours
@@ -36,6 +37,9 @@ def save_pruned(loaded: Loaded, path: str | Path, original_widths: list[int]) ->
         "original_widths": json.dumps(original_widths),
         "output": loaded.output,
     }
+    heads = loaded.heads()
+    if heads is not None:
+        meta["heads"] = json.dumps(heads)
     state = {k: v.detach().contiguous().cpu() for k, v in loaded.model.state_dict().items()}
     with atomic_path(path) as tmp:
         save_file(state, str(tmp), metadata=meta)
@@ -60,6 +64,8 @@ def load_pruned_model(path: str | Path) -> Loaded:
     base = json.loads(meta["base"])
     loaded = load_model(base["source"], base["name"], False, base["kwargs"], base.get("mlp_sites"))
     apply_widths(loaded, None, json.loads(meta["widths"]))
+    if "heads" in meta:
+        apply_heads(loaded, None, json.loads(meta["heads"]))
     try:
         loaded.model.load_state_dict(load_file(str(path)), strict=True)
     except RuntimeError as e:

@@ -182,6 +182,7 @@ def compare(reports: list[dict[str, Any]], fail_on_regression: float | None = No
         warnings.append("no runtime and batch size was measured in both the baseline and another report")
     summary = {label: {"path": rep["_path"], "params": rep["params"].get("pruned"), "flops": rep["flops"].get("pruned"),
                        "widths": rep["widths"].get("pruned"),
+                       "heads": (rep.get("heads") or {}).get("pruned"),  # reports before heads were cut: none
                        "accuracy": rep["fidelity"].get("accuracy_pruned"),
                        "cosine_mean": rep["fidelity"].get("cosine_mean")}
                for label, rep in zip(labels, reports)}
@@ -233,11 +234,14 @@ def _judge(rows: list[dict], unmeasured: list[dict], pct: float, regressions: li
 
 
 def render_md(cmp: dict[str, Any]) -> str:
-    lines = ["| report | params | FLOPs | accuracy % | cosine mean | widths |", "|---|---:|---:|---:|---:|---|"]
+    heads = any(s.get("heads") for s in cmp["summary"].values())
+    lines = [f"| report | params | FLOPs | accuracy % | cosine mean | widths |{' heads |' if heads else ''}",
+             f"|---|---:|---:|---:|---:|---|{'---|' if heads else ''}"]
     for label, s in cmp["summary"].items():
         acc = "n/a" if s["accuracy"] is None else f"{s['accuracy']:.2f}"
+        head_cell = f" {' '.join(map(str, s['heads'])) if s.get('heads') else 'n/a'} |" if heads else ""
         lines.append(f"| {label} | {s['params']:,} | {s['flops']:,} | {acc} | {s['cosine_mean']:.5f} | "
-                     f"{' '.join(map(str, s['widths']))} |")
+                     f"{' '.join(map(str, s['widths']))} |{head_cell}")
     lines += ["", "| vs A | runtime | model | batch | p50 ms (A -> X) | change | 95% CI | p99 ms (A -> X) | "
               "images/s change |", "|---|---|---|---:|---:|---:|---:|---:|---:|"]
     for r in cmp["rows"]:

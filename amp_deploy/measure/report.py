@@ -336,9 +336,15 @@ def render_md(rep: dict) -> str:
                   f"{_mib(mem['original']['host_peak_bytes'])} -> {_mib(mem['pruned']['host_peak_bytes'])}.", ""]
         lines += [f"> host memory of the {k} model not measured: {m['host_peak_missing']}" for k, m in mem.items()
                   if m.get("host_peak_missing")]
-    w = rep["widths"]
-    lines += ["## MLP width per block", "", "| block | original | pruned | kept |", "|---:|---:|---:|---:|"]
-    lines += [f"| {i} | {a} | {b} | {b / a:.0%} |" for i, (a, b) in enumerate(zip(w["original"], w["pruned"]))]
+    w, h = rep["widths"], rep.get("heads") or {}
+    if h.get("pruned") and h["pruned"] != h["original"]:  # heads were cut: both axes per block
+        lines += ["## MLP width and attention heads per block", "",
+                  "| block | original | pruned | kept | heads |", "|---:|---:|---:|---:|---:|"]
+        lines += [f"| {i} | {a} | {b} | {b / a:.0%} | {hp} of {ho} |" for i, (a, b, ho, hp)
+                  in enumerate(zip(w["original"], w["pruned"], h["original"], h["pruned"]))]
+    else:
+        lines += ["## MLP width per block", "", "| block | original | pruned | kept |", "|---:|---:|---:|---:|"]
+        lines += [f"| {i} | {a} | {b} | {b / a:.0%} |" for i, (a, b) in enumerate(zip(w["original"], w["pruned"]))]
     if rep.get("plots"):
         lines += ["", "## Plots", ""] + [f"![{Path(p).stem}]({p})" for p in rep["plots"]]
     lines.append("")

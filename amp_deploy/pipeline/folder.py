@@ -129,6 +129,16 @@ class BuildFolder:
         with safe_open(str(self.scores), framework="pt") as f:
             return [f.get_tensor(f"{kind}.{i}") for i in range(int(f.metadata()["blocks"]))]
 
+    def read_head_scores(self, kind: str = "abs") -> list[torch.Tensor] | None:
+        """Each block's head scores, or None where the scores have none (an attention of no known kind,
+        or a scores file from before heads were scored)."""
+        from safetensors import safe_open
+
+        with safe_open(str(self.scores), framework="pt") as f:
+            if f"heads.{kind}.0" not in f.keys():
+                return None
+            return [f.get_tensor(f"heads.{kind}.{i}") for i in range(int(f.metadata()["blocks"]))]
+
     def scores_meta(self) -> dict[str, str]:
         from safetensors import safe_open
 

@@ -17,11 +17,13 @@ from amp_deploy.checkpoint import load_pruned_model, save_pruned
 from amp_deploy.data import Split
 from amp_deploy.errors import UserError, first_line
 from amp_deploy.prune.families import Loaded, count_params
-from amp_deploy.prune.rebuild import apply_widths
+from amp_deploy.prune.rebuild import apply_heads, apply_widths
 from amp_deploy.prune.score import (
     DEFAULT_TEMPERATURE,
     TAYLOR_KINDS,
     default_view,
+    head_magnitude_scores,
+    head_random_scores,
     loss_features,
     loss_fn,
     magnitude_scores,
@@ -45,6 +47,8 @@ def stage_score(ctx: Context) -> None:
     loaded, data = ctx.original(), ctx.data()
     if p.criterion == "ce" and (data.calibration.labels is None or loaded.output != "logits"):
         raise UserError("prune.criterion: 'ce' needs labelled data (data.source: digits) and a classifier head")
+    if p.heads:
+        require_heads(loaded)
     start = time.perf_counter()
     rank, world = rank_world()  # across processes, each rank takes every world-th batch
     if p.criterion in ("entropy", "ce"):
@@ -60,8 +64,12 @@ def stage_score(ctx: Context) -> None:
             sums = taylor_scores(loaded, batches(), _loss(ctx, loaded, p.criterion), ctx.device,
                                  autocast=ctx.device.type == "cuda", checkpointing=p.checkpointing)
     else:
-        s = magnitude_scores(loaded) if p.criterion == "magnitude" else random_scores(loaded, ctx.recipe.data.seed)
+        magnitude = p.criterion == "magnitude"
+        s = magnitude_scores(loaded) if magnitude else random_scores(loaded, ctx.recipe.data.seed)
         sums = {k: [t.clone() for t in s] for k in TAYLOR_KINDS}
+        h = head_magnitude_scores(loaded) if magnitude else head_random_scores(loaded, ctx.recipe.data.seed)
+        if h is not None:
+            sums.update({f"heads.{k}": [t.clone() for t in h] for k in TAYLOR_KINDS})
     skipped = _summed(data.calibration.skipped if p.criterion in ("entropy", "ce") else 0)
     if rank == 0:  # rank 0 alone writes
         ctx.folder.write_scores(sums, {"criterion": p.criterion, "seconds": f"{time.perf_counter() - start:.3f}",
@@ -134,11 +142,13 @@ def _adaptive_search(ctx: Context, loaded: Loaded, scores) -> dict:
     loss = search_loss_fn(p.search_loss, criterion, view_of(ctx, loaded), temperature_of(ctx, loaded),
                           _text(ctx, loaded))
 
+    head_scores = _head_scores(ctx, loaded) if p.heads else None
+
     def run(target: Loaded, threshold: float, on_block=None):
         with loss_features(target, view_of(ctx, target)):
             return adaptive_widths(target, scores, data.validation, loss=loss, threshold=threshold,
                                    batch_size=ctx.recipe.data.batch_size, steps=p.steps, align=p.align,
-                                   device=ctx.device, cached=p.cache, on_block=on_block)
+                                   device=ctx.device, cached=p.cache, on_block=on_block, head_scores=head_scores)
 
     if p.target_speedup is not None or p.target_latency_ms is not None:
         return _latency_search(ctx, loaded, scores, loss)
@@ -149,7 +159,7 @@ def _adaptive_search(ctx: Context, loaded: Loaded, scores) -> dict:
     else:
         total = count_params(loaded.model)
         budget = int(p.target_params * total)
-        _budget_reachable(ctx, scores, loaded.widths(), budget, total)
+        _budget_reachable(ctx, scores, loaded.widths(), budget, total, heads=p.heads)
         advance = ctx.reporter.task("search: threshold for the parameter budget", None)
 
         def run_counted(target: Loaded, threshold: float):
@@ -169,27 +179,54 @@ def _adaptive_search(ctx: Context, loaded: Loaded, scores) -> dict:
         raise UserError(f"prune.target_params: {p.target_params:g}: the threshold search found no widths within "
                         f"{extra['budget_params']:,} parameters (closest {count_params(pruned.model):,} at threshold "
                         f"{extra['threshold']:.3g}); ask for a larger budget or prune.search=uniform")
-    return dict(widths=chosen or res.widths, base_loss=res.base_loss, losses=res.losses, block_forwards=res.block_forwards,
-                block_forwards_naive=res.block_forwards_naive, steps=res.steps, loss_fell=res.fell,
-                search_loss=p.search_loss if criterion != "ce" else "ce", **extra)
+    heads = None if chosen else res.heads  # the uniform check's widths keep every head
+    out = dict(widths=chosen or res.widths, base_loss=res.base_loss, losses=res.losses, block_forwards=res.block_forwards,
+               block_forwards_naive=res.block_forwards_naive, steps=res.steps, loss_fell=res.fell,
+               search_loss=p.search_loss if criterion != "ce" else "ce", **extra)
+    if p.heads:
+        out.update(heads=heads or loaded.heads(), original_heads=loaded.heads(), head_steps=res.head_steps)
+    return out
 
 
-def _budget_reachable(ctx: Context, scores, original: list[int], budget: int, total: int) -> None:
-    """Refuse, before any search, a parameter budget under the smallest model MLP pruning can reach
-    (every block at its smallest allowed width: attention, embeddings and the head stay)."""
+def require_heads(loaded: Loaded) -> None:
+    """One line where this model's attention is of no kind whose heads can be cut."""
+    from amp_deploy.prune.families import attn_kind_hint
+
+    if loaded.heads() is None:
+        raise UserError(f"prune.heads: the attention of {type(loaded.model).__name__} ("
+                        f"{attn_kind_hint(loaded.block_list())}) is of no kind whose heads amp-deploy can cut yet "
+                        "(timm's Attention; transformers ViT, Dinov2, CLIP, SigLIP); set prune.heads=false")
+
+
+def _head_scores(ctx: Context, loaded: Loaded):
+    """The heads' scores for prune.heads; one line where this model's attention cannot be cut."""
+    require_heads(loaded)
+    got = ctx.folder.read_head_scores(ctx.recipe.prune.taylor)
+    if got is None:
+        raise UserError("prune.heads: the scores hold no head scores; run `amp-deploy score OUT --force`")
+    return got
+
+
+def _budget_reachable(ctx: Context, scores, original: list[int], budget: int, total: int, heads: bool = False) -> None:
+    """Refuse, before any search, a parameter budget under the smallest model pruning can reach
+    (every block at its smallest allowed width, and with prune.heads one head: embeddings and the
+    head stay)."""
     p = ctx.recipe.prune
     floor = uniform_widths(original, 0.0, p.align)
     smallest = ctx.original()
     apply_widths(smallest, scores, floor)
+    if heads:
+        apply_heads(smallest, None, [1] * len(floor))
     least = count_params(smallest.model)
     del smallest
     if least > budget:
         import math
 
+        also, rest = (" and one attention head per block", "embeddings and norms") if heads else ("", "attention and the rest")
         raise UserError(f"prune.target_params: {p.target_params:g} of {total:,} parameters ({budget:,}) is out of "
                         f"reach: with every MLP at its smallest width ({floor[0]} of {original[0]} neurons, "
-                        f"prune.align {p.align}) the model keeps {least:,} ({least / total:.3f}); attention and the "
-                        f"rest stay. Ask for prune.target_params >= {math.ceil(least / total * 1000) / 1000:g}")
+                        f"prune.align {p.align}){also} the model keeps {least:,} ({least / total:.3f}); {rest} "
+                        f"stay. Ask for prune.target_params >= {math.ceil(least / total * 1000) / 1000:g}")
 
 
 def _uniform_check(ctx: Context, original: Loaded, pruned: Loaded, scores, budget: int, loss) -> dict:
@@ -248,6 +285,8 @@ def stage_rebuild(ctx: Context) -> None:
     scores = ctx.folder.read_scores(ctx.recipe.prune.taylor)
     search = ctx.folder.read_search()
     apply_widths(loaded, scores, search["widths"])
+    if search.get("heads"):
+        apply_heads(loaded, ctx.folder.read_head_scores(ctx.recipe.prune.taylor), search["heads"])
     loaded.model.cpu()
     save_pruned(loaded, ctx.folder.rebuilt, search["original_widths"])
 

@@ -221,6 +221,7 @@ def build_report(ctx: Context) -> dict[str, Any]:
         "params": {**params, "ratio": params["pruned"] / params["original"]},
         "flops": {**flops, "ratio": flops["pruned"] / flops["original"]},
         "widths": {"original": search["original_widths"], "pruned": search["widths"]},
+        "heads": {"original": original.heads(), "pruned": pruned.heads()},
         "prune": _prune_section(ctx, search),
         "fidelity": fid,
         "distill": f.read_distill_log() if f.distilled else None,

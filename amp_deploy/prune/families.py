@@ -43,6 +43,32 @@ class MlpSite:
     norm: str | None = None
 
 
+@dataclass(frozen=True)
+class AttnSite:
+    """Where one block's self-attention lives, as module paths relative to the block.
+
+    `proj` maps heads * head_dim -> d; its input is the heads' outputs side by side, so a head is a
+    slice of `head_dim` channels there (where heads are scored and cut). The queries, keys and values
+    come from one packed Linear `qkv` (rows [q | k | v], timm) or three Linears `q`, `k`, `v`
+    (transformers); `norm` is a LayerNorm over the heads' channels (timm's scale_norm) and `gate` a
+    d -> heads * head_dim Linear (timm's gated attention), both cut with the heads. Per-head q/k
+    norms and rotary embeddings act inside a head and are untouched. `module` is the attention
+    module, whose `count_attrs` hold the head count and `dim_attrs` heads * head_dim.
+    """
+
+    module: str
+    proj: str
+    head_dim: int
+    qkv: str | None = None
+    q: str | None = None
+    k: str | None = None
+    v: str | None = None
+    norm: str | None = None
+    gate: str | None = None
+    count_attrs: tuple[str, ...] = ()
+    dim_attrs: tuple[str, ...] = ()
+
+
 @dataclass
 class Loaded:
     """A model ready to prune: the module, where its blocks and MLPs are, and how to feed it."""
@@ -69,6 +95,25 @@ class Loaded:
 
     def widths(self) -> list[int]:
         return [self.mlp_modules(i)["fc_out"].in_features for i in range(len(self.sites))]
+
+    def attn_sites(self) -> list[AttnSite] | None:
+        """Each block's attention, or None where a block's attention is of no known kind (its heads
+        cannot be cut)."""
+        return find_attn_sites(self.block_list())
+
+    def attn_modules(self, i: int) -> dict[str, nn.Module]:
+        block = self.block_list()[i]
+        s = self.attn_sites()[i]
+        names = {"proj": s.proj, "qkv": s.qkv, "q": s.q, "k": s.k, "v": s.v, "norm": s.norm, "gate": s.gate}
+        return {k: block.get_submodule(v) for k, v in names.items() if v}
+
+    def heads(self) -> list[int] | None:
+        """Attention heads per block (None where they are not known)."""
+        sites = self.attn_sites()
+        if sites is None:
+            return None
+        blocks = self.block_list()
+        return [blocks[i].get_submodule(s.proj).in_features // s.head_dim for i, s in enumerate(sites)]
 
 
 # --- site finders: one per MLP shape, tried in order on each block's `mlp` ------------------------
@@ -185,6 +230,64 @@ def _site_of(block: nn.Module) -> MlpSite | None:
         if site:
             return site
     return None
+
+
+# --- attention site finders ------------------------------------------------------------------------
+
+
+def _timm_attention(block: nn.Module) -> AttnSite | None:
+    """timm's Attention (ViT, DeiT, ...): packed qkv, proj, num_heads and attn_dim attributes, and its
+    forward reshapes to attn_dim (not the block width), so fewer heads run as they are."""
+    from timm.layers import Attention
+
+    attn = getattr(block, "attn", None)
+    if not isinstance(attn, Attention) or not isinstance(attn.qkv, nn.Linear) or not isinstance(attn.proj, nn.Linear):
+        return None
+    return AttnSite("attn", "attn.proj", int(attn.head_dim), qkv="attn.qkv",
+                    norm="attn.norm" if isinstance(attn.norm, nn.LayerNorm) else None,
+                    gate="attn.gate" if isinstance(getattr(attn, "gate", None), nn.Linear) else None,
+                    count_attrs=("num_heads",), dim_attrs=("attn_dim",))
+
+
+def _hf_attention(block: nn.Module) -> AttnSite | None:
+    """transformers' vision attention (ViT, Dinov2: attention.q_proj/k_proj/v_proj/o_proj; CLIP,
+    SigLIP: self_attn.q_proj/k_proj/v_proj/out_proj): their forward reshapes to (-1, head_dim)."""
+    for name, out in (("attention", "o_proj"), ("self_attn", "out_proj")):
+        attn = getattr(block, name, None)
+        if attn is None or not all(isinstance(getattr(attn, n, None), nn.Linear)
+                                   for n in ("q_proj", "k_proj", "v_proj", out)):
+            continue
+        head_dim = getattr(attn, "head_dim", None)
+        if not isinstance(head_dim, int) or getattr(attn, out).in_features % head_dim:
+            return None
+        counts = tuple(a for a in ("num_attention_heads", "num_heads") if isinstance(getattr(attn, a, None), int))
+        dims = ("all_head_size",) if hasattr(attn, "all_head_size") else ()  # embed_dim is the block's width
+        return AttnSite(name, f"{name}.{out}", head_dim, q=f"{name}.q_proj", k=f"{name}.k_proj", v=f"{name}.v_proj",
+                        count_attrs=counts, dim_attrs=dims)
+    return None
+
+
+ATTN_FINDERS = [_timm_attention, _hf_attention]
+
+
+def find_attn_sites(blocks: nn.Module) -> list[AttnSite] | None:
+    """Each block's attention site, or None when some block's attention is of no kind known here."""
+    sites = []
+    for block in blocks:
+        site = next((s for f in ATTN_FINDERS if (s := f(block)) is not None), None)
+        if site is None:
+            return None
+        sites.append(site)
+    return sites
+
+
+def attn_kind_hint(blocks: nn.Module) -> str:
+    """What the first block's attention is, for the message that refuses to cut its heads."""
+    block = blocks[0]
+    for name in ("attn", "attention", "self_attn"):
+        if hasattr(block, name):
+            return f"{type(getattr(block, name)).__name__} at {name}"
+    return f"no attention module found in {type(block).__name__}"
 
 
 # --- weights --------------------------------------------------------------------------------------

@@ -2,7 +2,10 @@
 
 fc_in loses rows (both halves of a packed gated Linear, at the same neuron index), fc_out the
 matching columns; a separate gate Linear and a LayerNorm over the hidden neurons are sliced alike.
-Only the MLP widths change, so the result still loads from the base architecture plus its widths.
+Attention heads are cut the same way (`prune.heads`): the kept heads' rows of the query, key and
+value projections (each of a packed qkv's three parts) and their columns of the output projection,
+head size unchanged. Only widths and head counts change, so the result still loads from the base
+architecture plus both lists.
 """
 
 from __future__ import annotations
@@ -10,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from amp_deploy.prune.families import Loaded, MlpSite
+from amp_deploy.prune.families import AttnSite, Loaded, MlpSite
 
 
 def _rows(linear: nn.Linear, keep: torch.Tensor) -> nn.Linear:
@@ -84,3 +87,52 @@ def apply_widths(loaded: Loaded, scores: list[torch.Tensor] | None, widths: list
         if w != loaded.widths()[i]:
             keep = keep_top(scores[i], w) if scores is not None else torch.arange(w)
             prune_block(loaded, i, keep)
+
+
+def head_channels(keep_heads: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """The channels of heads `keep_heads` in a heads * head_dim layout."""
+    return (keep_heads[:, None] * head_dim + torch.arange(head_dim, device=keep_heads.device)).flatten()
+
+
+def sliced_attention(mods: dict[str, nn.Module], site: AttnSite, keep_heads: torch.Tensor) -> dict[str, nn.Module]:
+    """New modules for one attention keeping heads `keep_heads` (ascending)."""
+    keep = head_channels(keep_heads.to(mods["proj"].weight.device), site.head_dim)
+    out = {"proj": _cols(mods["proj"], keep)}
+    if "qkv" in mods:
+        inner = mods["proj"].in_features
+        out["qkv"] = _rows(mods["qkv"], torch.cat([keep, keep + inner, keep + 2 * inner]))
+    for key in ("q", "k", "v", "gate"):
+        if key in mods:
+            out[key] = _rows(mods[key], keep)
+    if "norm" in mods:
+        out["norm"] = _norm(mods["norm"], keep)
+    return out
+
+
+def set_attention(loaded: Loaded, i: int, mods: dict[str, nn.Module]) -> None:
+    """Put `mods` (from `sliced_attention`, or the originals back) into block i's attention, and
+    set the attention module's head count to match."""
+    block = loaded.block_list()[i]
+    site = loaded.attn_sites()[i]
+    for key, mod in mods.items():
+        parent, _, attr = getattr(site, key).rpartition(".")
+        setattr(block.get_submodule(parent) if parent else block, attr, mod)
+    attn, inner = block.get_submodule(site.module), mods["proj"].in_features
+    for name in site.count_attrs:
+        setattr(attn, name, inner // site.head_dim)
+    for name in site.dim_attrs:
+        setattr(attn, name, inner)
+
+
+def apply_heads(loaded: Loaded, scores: list[torch.Tensor] | None, heads: list[int] | None) -> None:
+    """Cut every block's attention to its head count in place, keeping the top-scored heads (or, with
+    no scores, the first ones: a checkpoint being rebuilt). None keeps every head."""
+    if heads is None:
+        return
+    now = loaded.heads()
+    if now is None:
+        raise ValueError("this model's attention is of no known kind: its heads cannot be cut")
+    for i, h in enumerate(heads):
+        if h != now[i]:
+            keep = keep_top(scores[i], h) if scores is not None else torch.arange(h)
+            set_attention(loaded, i, sliced_attention(loaded.attn_modules(i), loaded.attn_sites()[i], keep))

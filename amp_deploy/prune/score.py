@@ -230,21 +230,34 @@ def taylor_scores(loaded: Loaded, batches: Iterable, loss: Callable, device: tor
 
     Returns:
         {"abs": [...], "token": [...], "signed": [...]} (see `Taylor`): one tensor of h scores per
-        block, all-reduced across processes when torch.distributed is initialised.
+        block, all-reduced across processes when torch.distributed is initialised; and where the
+        model's attention is of a known kind, the same three for its heads ("heads.abs", ...: one
+        score per head and block), from the same backward pass. A head's score is the Taylor term of
+        a gate on its output: at the input of the attention's output projection, the sum of a*g over
+        the head's channels, then the same per-image aggregation as a neuron's.
     """
     model = loaded.model
     n = len(loaded.sites)
     # zeros to start from: a rank that gets no batch still joins the all-reduce with its (empty) sums
     sums = {k: [torch.zeros(w, device=device) for w in loaded.widths()] for k in TAYLOR_KINDS}
+    attn, heads = loaded.attn_sites(), loaded.heads()
+    if attn is not None:
+        sums.update({f"heads.{k}": [torch.zeros(h, device=device) for h in heads] for k in TAYLOR_KINDS})
 
-    def pre_hook(i: int):
+    def pre_hook(i: int, prefix: str = "", group: int = 1):
+        def sink(a: torch.Tensor, g: torch.Tensor) -> None:
+            _accumulate(sums, i, a, g, prefix, group)
+
         def hook(_mod, args):
             if torch.is_grad_enabled() and args[0].requires_grad:
-                return (_Probe.apply(args[0], lambda a, g: _accumulate(sums, i, a, g)), *args[1:])
+                return (_Probe.apply(args[0], sink), *args[1:])
             return None
         return hook
 
     hooks = [loaded.mlp_modules(i)["fc_out"].register_forward_pre_hook(pre_hook(i)) for i in range(n)]
+    if attn is not None:
+        hooks += [loaded.attn_modules(i)["proj"].register_forward_pre_hook(pre_hook(i, "heads.", attn[i].head_dim))
+                  for i in range(n)]
     params = [p.requires_grad for p in model.parameters()]
     model.requires_grad_(False)
     _set_checkpointing(model, checkpointing)
@@ -276,13 +289,17 @@ def _set_checkpointing(model: torch.nn.Module, enable: bool) -> None:
     model.set_grad_checkpointing(enable)
 
 
-def _accumulate(sums: dict, i: int, a: torch.Tensor, g: torch.Tensor) -> None:
+def _accumulate(sums: dict, i: int, a: torch.Tensor, g: torch.Tensor, prefix: str = "", group: int = 1) -> None:
     """One batch's scores: per image |sum over tokens of a*g| averaged over the images (the
-    reference's), per token |a*g| averaged over images and tokens, and the signed token sum."""
+    reference's), per token |a*g| averaged over images and tokens, and the signed token sum. With
+    `group` (a head's channels), a*g is first summed over each group of channels: a head's gate."""
     prod = a.float() * g.float()  # (images, tokens..., h)
+    if group > 1:
+        prod = prod.unflatten(-1, (-1, group)).sum(-1)  # (images, tokens..., heads)
     per_image = prod.flatten(1, -2).sum(1) if prod.dim() > 2 else prod  # (images, h)
     values = {"abs": per_image.abs().mean(0), "token": prod.flatten(0, -2).abs().mean(0), "signed": per_image.mean(0)}
     for key, val in values.items():
+        key = prefix + key
         sums[key][i] = sums[key][i] + val.to(sums[key][i].device)
 
 
@@ -296,8 +313,7 @@ def _finish(sums: dict, batches: int) -> dict[str, list[torch.Tensor]]:
     if total.item() == 0:
         raise UserError("score: no calibration image could be read (every file was unreadable or the set is "
                         "empty); check data.path and data.calibration")
-    sizes = [len(v) for v in sums["abs"]]
-    return {k: [s.cpu() / total.cpu() for s in v.split(sizes)] for k, v in stacked.items()}
+    return {k: [s.cpu() / total.cpu() for s in v.split([len(t) for t in sums[k]])] for k, v in stacked.items()}
 
 
 def magnitude_scores(loaded: Loaded) -> list[torch.Tensor]:
@@ -317,3 +333,28 @@ def random_scores(loaded: Loaded, seed: int) -> list[torch.Tensor]:
     """Random-ranking baseline: seeded uniform scores."""
     gen = torch.Generator().manual_seed(seed)
     return [torch.rand(w, generator=gen) for w in loaded.widths()]
+
+
+def head_magnitude_scores(loaded: Loaded) -> list[torch.Tensor] | None:
+    """Weight-norm baseline for heads: ||the head's value rows|| * ||its output-projection columns||
+    (None where the attention is of no known kind)."""
+    sites = loaded.attn_sites()
+    if sites is None:
+        return None
+    out = []
+    for i, site in enumerate(sites):
+        m = loaded.attn_modules(i)
+        inner = m["proj"].in_features
+        v = m["v"].weight if "v" in m else m["qkv"].weight[2 * inner:]
+        rows = v.detach().float().view(-1, site.head_dim, v.shape[1]).flatten(1).norm(dim=1)
+        cols = m["proj"].weight.detach().float().T.reshape(-1, site.head_dim * m["proj"].out_features).norm(dim=1)
+        out.append((rows * cols).cpu())
+    return out
+
+
+def head_random_scores(loaded: Loaded, seed: int) -> list[torch.Tensor] | None:
+    heads = loaded.heads()
+    if heads is None:
+        return None
+    gen = torch.Generator().manual_seed(seed + 1)
+    return [torch.rand(h, generator=gen) for h in heads]

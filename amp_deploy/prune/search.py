@@ -24,7 +24,14 @@ from amp_deploy.data import Split
 from amp_deploy.errors import require_finite
 from amp_deploy.numerics import fp32_reference
 from amp_deploy.prune.families import Loaded, count_params
-from amp_deploy.prune.rebuild import apply_widths, keep_top, set_modules, sliced_modules
+from amp_deploy.prune.rebuild import (
+    apply_widths,
+    keep_top,
+    set_attention,
+    set_modules,
+    sliced_attention,
+    sliced_modules,
+)
 
 CACHE_ON_DEVICE_BYTES = 4 << 30  # cached block inputs beyond this go to host memory
 
@@ -56,6 +63,8 @@ class SearchResult:
     block_forwards_naive: int = 0
     steps: list[list[tuple[int, float, bool]]] = field(default_factory=list)  # per block: (w, loss, ok)
     fell: list[dict] = field(default_factory=list)  # blocks whose accepted loss fell by more than the threshold
+    heads: list[int] | None = None  # attention heads per block, where they were searched (prune.heads)
+    head_steps: list[list[tuple[int, float, bool]]] = field(default_factory=list)  # per block: (heads, loss, ok)
 
 
 class _Evaluator:
@@ -148,7 +157,8 @@ def width_grid(h: int, align: int) -> list[int]:
 def adaptive_widths(loaded: Loaded, scores: list[torch.Tensor], val: Split, *, loss: Callable, threshold: float,
                     batch_size: int = 64, steps: int = 6, align: int = 1, device: torch.device | None = None,
                     cached: bool = True, autocast: bool = False,
-                    on_block: Callable[[int, int], None] | None = None) -> SearchResult:
+                    on_block: Callable[[int, int], None] | None = None,
+                    head_scores: list[torch.Tensor] | None = None) -> SearchResult:
     """Binary-search each block's width (last block first) and prune `loaded` in place.
 
     Args:
@@ -168,24 +178,34 @@ def adaptive_widths(loaded: Loaded, scores: list[torch.Tensor], val: Split, *, l
         autocast: bf16 autocast for the validation passes (giant models on CUDA); off, the losses
             are fp32 references.
         on_block: called with (block, width) as each block is settled.
+        head_scores: per block, the importance of each attention head: then, once a block's width is
+            settled, its head count is bisected the same way (from one head to all, the loss chained
+            on from the width's), and the result has `heads`.
     """
     with fp32_reference():  # the losses are fp32 references
         ev = _Evaluator(loaded, val, batch_size, loss, device or torch.device("cpu"), cached, autocast)
         prev = ev.first_pass()
         result = SearchResult(widths=loaded.widths(), losses=[], base_loss=prev)
+        if head_scores is not None:
+            result.heads = loaded.heads()
         naive = ev.depth  # the reference scheme: the whole model for the first pass and every step
         for i in reversed(range(ev.depth)):
             before = prev
             result.widths[i], prev, trace = _bisect_block(loaded, i, scores[i], ev, prev, threshold, steps, align)
+            naive += ev.depth * len(trace)
+            if head_scores is not None:
+                result.heads[i], prev, head_trace = _bisect_heads(loaded, i, head_scores[i], ev, prev, threshold, steps)
+                naive += ev.depth * len(head_trace)
+                result.head_steps.append(head_trace)
             if prev < before - threshold:
                 result.fell.append({"block": i, "width": result.widths[i], "loss_before": before, "loss": prev})
-            naive += ev.depth * len(trace)
             result.losses.append(prev)
             result.steps.append(trace)
             ev.release(i)
             if on_block:
                 on_block(i, result.widths[i])
         result.steps.reverse()
+        result.head_steps.reverse()
         result.block_forwards, result.block_forwards_naive = ev.block_forwards, naive
         return result
 
@@ -194,25 +214,44 @@ def _bisect_block(loaded: Loaded, i: int, scores: torch.Tensor, ev: _Evaluator, 
                   steps: int, align: int) -> tuple[int, float, list[tuple[int, float, bool]]]:
     """Settle block i: the smallest accepted width (or the whole block), the loss it leaves, the trace."""
     original = loaded.mlp_modules(i)
-    grid = width_grid(original["fc_out"].in_features, align)
+    site = loaded.sites[i]
+    return _bisect(width_grid(original["fc_out"].in_features, align), ev, i, prev, threshold, steps,
+                   lambda w: set_modules(loaded, i, sliced_modules(original, site, keep_top(scores, w))),
+                   lambda: set_modules(loaded, i, original))
+
+
+def _bisect_heads(loaded: Loaded, i: int, scores: torch.Tensor, ev: _Evaluator, prev: float, threshold: float,
+                  steps: int) -> tuple[int, float, list[tuple[int, float, bool]]]:
+    """Settle block i's head count as its width: candidates 1..H keep the top-scored heads."""
+    original = loaded.attn_modules(i)
+    site = loaded.attn_sites()[i]
+    return _bisect(list(range(1, original["proj"].in_features // site.head_dim + 1)), ev, i, prev, threshold, steps,
+                   lambda h: set_attention(loaded, i, sliced_attention(original, site, keep_top(scores, h))),
+                   lambda: set_attention(loaded, i, original))
+
+
+def _bisect(grid: list[int], ev: _Evaluator, i: int, prev: float, threshold: float, steps: int,
+            cut: Callable[[int], None], restore: Callable[[], None]) -> tuple[int, float, list[tuple[int, float, bool]]]:
+    """Bisection over `grid` (ascending; its last entry is the unpruned size): each candidate is `cut`
+    into block i and accepted when the loss grows by at most `threshold`; the smallest accepted one is
+    left in place (or, with none, `restore`d), with the loss it leaves and the trace."""
     left, right, best, best_loss, trace = -1, len(grid) - 1, None, prev, []
     for _ in range(steps):
         mid = (left + right) // 2
         if mid <= left:
             break
-        w = grid[mid]
-        set_modules(loaded, i, sliced_modules(original, loaded.sites[i], keep_top(scores, w)))
+        cut(grid[mid])
         cand = ev(i)
         ok = cand - prev <= threshold
-        trace.append((w, cand, ok))
+        trace.append((grid[mid], cand, ok))
         if ok:
-            right, best, best_loss = mid, w, cand
+            right, best, best_loss = mid, grid[mid], cand
         else:
             left = mid
     if best is None:
-        set_modules(loaded, i, original)
+        restore()
         return grid[-1], prev, trace
-    set_modules(loaded, i, sliced_modules(original, loaded.sites[i], keep_top(scores, best)))
+    cut(best)
     return best, best_loss, trace
 
 

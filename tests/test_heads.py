@@ -1,0 +1,181 @@
+"""Attention heads: scored with the neurons (a gate per head), cut with ragged counts per block,
+searched beside the widths, and round-tripped through safetensors and ONNX."""
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+from tests.conftest import assert_not_degenerate
+from tests.test_families import FAMILIES, _load
+
+from amp_deploy import load_pruned
+from amp_deploy.checkpoint import save_pruned
+from amp_deploy.data import load_synthetic_data
+from amp_deploy.deploy.export import export_onnx
+from amp_deploy.deploy.runtimes import onnxruntime_runner
+from amp_deploy.prune.rebuild import apply_heads, apply_widths, head_channels, keep_top
+from amp_deploy.prune.score import DEFAULT_TEMPERATURE, Divergence, default_view, loss_fn, taylor_scores
+from amp_deploy.prune.search import adaptive_widths
+
+HEADED = [k for k in FAMILIES if not k.startswith(("eva02", "dinov3", "open_clip"))]
+
+
+def _data(loaded, n=8):
+    return load_synthetic_data(calibration=n, validation=n, holdout=4, seed=0, transform=loaded.transform,
+                               size=loaded.input_size[1:])
+
+
+def _loss(loaded):
+    view = default_view(loaded.output)
+    return loss_fn("entropy", view, DEFAULT_TEMPERATURE[view])
+
+
+def _direct_head_scores(loaded, batches, loss):
+    """A gate per image and head (and per token, for the token variant) multiplying each head's output
+    at the input of the output projection; the Taylor scores are their gradients, by autograd."""
+    sites, heads = loaded.attn_sites(), loaded.heads()
+    sums = {k: [torch.zeros(h) for h in heads] for k in ("abs", "token", "signed")}
+    loaded.model.requires_grad_(False)
+    for x, labels in batches:
+        gates, hooks = [], []
+        for i, site in enumerate(sites):
+            def hook(_m, args, i=i, hd=site.head_dim):
+                a = args[0]
+                m = torch.ones(*a.shape[:-1], heads[i], requires_grad=True)
+                gates.append((i, m))
+                return ((a.unflatten(-1, (heads[i], hd)) * m[..., None]).flatten(-2),)
+            hooks.append(loaded.attn_modules(i)["proj"].register_forward_pre_hook(hook))
+        try:
+            loss(loaded.model(x), labels).mean().backward()
+        finally:
+            for h in hooks:
+                h.remove()
+        for i, m in gates:
+            g = m.grad  # (images, tokens, heads): the per-token gates; a per-image gate's gradient is their sum
+            per_image = g.sum(1)
+            sums["abs"][i] += per_image.abs().mean(0)
+            sums["signed"][i] += per_image.mean(0)
+            sums["token"][i] += g.flatten(0, 1).abs().mean(0)
+    n = len(batches)
+    return {k: [t / n for t in v] for k, v in sums.items()}
+
+
+@pytest.mark.parametrize("key", ["vit", "hf_Dinov2Model", "hf_CLIPVisionModel"])
+def test_head_scores_equal_an_explicit_gate_per_head(key):
+    loaded = _load(key)
+    data = _data(loaded)
+    batches = list(data.calibration.batches(4))
+    got = taylor_scores(loaded, batches, _loss(loaded), torch.device("cpu"))
+    want = _direct_head_scores(copy.deepcopy(loaded), batches, _loss(loaded))
+    assert_not_degenerate(scores=got["heads.abs"])
+    for kind in ("abs", "token", "signed"):
+        for a, b in zip(got[f"heads.{kind}"], want[kind]):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-9)
+    assert [len(s) for s in got["heads.abs"]] == loaded.heads()
+
+
+@pytest.mark.parametrize("key", HEADED)
+def test_heads_cut_ragged_round_trip_and_export(key, tmp_path):
+    loaded = _load(key)
+    reference = copy.deepcopy(loaded)
+    data = _data(loaded)
+    x = data.holdout.images
+    full = loaded.heads()
+    apply_heads(loaded, None, full)  # every head kept: the model is the original
+    with torch.no_grad():
+        assert torch.equal(loaded.model(x), reference.model(x))
+    scores = taylor_scores(loaded, data.calibration.batches(4), _loss(loaded), torch.device("cpu"))
+    heads = [max(1, h - 1 - i % 2) for i, h in enumerate(full)]  # ragged, at least one head
+    widths = [max(1, w // 2) for w in loaded.widths()]
+    apply_widths(loaded, scores["abs"], widths)
+    apply_heads(loaded, scores["heads.abs"], heads)
+    assert loaded.heads() == heads and loaded.widths() == widths
+    for i, site in enumerate(loaded.attn_sites()):  # the kept heads' own rows and columns
+        keep = head_channels(keep_top(scores["heads.abs"][i], heads[i]), site.head_dim)
+        old, new = reference.attn_modules(i), loaded.attn_modules(i)
+        torch.testing.assert_close(new["proj"].weight, old["proj"].weight[:, keep], rtol=0, atol=0)
+        if "qkv" in old:
+            inner = old["proj"].in_features
+            rows = torch.cat([keep, keep + inner, keep + 2 * inner])
+            torch.testing.assert_close(new["qkv"].weight, old["qkv"].weight[rows], rtol=0, atol=0)
+        else:
+            for k in ("q", "k", "v"):
+                torch.testing.assert_close(new[k].weight, old[k].weight[keep], rtol=0, atol=0)
+    with torch.no_grad():
+        out = loaded.model(x)
+        assert out.shape == reference.model(x).shape and torch.isfinite(out).all()
+        assert not torch.allclose(out, reference.model(x), atol=1e-3)  # heads really went
+    save_pruned(loaded, tmp_path / "p.safetensors", reference.widths())
+    back = load_pruned(tmp_path / "p.safetensors")
+    with torch.no_grad():
+        assert torch.equal(back(x), out)
+    path = export_onnx(loaded.model, tmp_path / "p.onnx", loaded.input_size, opset=18, batch_min=1, batch_opt=2,
+                       batch_max=4)
+    assert np.abs(onnxruntime_runner(path).run(x.numpy()) - out.numpy()).max() <= 1e-4
+
+
+def test_the_search_settles_heads_after_widths_and_chains_the_loss(digits_model):
+    loaded, reference = digits_model, copy.deepcopy(digits_model)
+    from amp_deploy.data import load_digits_data
+
+    data = load_digits_data(calibration=128, validation=64, holdout=32, seed=0, transform=loaded.transform)
+    scores = taylor_scores(loaded, data.calibration.batches(64), _loss(loaded), torch.device("cpu"))
+    view = default_view(loaded.output)
+    search = Divergence(view, DEFAULT_TEMPERATURE[view])
+    res = adaptive_widths(loaded, scores["abs"], data.validation, batch_size=64, loss=search, threshold=0.01,
+                          steps=6, head_scores=scores["heads.abs"])
+    assert res.heads == loaded.heads() and all(1 <= h <= 4 for h in res.heads)
+    assert len(res.head_steps) == len(res.heads) and all(res.head_steps)
+    assert min(res.heads) < 4  # something was cut at this threshold (the digits ViT has spare heads)
+    for i, trace in enumerate(res.head_steps):  # the fewest heads the bisection accepted, or all of them
+        accepted = [h for h, _, ok in trace if ok]
+        assert all(1 <= h < 4 for h, _, _ in trace) and res.heads[i] == (min(accepted) if accepted else 4)
+    # no heads asked: the search is the MLP search alone, unchanged
+    plain = adaptive_widths(copy.deepcopy(reference), scores["abs"], data.validation, batch_size=64, loss=search,
+                            threshold=0.01, steps=6)
+    assert plain.heads is None and plain.head_steps == []
+
+
+def test_a_build_with_heads_reports_and_reloads_them(tmp_path):
+    import json
+
+    from typer.testing import CliRunner
+
+    from tests.conftest import FAST, build, tiny_recipe
+
+    from amp_deploy.cli import app
+
+    recipe = tiny_recipe(tmp_path, prune={"threshold": 0.05, "steps": 3, "heads": True, "target_params": 0.6})
+    out = tmp_path / "out"
+    res = build(recipe, "--out", out, *FAST)
+    assert res.exit_code == 0, res.output
+    rep = json.loads((out / "report.json").read_text())
+    search = json.loads((out / "search.json").read_text())
+    assert rep["heads"]["pruned"] == search["heads"] and rep["heads"]["original"] == search["original_heads"]
+    assert rep["params"]["pruned"] <= 0.6 * rep["params"]["original"]
+    back = load_pruned(out / "pruned.safetensors")
+    from amp_deploy.prune.families import find_attn_sites, find_sites
+
+    blocks = back.get_submodule(find_sites(back)[0])
+    sites = find_attn_sites(blocks)
+    assert [b.get_submodule(s.proj).in_features // s.head_dim for b, s in zip(blocks, sites)] == search["heads"]
+    md = (out / "report.md").read_text()
+    if search["heads"] != search["original_heads"]:
+        assert "attention heads per block" in md and "attention heads" in res.output
+    shown = CliRunner().invoke(app, ["inspect", str(out)])
+    assert shown.exit_code == 0 and "heads" in shown.output, shown.output
+
+
+def test_heads_with_a_latency_budget_or_an_unknown_attention_is_one_line(tmp_path):
+    from tests.conftest import assert_one_line_error, build, tiny_recipe
+
+    recipe = tiny_recipe(tmp_path, prune={"heads": True, "target_speedup": 1.3})
+    assert_one_line_error(build(recipe, "--out", tmp_path / "a"), "prune.heads: the latency budget's table has no heads axis")
+    recipe = tiny_recipe(tmp_path, prune={"heads": True, "threshold": 0.05, "steps": 2},
+                         model={"source": "timm", "name": "eva02_tiny_patch14_224",
+                                "kwargs": {"depth": 2, "img_size": 28}})
+    res = build(recipe, "--out", tmp_path / "b")
+    assert res.exit_code == 2 and "prune.heads: the attention of" in res.output and "Traceback" not in res.output
+    assert not (tmp_path / "b" / "scores.safetensors").exists()  # refused before scoring
