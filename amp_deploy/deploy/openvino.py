@@ -16,6 +16,7 @@ cosine 0.88 to ONNX Runtime's own output on DINOv2 ViT-S/14.
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import logging
 import os
@@ -50,9 +51,7 @@ def openvino_problem(int8: bool = False) -> str | None:
 
 
 def cpu_capabilities() -> list[str]:
-    import openvino as ov
-
-    return list(ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES"))
+    return list(core().get_property("CPU", "OPTIMIZATION_CAPABILITIES"))
 
 
 def bf16_problem() -> str | None:
@@ -124,17 +123,23 @@ def quantize_nncf(onnx_path: str | Path, xml: str | Path, batches: list[np.ndarr
             "calibration_images": images}
 
 
-def compile_ir(xml: str | Path, precision: str, threads: int | None = None):
-    """The IR compiled for the CPU with the inference precision pinned (fp32 -> f32, bf16)."""
+@functools.cache
+def core():
+    """One OpenVINO Core for the process, alive as long as any model it compiled (OpenVINO's advice:
+    one Core per application; a Core dropped while its compiled models live is not what it expects)."""
     import openvino as ov
 
+    return ov.Core()
+
+
+def compile_ir(xml: str | Path, precision: str, threads: int | None = None):
+    """The IR compiled for the CPU with the inference precision pinned (fp32 -> f32, bf16)."""
     if precision not in PRECISION_HINT:
         raise UserError(f"openvino: precision {precision!r}: OpenVINO's CPU runs fp32 or bf16 (INT8 comes from NNCF)")
     config: dict[str, Any] = {"INFERENCE_PRECISION_HINT": PRECISION_HINT[precision]}
     if threads:
         config["INFERENCE_NUM_THREADS"] = threads
-    core = ov.Core()
-    return core.compile_model(core.read_model(str(xml)), "CPU", config)
+    return core().compile_model(core().read_model(str(xml)), "CPU", config)
 
 
 def execution_precisions(compiled) -> dict[str, int]:
