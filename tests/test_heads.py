@@ -179,3 +179,14 @@ def test_heads_with_a_latency_budget_or_an_unknown_attention_is_one_line(tmp_pat
     res = build(recipe, "--out", tmp_path / "b")
     assert res.exit_code == 2 and "prune.heads: the attention of" in res.output and "Traceback" not in res.output
     assert not (tmp_path / "b" / "scores.safetensors").exists()  # refused before scoring
+
+
+def test_a_budget_the_smallest_heads_cannot_reach_is_one_line(tmp_path):
+    from tests.conftest import build, tiny_recipe
+    from tests.test_budget import _refused_after_scoring
+
+    recipe = tiny_recipe(tmp_path, prune={"heads": True, "target_params": 0.02, "steps": 2})
+    res = build(recipe, "--out", tmp_path / "c")
+    _refused_after_scoring(res, "prune.target_params: 0.02")  # the scores are done and kept
+    assert "and one attention head per block" in res.output
+    assert not (tmp_path / "c" / "search.json").exists()
