@@ -24,8 +24,10 @@ FORMAT = "amp-deploy.pruned/1"
 ModelSource = Literal["timm", "open_clip", "transformers", "checkpoint"]  # the factories, and a pruned.safetensors of ours
 
 
-def save_pruned(loaded: Loaded, path: str | Path, original_widths: list[int]) -> None:
-    """Write `loaded` (pruned) to `path` atomically, with what rebuilds it in the metadata."""
+def save_pruned(loaded: Loaded, path: str | Path, original_widths: list[int],
+                original_heads: list[int] | None = None) -> None:
+    """Write `loaded` (pruned) to `path` atomically, with what rebuilds it in the metadata (and what
+    it was pruned from: the original widths, and heads where known)."""
     from safetensors.torch import save_file
 
     meta = {
@@ -40,6 +42,8 @@ def save_pruned(loaded: Loaded, path: str | Path, original_widths: list[int]) ->
     heads = loaded.heads()
     if heads is not None:
         meta["heads"] = json.dumps(heads)
+    if original_heads is not None:
+        meta["original_heads"] = json.dumps(original_heads)
     state = {k: v.detach().contiguous().cpu() for k, v in loaded.model.state_dict().items()}
     with atomic_path(path) as tmp:
         save_file(state, str(tmp), metadata=meta)

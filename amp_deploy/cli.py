@@ -201,24 +201,17 @@ def inspect(path: Annotated[Path, typer.Argument(help="A pruned.safetensors or a
     meta = read_metadata(ckpt)
     loaded = load_pruned_model(ckpt)
     original = json.loads(meta["original_widths"])
-    heads = loaded.heads() if "heads" in meta else None
-    full_heads = _full_heads(meta) if heads is not None else None
+    heads = json.loads(meta["heads"]) if "heads" in meta else None
+    full_heads = json.loads(meta.get("original_heads", "null"))  # None: not recorded (saved outside a build)
     table = Table(title=f"{ckpt}")
     for col in ("block", "original width", "pruned width", "kept", *(("heads",) if heads else ())):
         table.add_column(col, justify="right")
     for i, (a, b) in enumerate(zip(original, loaded.widths())):
-        table.add_row(str(i), str(a), str(b), f"{b / a:.0%}", *((f"{heads[i]} of {full_heads[i]}",) if heads else ()))
+        cell = () if not heads else (f"{heads[i]} of {full_heads[i]}" if full_heads else str(heads[i]),)
+        table.add_row(str(i), str(a), str(b), f"{b / a:.0%}", *cell)
     out.print(table)
     out.print(f"model: {json.loads(meta['base'])['name']}  parameters: {count_params(loaded.model):,}  "
               f"FLOPs/image: {count_flops(loaded.model, loaded.input_size):,}")
-
-
-def _full_heads(meta: dict[str, str]) -> list[int]:
-    """The original model's heads per block, from the checkpoint's base spec (built, never loaded)."""
-    from amp_deploy.prune.families import load_model
-
-    base = json.loads(meta["base"])
-    return load_model(base["source"], base["name"], False, base["kwargs"], base.get("mlp_sites")).heads()
 
 
 class Backend(str, Enum):
@@ -310,6 +303,8 @@ def _compare_table(cmp: dict) -> None:
 
 
 def _summary(report_path: Path) -> None:
+    from amp_deploy.measure.report import heads_cut
+
     rep = json.loads(report_path.read_text())
     t = Table(title=f"{rep['name']}: original vs pruned")
     for col, just in (("", "left"), ("original", "right"), ("pruned", "right"), ("ratio", "right")):
@@ -317,8 +312,8 @@ def _summary(report_path: Path) -> None:
     p, f, fi = rep["params"], rep["flops"], rep["fidelity"]
     t.add_row("parameters", f"{p['original']:,}", f"{p['pruned']:,}", f"{p['ratio']:.3f}")
     t.add_row("FLOPs / image", f"{f['original']:,}", f"{f['pruned']:,}", f"{f['ratio']:.3f}")
-    h = rep.get("heads") or {}
-    if h.get("pruned") and h["pruned"] != h["original"]:
+    if heads_cut(rep):
+        h = rep["heads"]
         t.add_row("attention heads", f"{sum(h['original'])}", f"{sum(h['pruned'])}",
                   f"{sum(h['pruned']) / sum(h['original']):.3f}")
     if fi.get("accuracy_original") is not None:

@@ -35,13 +35,13 @@ def _loss(loaded):
 def _direct_head_scores(loaded, batches, loss):
     """A gate per image and head (and per token, for the token variant) multiplying each head's output
     at the input of the output projection; the Taylor scores are their gradients, by autograd."""
-    sites, heads = loaded.attn_sites(), loaded.heads()
+    sites, heads = loaded.attn, loaded.heads()
     sums = {k: [torch.zeros(h) for h in heads] for k in ("abs", "token", "signed")}
     loaded.model.requires_grad_(False)
     for x, labels in batches:
         gates, hooks = [], []
         for i, site in enumerate(sites):
-            def hook(_m, args, i=i, hd=site.head_dim):
+            def hook(_m, args, i=i, hd=site.head_dim, gates=gates):
                 a = args[0]
                 m = torch.ones(*a.shape[:-1], heads[i], requires_grad=True)
                 gates.append((i, m))
@@ -92,7 +92,7 @@ def test_heads_cut_ragged_round_trip_and_export(key, tmp_path):
     apply_widths(loaded, scores["abs"], widths)
     apply_heads(loaded, scores["heads.abs"], heads)
     assert loaded.heads() == heads and loaded.widths() == widths
-    for i, site in enumerate(loaded.attn_sites()):  # the kept heads' own rows and columns
+    for i, site in enumerate(loaded.attn):  # the kept heads' own rows and columns
         keep = head_channels(keep_top(scores["heads.abs"][i], heads[i]), site.head_dim)
         old, new = reference.attn_modules(i), loaded.attn_modules(i)
         torch.testing.assert_close(new["proj"].weight, old["proj"].weight[:, keep], rtol=0, atol=0)
@@ -190,3 +190,29 @@ def test_a_budget_the_smallest_heads_cannot_reach_is_one_line(tmp_path):
     _refused_after_scoring(res, "prune.target_params: 0.02")  # the scores are done and kept
     assert "and one attention head per block" in res.output
     assert not (tmp_path / "c" / "search.json").exists()
+
+
+def test_a_threshold_search_with_heads_records_the_original_heads_not_the_cut_ones(tmp_path):
+    """Without a budget the search prunes the model it is given in place: the original head counts are
+    taken before it, and the checkpoint carries them for `inspect`."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from tests.conftest import FAST, build, tiny_recipe
+
+    from amp_deploy.checkpoint import read_metadata
+    from amp_deploy.cli import app
+    from amp_deploy.prune.families import load_model
+
+    recipe = tiny_recipe(tmp_path, prune={"threshold": 0.5, "steps": 3, "heads": True})
+    out = tmp_path / "out"
+    res = build(recipe, "--out", out, *FAST)
+    assert res.exit_code == 0, res.output
+    search = json.loads((out / "search.json").read_text())
+    full = load_model("timm", "test_vit", False, {"depth": 2, "img_size": 32, "num_classes": 10}).heads()
+    assert search["original_heads"] == full and search["heads"] != full  # heads were cut at this threshold
+    meta = read_metadata(out / "pruned.safetensors")
+    assert json.loads(meta["original_heads"]) == full and json.loads(meta["heads"]) == search["heads"]
+    shown = CliRunner().invoke(app, ["inspect", str(out)])
+    assert shown.exit_code == 0 and f"{search['heads'][0]} of {full[0]}" in shown.output, shown.output

@@ -254,3 +254,19 @@ def test_fp8_on_a_gpu_without_fp8_exits_2(tmp_path, monkeypatch):
     res = build(QUICKSTART, "--out", tmp_path / "out", "--device", "cpu", "quantize.formats=[tensorrt-fp8]")
     assert_one_line_error(res, "needs a GPU with compute capability >= 8.9")
     assert "A100 has 8.0" in res.output
+
+
+def test_onnxruntime_int8_is_quantized_again_on_another_cpu(monkeypatch):
+    """Its weights' range follows the CPU (7 bits without VNNI): the quantize key follows the machine
+    where an ONNX Runtime INT8 format is asked, and only there."""
+    from amp_deploy.pipeline import manifest
+    from amp_deploy.pipeline.stages import STAGES
+    from amp_deploy.recipe import load_recipe
+
+    with_ort = load_recipe(QUICKSTART, ["quantize.formats=[onnxruntime-int8]"])
+    without = load_recipe(QUICKSTART)
+    here = [manifest.stage_keys(r, STAGES)["quantize"] for r in (with_ort, without)]
+    real = manifest.machine
+    monkeypatch.setattr(manifest, "machine", lambda: {**real(), "cpu": "another CPU model"})
+    there = [manifest.stage_keys(r, STAGES)["quantize"] for r in (with_ort, without)]
+    assert here[0] != there[0] and here[1] == there[1]

@@ -120,6 +120,18 @@ def op_counts(path: str | Path) -> dict[str, int]:
     return dict(sorted(Counter(n.op_type for n in model.graph.node).items()))
 
 
+def cpu_has_vnni() -> bool:
+    """Whether this x86 CPU has VNNI (AVX512-VNNI or AVX-VNNI). Without it ONNX Runtime's u8 x s8 kernels
+    (VPMADDUBSW) saturate, so weights are quantized to 7 bits (`reduce_range`, ONNX Runtime's advice for
+    such CPUs): on an AVX2-only EPYC full-range INT8 gave the quickstart cosine 0.93 (min -0.26) to fp32.
+    Unknown (no /proc/cpuinfo) or no AVX2 (not that kernel): True, full range kept."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return True
+    return any(f in flags for f in ("avx512_vnni", "avx_vnni", "amx_int8")) or "avx2" not in flags
+
+
 def quantize_onnxruntime(src: str | Path, dst: str | Path, reader: CalibrationReader, *,
                          method: CalibrationMethod = "percentile", per_channel: bool = True,
                          op_types: tuple[str, ...] | list[str] | None = DEFAULT_ORT_OPS, preprocess: bool = True,
@@ -135,6 +147,7 @@ def quantize_onnxruntime(src: str | Path, dst: str | Path, reader: CalibrationRe
     methods = {"minmax": q.CalibrationMethod.MinMax, "entropy": q.CalibrationMethod.Entropy,
                "percentile": q.CalibrationMethod.Percentile}
     types = {"uint8": q.QuantType.QUInt8, "int8": q.QuantType.QInt8}
+    reduce_range = not cpu_has_vnni()
     work = _workdir(dst)
     try:
         before = op_counts(src)
@@ -150,14 +163,14 @@ def quantize_onnxruntime(src: str | Path, dst: str | Path, reader: CalibrationRe
         with _quiet(), _in(work):  # the calibrator writes its augmented model into the working folder
             q.quantize_static(str(source), str(out), reader, quant_format=q.QuantFormat.QDQ,
                               per_channel=per_channel, activation_type=types[activation],
-                              weight_type=q.QuantType.QInt8, reduce_range=not cpu_has_vnni(),
+                              weight_type=q.QuantType.QInt8, reduce_range=reduce_range,
                               op_types_to_quantize=None if op_types is None else list(op_types),
                               calibrate_method=methods[method], use_external_data_format=big)
         _place(out, dst)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return {"quantizer": "onnxruntime.quantization", "format": "QDQ", "method": method, "per_channel": per_channel,
-            "reduce_range": not cpu_has_vnni(),
+            "reduce_range": reduce_range,
             "activations": activation, "weights": "int8",
             "op_types": "all" if op_types is None else list(op_types),
             "preprocess": {"ran": preprocess, "ops_before": before, "ops_after": after_pre,
@@ -404,14 +417,3 @@ if __name__ == "__main__":
 
     _modelopt_main(sys.argv[1:])
 
-
-def cpu_has_vnni() -> bool:
-    """Whether this x86 CPU has VNNI (AVX512-VNNI or AVX-VNNI). Without it ONNX Runtime's u8 x s8 kernels
-    (VPMADDUBSW) saturate, so weights are quantized to 7 bits (`reduce_range`, ONNX Runtime's advice for
-    such CPUs): on an AVX2-only EPYC full-range INT8 gave the quickstart cosine 0.93 (min -0.26) to fp32.
-    Unknown (no /proc/cpuinfo): assumed present."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return True
-    return any(f in flags for f in ("avx512_vnni", "avx_vnni", "amx_int8")) or "avx2" not in flags

@@ -15,8 +15,10 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 TIMEOUT_S = 900.0  # a 4B-parameter model's session takes minutes to open on a CPU
 
@@ -54,6 +56,28 @@ def result(child: subprocess.Popen) -> tuple[int | None, str | None]:
     return got["host_peak_bytes"], got.get("reason")
 
 
+def host_peak(fn: Callable[[], Any]) -> tuple[Any, int | None]:
+    """Run fn; return its result and the peak resident memory it added to this process (bytes).
+
+    Linux: the high-water mark is reset through /proc/self/clear_refs, then read from VmHWM. None
+    where that is not available.
+    """
+    import gc
+
+    # Freed pages stay in the C heap, so a session may reuse an earlier one's and read as needing little:
+    # handing them back (malloc_trim, or mallopt's M_MMAP_THRESHOLD) was tried and each time a process
+    # later crashed in glibc's allocator (DINOv2 validate under OpenVINO; a test worker), so it is not done:
+    # sessions are measured in a child of their own instead (`start`).
+    gc.collect()
+    try:
+        base = _status_kb("VmRSS")
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        return fn(), None
+    result = fn()
+    return result, max(0, _status_kb("VmHWM") - base) * 1024
+
+
 def _status_kb(field: str) -> int:
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith(field + ":"):
@@ -61,34 +85,30 @@ def _status_kb(field: str) -> int:
     raise OSError(f"{field} not in /proc/self/status")
 
 
-def _child(spec: SessionSpec, shape: list[int]) -> dict:
-    import gc
-
-    import numpy as np
-
+def open_runner(spec: SessionSpec):
+    """The runner `spec` describes (the validate rows open theirs the same way)."""
     from amp_deploy.deploy import runtimes as R
 
     if spec.runtime == "onnxruntime":
-        import onnxruntime  # noqa: F401 - the library's own set-up is not the session's
+        return R.onnxruntime_runner(spec.path, spec.threads)
+    if spec.runtime == "openvino":
+        return R.openvino_runner(spec.path, spec.threads, spec.precision)
+    raise ValueError(f"no CPU session for runtime {spec.runtime!r}")
 
-        def make() -> R.Runner:
-            return R.onnxruntime_runner(spec.path, spec.threads)
-    elif spec.runtime == "openvino":
-        import openvino  # noqa: F401
 
-        def make() -> R.Runner:
-            return R.openvino_runner(spec.path, spec.threads, spec.precision)
-    else:
-        raise ValueError(f"no session memory measurement for runtime {spec.runtime!r}")
+def _child(spec: SessionSpec, shape: list[int]) -> dict:
+    import importlib
+
+    import numpy as np
+
+    import amp_deploy.deploy.runtimes  # noqa: F401 - torch and the runner code: every process pays them
+
+    importlib.import_module(spec.runtime)  # the library's own set-up is not the session's
     x = np.zeros(shape, dtype=np.float32)
-    gc.collect()
-    try:
-        base = _status_kb("VmRSS")
-        Path("/proc/self/clear_refs").write_text("5")
-    except OSError as e:
-        return {"host_peak_bytes": None, "reason": f"no resident-set high-water mark here ({e})"}
-    make().run(x)
-    return {"host_peak_bytes": max(0, _status_kb("VmHWM") - base) * 1024}
+    _, peak = host_peak(lambda: open_runner(spec).run(x))
+    if peak is None:
+        return {"host_peak_bytes": None, "reason": "no resident-set high-water mark here (/proc/self/clear_refs, VmHWM)"}
+    return {"host_peak_bytes": peak}
 
 
 if __name__ == "__main__":

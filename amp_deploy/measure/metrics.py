@@ -7,8 +7,6 @@ fidelity (pruned vs original; the price of pruning).
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -188,34 +186,6 @@ def latency(runners: dict, x: np.ndarray, warmup: int, iterations: int,
             out[n]["device"] = _stats(device[n], len(x))
         out[n]["warmup_rounds"] = done
     return out
-
-
-def host_peak(fn: Callable[[], Any]) -> tuple[Any, int | None]:
-    """Run fn; return its result and the peak resident memory it added to this process (bytes).
-
-    Linux: the high-water mark is reset through /proc/self/clear_refs, then read from VmHWM. None
-    where that is not available.
-    """
-    import gc
-
-    # Freed pages stay in the C heap, so a session may reuse an earlier one's and read as needing little:
-    # handing them back (malloc_trim, or mallopt's M_MMAP_THRESHOLD) was tried and each time a process
-    # later crashed in glibc's allocator (DINOv2 validate under OpenVINO; a test worker), so it is not done.
-    gc.collect()
-    try:
-        base = _status_kb("VmRSS")
-        Path("/proc/self/clear_refs").write_text("5")
-    except OSError:
-        return fn(), None
-    result = fn()
-    return result, max(0, _status_kb("VmHWM") - base) * 1024
-
-
-def _status_kb(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise OSError(f"{field} not in /proc/self/status")
 
 
 def repeat_to(t: torch.Tensor, n: int) -> torch.Tensor:

@@ -278,6 +278,12 @@ def _how_md(rep: dict) -> str:
     return f"threshold {pr.get('threshold')}"
 
 
+def heads_cut(rep: dict) -> bool:
+    """Whether the report's model had attention heads cut (reports from before heads: no)."""
+    h = rep.get("heads") or {}
+    return bool(h.get("pruned")) and h["pruned"] != h["original"]
+
+
 def render_md(rep: dict) -> str:
     """report.md from report.json's dict."""
     p, f, fi = rep["params"], rep["flops"], rep["fidelity"]
@@ -337,7 +343,7 @@ def render_md(rep: dict) -> str:
         lines += [f"> host memory of the {k} model not measured: {m['host_peak_missing']}" for k, m in mem.items()
                   if m.get("host_peak_missing")]
     w, h = rep["widths"], rep.get("heads") or {}
-    if h.get("pruned") and h["pruned"] != h["original"]:  # heads were cut: both axes per block
+    if heads_cut(rep):  # both axes per block
         lines += ["## MLP width and attention heads per block", "",
                   "| block | original | pruned | kept | heads |", "|---:|---:|---:|---:|---:|"]
         lines += [f"| {i} | {a} | {b} | {b / a:.0%} | {hp} of {ho} |" for i, (a, b, ho, hp)

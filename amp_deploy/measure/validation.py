@@ -13,7 +13,7 @@ from typing import Any, Literal
 import torch
 
 from amp_deploy.deploy.runtimes import Runner, Unavailable
-from amp_deploy.deploy.session_memory import SessionSpec
+from amp_deploy.deploy.session_memory import SessionSpec, host_peak
 from amp_deploy.errors import UserError, first_line
 from amp_deploy.measure import metrics as M
 
@@ -78,12 +78,10 @@ def runtime_row(make: Callable[[Which], Runner], *, precision: str, holdout: tor
     """
     try:
         largest = M.batch_of(holdout, max(batch_sizes))
-        memory_notes: dict[str, str] = {}
-        if session is not None:  # before this process opens its sessions: never both in memory at once
-            host_peak, memory_notes = _fresh_process_peaks(session, largest.shape)
-        runners, in_process, device_peak = _start(make, largest, measure=session is None)
-        if session is None:
-            host_peak = in_process
+        # before this process opens its sessions: never both in memory at once
+        fresh = _fresh_process_peaks(session, largest.shape) if session is not None else None
+        runners, peaks, device_peak = _start(make, largest, measure=fresh is None)
+        peaks, memory_notes = fresh or (peaks, {})
     except Unavailable as e:
         return {"status": "skipped", "reason": str(e)}
     except UserError as e:
@@ -108,7 +106,7 @@ def runtime_row(make: Callable[[Which], Runner], *, precision: str, holdout: tor
         row["warnings"] = [f"unstable timing (coefficient of variation above {UNSTABLE_CV:.1%}): {', '.join(unstable)}"]
     row["speedup"] = {str(b): row["latency_ms"]["original"][str(b)]["p50"] / row["latency_ms"]["pruned"][str(b)]["p50"]
                       for b in batch_sizes}
-    row["memory"] = {k: {"weights_bytes": weights_bytes(k), "host_peak_bytes": host_peak[k],
+    row["memory"] = {k: {"weights_bytes": weights_bytes(k), "host_peak_bytes": peaks[k],
                          "host_peak_measured_in": "a fresh process" if session is not None
                          else "this process (a lower bound: it may reuse freed pages)",
                          "device_peak_bytes": device_peak.get(k), "measured_at_batch": max(batch_sizes)}
@@ -136,15 +134,15 @@ def _start(make: Callable[[Which], Runner], largest, measure: bool = True) -> tu
         return r
 
     if measure:
-        throwaway = M.host_peak(lambda: create("pruned"))  # a first session: one-time library set-up is nobody's peak
+        throwaway = host_peak(lambda: create("pruned"))  # a first session: one-time library set-up is nobody's peak
         del throwaway
-    runners, host_peak, device_peak = {}, {}, {}
+    runners, peaks, device_peak = {}, {}, {}
     for k in MODELS:
         cuda_torch = torch.cuda.is_available()
         if cuda_torch:
             torch.cuda.reset_peak_memory_stats()
         if measure:
-            runners[k], host_peak[k] = M.host_peak(lambda k=k: create(k))
+            runners[k], peaks[k] = host_peak(lambda k=k: create(k))
         else:
             runners[k] = create(k)
         info = runners[k].info
@@ -152,7 +150,7 @@ def _start(make: Callable[[Which], Runner], largest, measure: bool = True) -> tu
             device_peak[k] = info["device_memory_bytes"]
         elif str(info.get("device", "")).startswith("cuda"):  # torch on the GPU: what its allocator saw
             device_peak[k] = torch.cuda.max_memory_allocated()
-    return runners, host_peak, device_peak
+    return runners, peaks, device_peak
 
 
 class RunnerModel:

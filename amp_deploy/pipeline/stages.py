@@ -126,7 +126,8 @@ def stage_search(ctx: Context) -> None:
     if all(len(width_grid(h, p.align)) < 2 for h in original):
         raise UserError(f"prune.align: {p.align} is at least every block's MLP width ({max(original)}): no neuron can "
                         f"be removed; choose prune.align below {min(original)}")
-    result: dict = {"original_widths": original, "search": p.search, "threshold": p.threshold}
+    result: dict = {"original_widths": original, "original_heads": loaded.heads(), "search": p.search,
+                    "threshold": p.threshold}
     if p.search == "uniform":
         result.update(widths=uniform_widths(original, p.keep_ratio, p.align), block_forwards=0,
                       block_forwards_naive=0)
@@ -184,7 +185,7 @@ def _adaptive_search(ctx: Context, loaded: Loaded, scores) -> dict:
                block_forwards_naive=res.block_forwards_naive, steps=res.steps, loss_fell=res.fell,
                search_loss=p.search_loss if criterion != "ce" else "ce", **extra)
     if p.heads:
-        out.update(heads=heads or loaded.heads(), original_heads=loaded.heads(), head_steps=res.head_steps)
+        out.update(heads=heads or loaded.heads(), head_steps=res.head_steps)
     return out
 
 
@@ -288,7 +289,7 @@ def stage_rebuild(ctx: Context) -> None:
     if search.get("heads"):
         apply_heads(loaded, ctx.folder.read_head_scores(ctx.recipe.prune.taylor), search["heads"])
     loaded.model.cpu()
-    save_pruned(loaded, ctx.folder.rebuilt, search["original_widths"])
+    save_pruned(loaded, ctx.folder.rebuilt, search["original_widths"], search.get("original_heads"))
 
 
 def stage_distill(ctx: Context) -> None:
@@ -329,7 +330,8 @@ def stage_distill(ctx: Context) -> None:
     if rank != 0:
         return None  # rank 0 alone writes
     student.model.cpu()
-    save_pruned(student, f.pruned, f.read_search()["original_widths"])
+    search = f.read_search()
+    save_pruned(student, f.pruned, search["original_widths"], search.get("original_heads"))
     skipped = getattr(split, "skipped", 0)  # unreadable files met in the last epoch (every rank reads them all)
     f.write_distill_log({"epochs": d.epochs, "images": len(images), "skipped_unreadable": skipped,
                          "losses": state.losses,
@@ -547,6 +549,12 @@ def latency_budget(recipe) -> bool:
     return recipe.prune.target_speedup is not None or recipe.prune.target_latency_ms is not None
 
 
+def quantizes_for_this_cpu(recipe) -> bool:
+    """ONNX Runtime INT8 is made for this CPU (7-bit weights where it has no VNNI, deploy.quantize):
+    those files belong to the machine."""
+    return any(fmt.startswith("onnxruntime-") for fmt in recipe.quantize.formats)
+
+
 def search_depends(recipe) -> tuple[str, ...]:
     """The search reads prune; to a latency budget, also the settings its latency table is measured
     with (the exported graph, its quantization and engines, the runtimes, the timing threads)."""
@@ -564,7 +572,7 @@ STAGES: tuple[Stage, ...] = (
           parallel=True, reads=("distill.path",), device_bound=True),
     Stage("export", export_depends, lambda f: [f.onnx("original"), f.onnx("pruned"), *f.ir_files()], stage_export),
     Stage("quantize", ("quantize",), lambda f: [f.quantize_log, *f.quantized_files(list(f.read_quantize_log().get(
-        "formats", {})))], stage_quantize),
+        "formats", {})))], stage_quantize, machine_bound=quantizes_for_this_cpu),
     Stage("compile", ("runtimes", "compile"), lambda f: [f.compile_status, *f.engine_files()], stage_compile,
           machine_bound=True),
     Stage("validate", ("validate", "runtimes", "compile"), lambda f: [f.report_json, f.report_md], stage_validate,

@@ -15,6 +15,7 @@ import torch
 from amp_deploy.pipeline.context import Context
 from amp_deploy.checkpoint import load_pruned_model
 from amp_deploy.deploy.runtimes import Runner
+from amp_deploy.deploy.session_memory import SessionSpec
 from amp_deploy.errors import GateFailed, GateUndecided, UserError
 from amp_deploy.measure import metrics as M
 from amp_deploy.measure.report import (
@@ -24,7 +25,6 @@ from amp_deploy.measure.report import (
     apply_quantization_gate,
     environment,
 )
-from amp_deploy.deploy.session_memory import SessionSpec
 from amp_deploy.measure.validation import fidelity, runtime_row
 from amp_deploy.prune.families import count_params
 
@@ -41,7 +41,7 @@ def _runner_factories(ctx: Context, models: dict[str, torch.nn.Module],
     # judged with the reduced tolerances too.
     ort_trt_precision = "fp16" if c.precision == "fp16" else "tf32"
     return {
-        "onnxruntime": (lambda k: R.onnxruntime_runner(f.onnx(k), v.threads), "fp32"),
+        "onnxruntime": (_cpu_runner(ctx, "onnxruntime"), "fp32"),
         "onnxruntime-cuda": (lambda k: R.onnxruntime_runner(f.onnx(k), v.threads, R.cuda_providers()), "fp32"),
         "onnxruntime-trt": (lambda k: R.onnxruntime_runner(
             f.onnx(k), v.threads, R.tensorrt_providers(f.ort_trt_cache, f.onnx(k), c.precision == "fp16", trt_profile)),
@@ -49,8 +49,7 @@ def _runner_factories(ctx: Context, models: dict[str, torch.nn.Module],
         "tensorrt": (lambda k: R.tensorrt_runner(f.plan(k)), c.precision),
         "torch": (lambda k: R.torch_runner(models[k], v.threads, ctx.device), "fp32"),
         "torch-compile": (lambda k: R.torch_runner(torch.compile(models[k]), v.threads, ctx.device), "fp32"),
-        **{name: ((lambda prec: lambda k: R.openvino_runner(f.ir(k), v.threads, prec))(prec), prec)
-           for name, prec in R.OPENVINO_RUNTIMES.items()},
+        **{name: (_cpu_runner(ctx, name), prec) for name, prec in R.OPENVINO_RUNTIMES.items()},
         **_quantized_factories(ctx),
     }
 
@@ -75,19 +74,25 @@ def _quantized_factories(ctx: Context) -> dict[str, tuple[Callable[[str], Runner
     from amp_deploy.deploy import runtimes as R
     from amp_deploy.deploy.quantize import precision_of
 
-    v, f = ctx.recipe.validate_, ctx.folder
+    f = ctx.folder
     out = {}
     for name, fmt in quantized_rows(ctx.recipe.quantize.formats).items():
         if _engine_row(name):
             make = (lambda fmt: lambda k: R.tensorrt_runner(f.plan(k, fmt)))(fmt)
-        elif fmt == "openvino-int8":  # the int8 products, everything else pinned to f32
-            make = (lambda fmt: lambda k: R.openvino_runner(f.quantized(k, fmt), v.threads, "fp32"))(fmt)
         elif precision_of(fmt) == "fp8":
             make = _no_fp8_on_cpu
         else:
-            make = (lambda fmt: lambda k: R.onnxruntime_runner(f.quantized(k, fmt), v.threads))(fmt)
+            make = _cpu_runner(ctx, name)
         out[name] = (make, precision_of(fmt))
     return out
+
+
+def _cpu_runner(ctx: Context, name: str) -> Callable[[str], Runner]:
+    """The runner of a CPU row on its file, opened as its host memory is measured (`_session_spec`)."""
+    from amp_deploy.deploy.session_memory import open_runner
+
+    spec = _session_spec(ctx, name)
+    return lambda k: open_runner(spec(k))
 
 
 def _no_fp8_on_cpu(which: str) -> Runner:
@@ -148,8 +153,10 @@ def _row(ctx: Context, name: str, models: dict, holdout, refs: dict, output: str
 
 
 def _session_spec(ctx: Context, name: str) -> Callable[[str], SessionSpec] | None:
-    """How a fresh process opens this row's session, for its host memory: the CPU runtimes on a file.
-    None for torch (its model lives in this process) and the GPU rows (their figure is device memory)."""
+    """Which file this row's CPU session opens, and how (a fresh process measuring its host memory
+    opens it the same way): ONNX Runtime and OpenVINO rows, fp32 and quantized (OpenVINO INT8: its
+    int8 products, everything else pinned to f32). None for torch (its model lives in this process),
+    the GPU rows (their figure is device memory) and FP8 (no CPU kernels)."""
     from amp_deploy.deploy.quantize import precision_of
     from amp_deploy.deploy.runtimes import OPENVINO_RUNTIMES
 

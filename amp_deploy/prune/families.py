@@ -83,6 +83,12 @@ class Loaded:
     # CLIP models: prompts -> text embeddings from the (unpruned) text tower, for zero-shot and the
     # image-text criterion; None for image-only models
     encode_text: Callable[[list[str]], torch.Tensor] | None = field(default=None, repr=False)
+    # each block's attention (found once: cutting heads replaces its Linears, never its layout), or None
+    # where a block's attention is of no known kind (its heads cannot be cut)
+    attn: list[AttnSite] | None = field(default=None, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.attn = find_attn_sites(self.block_list())
 
     def block_list(self) -> nn.Module:
         return self.model.get_submodule(self.blocks)
@@ -96,24 +102,18 @@ class Loaded:
     def widths(self) -> list[int]:
         return [self.mlp_modules(i)["fc_out"].in_features for i in range(len(self.sites))]
 
-    def attn_sites(self) -> list[AttnSite] | None:
-        """Each block's attention, or None where a block's attention is of no known kind (its heads
-        cannot be cut)."""
-        return find_attn_sites(self.block_list())
-
     def attn_modules(self, i: int) -> dict[str, nn.Module]:
         block = self.block_list()[i]
-        s = self.attn_sites()[i]
+        s = self.attn[i]
         names = {"proj": s.proj, "qkv": s.qkv, "q": s.q, "k": s.k, "v": s.v, "norm": s.norm, "gate": s.gate}
         return {k: block.get_submodule(v) for k, v in names.items() if v}
 
     def heads(self) -> list[int] | None:
         """Attention heads per block (None where they are not known)."""
-        sites = self.attn_sites()
-        if sites is None:
+        if self.attn is None:
             return None
         blocks = self.block_list()
-        return [blocks[i].get_submodule(s.proj).in_features // s.head_dim for i, s in enumerate(sites)]
+        return [blocks[i].get_submodule(s.proj).in_features // s.head_dim for i, s in enumerate(self.attn)]
 
 
 # --- site finders: one per MLP shape, tried in order on each block's `mlp` ------------------------

@@ -113,7 +113,7 @@ def set_attention(loaded: Loaded, i: int, mods: dict[str, nn.Module]) -> None:
     """Put `mods` (from `sliced_attention`, or the originals back) into block i's attention, and
     set the attention module's head count to match."""
     block = loaded.block_list()[i]
-    site = loaded.attn_sites()[i]
+    site = loaded.attn[i]
     for key, mod in mods.items():
         parent, _, attr = getattr(site, key).rpartition(".")
         setattr(block.get_submodule(parent) if parent else block, attr, mod)
@@ -135,4 +135,4 @@ def apply_heads(loaded: Loaded, scores: list[torch.Tensor] | None, heads: list[i
     for i, h in enumerate(heads):
         if h != now[i]:
             keep = keep_top(scores[i], h) if scores is not None else torch.arange(h)
-            set_attention(loaded, i, sliced_attention(loaded.attn_modules(i), loaded.attn_sites()[i], keep))
+            set_attention(loaded, i, sliced_attention(loaded.attn_modules(i), loaded.attn[i], keep))

@@ -240,7 +240,7 @@ def taylor_scores(loaded: Loaded, batches: Iterable, loss: Callable, device: tor
     n = len(loaded.sites)
     # zeros to start from: a rank that gets no batch still joins the all-reduce with its (empty) sums
     sums = {k: [torch.zeros(w, device=device) for w in loaded.widths()] for k in TAYLOR_KINDS}
-    attn, heads = loaded.attn_sites(), loaded.heads()
+    attn, heads = loaded.attn, loaded.heads()
     if attn is not None:
         sums.update({f"heads.{k}": [torch.zeros(h, device=device) for h in heads] for k in TAYLOR_KINDS})
 
@@ -338,7 +338,7 @@ def random_scores(loaded: Loaded, seed: int) -> list[torch.Tensor]:
 def head_magnitude_scores(loaded: Loaded) -> list[torch.Tensor] | None:
     """Weight-norm baseline for heads: ||the head's value rows|| * ||its output-projection columns||
     (None where the attention is of no known kind)."""
-    sites = loaded.attn_sites()
+    sites = loaded.attn
     if sites is None:
         return None
     out = []

@@ -224,7 +224,7 @@ def _bisect_heads(loaded: Loaded, i: int, scores: torch.Tensor, ev: _Evaluator, 
                   steps: int) -> tuple[int, float, list[tuple[int, float, bool]]]:
     """Settle block i's head count as its width: candidates 1..H keep the top-scored heads."""
     original = loaded.attn_modules(i)
-    site = loaded.attn_sites()[i]
+    site = loaded.attn[i]
     return _bisect(list(range(1, original["proj"].in_features // site.head_dim + 1)), ev, i, prev, threshold, steps,
                    lambda h: set_attention(loaded, i, sliced_attention(original, site, keep_top(scores, h))),
                    lambda: set_attention(loaded, i, original))
