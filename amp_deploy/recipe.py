@@ -167,8 +167,9 @@ class PruneSpec(_Strict):
                                    "reference's widths always")
     heads: bool = _f(False, "also cut attention heads (the same Taylor criterion, a gate per head, scored in the same "
                             "pass): adaptive search: after each block's width, its head count is bisected under the "
-                            "same threshold; at least one head per block stays, head size unchanged. false (the "
-                            "authors' AMP): the MLPs alone")
+                            "same threshold; with target_speedup/target_latency_ms the latency table gains a heads axis and "
+                            "the knapsack chooses (width, heads) per block; at least one head per block stays, head "
+                            "size unchanged. false (the authors' AMP): the MLPs alone")
     steps: int = _f(6, "bisection steps per block", ge=1, le=20)
     align: int = _f(1, "kept widths are multiples of this (e.g. 64 for tensor cores)", ge=1)
     cache: bool = _f(True, "replay the hidden states entering each block during the search (false: the "
@@ -189,9 +190,6 @@ class PruneSpec(_Strict):
             raise ValueError(f"prune: {' and '.join(budgets)} are both set; give one budget")
         if self.search == "uniform" and budgets:
             raise ValueError(f"prune.{budgets[0]} works with prune.search 'adaptive'")
-        if self.heads and (self.target_speedup is not None or self.target_latency_ms is not None):
-            raise ValueError("prune.heads: the latency budget's table has no heads axis yet; use prune.target_params "
-                             "or prune.threshold with prune.heads, or prune.heads=false with the latency budget")
         if self.heads and self.search == "uniform":
             raise ValueError("prune.heads works with prune.search 'adaptive' (the head count is searched per block)")
         lat = self.latency

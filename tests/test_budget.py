@@ -28,6 +28,19 @@ CHEAP = ["export.exporter=torchscript", "prune.latency.widths=4", "prune.latency
          "runtimes=[onnxruntime]"]
 
 
+def _knapsack_matches(table, curves, speedup, feasible):
+    """The knapsack's choice against the brute force's feasible losses (None where none is feasible,
+    and the knapsack said so)."""
+    if not feasible:
+        with pytest.raises(ValueError, match="out of reach"):
+            B.choose_widths(table, curves, speedup)
+        return None
+    choice = B.choose_widths(table, curves, speedup)
+    assert choice.loss_increase == pytest.approx(min(feasible), abs=1e-12)
+    assert choice.predicted_speedup >= speedup * (1 - 1e-3)  # savings were rounded down, never up
+    return choice
+
+
 def test_the_knapsack_finds_the_least_loss_that_meets_the_budget_by_brute_force():
     rng = random.Random(0)
     widths = B.candidate_widths(64, 5, 8)
@@ -42,14 +55,50 @@ def test_the_knapsack_finds_the_least_loss_that_meets_the_budget_by_brute_force(
         feasible = [sum(curves.losses[i][k] for i, k in enumerate(combo))
                     for combo in itertools.product(range(len(widths)), repeat=depth)
                     if sum(int(np.floor(table.saving(widths[k]) * B.UNITS + 1e-9)) for k in combo) >= need]
-        if not feasible:
-            with pytest.raises(ValueError, match="out of reach"):
-                B.choose_widths(table, curves, speedup)
+        choice = _knapsack_matches(table, curves, speedup, feasible)
+        if choice is None:
             continue
-        choice = B.choose_widths(table, curves, speedup)
-        assert choice.loss_increase == pytest.approx(min(feasible), abs=1e-12)
-        assert choice.predicted_speedup >= speedup * (1 - 1e-3)  # savings were rounded down, never up
         assert sum(b["loss_increase"] for b in choice.per_block) == pytest.approx(choice.loss_increase)
+
+
+def test_with_heads_the_knapsack_chooses_a_width_and_a_head_count_per_block_by_brute_force():
+    rng = random.Random(1)
+    widths, heads = B.candidate_widths(64, 4, 8), B.candidate_heads(4, 12)
+    assert heads == [1, 2, 3, 4] and B.candidate_heads(16, 4) == [4, 8, 12, 16]
+    for _ in range(80):
+        depth = rng.randint(1, 3)
+        wr = sorted(rng.uniform(0.5, 1) for _ in widths[:-1]) + [1.0]
+        hr = sorted(rng.uniform(0.6, 1) for _ in heads[:-1]) + [1.0]
+        table = B.latency_table(widths, depth, {w: [r * 10.0] * 3 for w, r in zip(widths, wr)},
+                                {w: [10.0] * 3 for w in widths[:-1]}, heads=heads,
+                                head_samples={h: [r * 10.0] * 3 for h, r in zip(heads, hr)},
+                                head_full_samples={h: [10.0] * 3 for h in heads[:-1]})
+        curves = B.Curves([widths] * depth, [[rng.random() for _ in widths[:-1]] + [0.0] for _ in range(depth)], 0.0,
+                          heads=[heads] * depth,
+                          head_losses=[[rng.random() for _ in heads[:-1]] + [0.0] for _ in range(depth)])
+        speedup = rng.uniform(1.01, B.max_speedup(table, curves) * 1.05)
+        need = int(np.ceil((1 - 1 / speedup) * B.UNITS - 1e-9))
+
+        def units(w, h, t=table):
+            return int(np.floor(t.saving(w) * B.UNITS + 1e-9)) + int(np.floor(t.head_saving(h) * B.UNITS + 1e-9))
+
+        pairs = list(itertools.product(range(len(widths)), range(len(heads))))
+        feasible = [sum(curves.losses[i][a] + curves.head_losses[i][b] for i, (a, b) in enumerate(combo))
+                    for combo in itertools.product(pairs, repeat=depth)
+                    if sum(units(widths[a], heads[b]) for a, b in combo) >= need]
+        choice = _knapsack_matches(table, curves, speedup, feasible)
+        if choice is None:
+            continue
+        assert len(choice.heads) == depth and all(h in heads for h in choice.heads)
+        got = sum(curves.losses[i][widths.index(w)] + curves.head_losses[i][heads.index(h)]
+                  for i, (w, h) in enumerate(zip(choice.widths, choice.heads)))
+        assert got == pytest.approx(choice.loss_increase)
+        saving = sum(table.saving(w) + table.head_saving(h) for w, h in zip(choice.widths, choice.heads))
+        assert choice.predicted_ratio == pytest.approx(1 - saving)
+    # the heads axis raises the reach: every block also at one head
+    no_heads = B.Curves(curves.widths, curves.losses, 0.0)
+    assert B.max_speedup(table, curves) > B.max_speedup(table, no_heads)
+    assert B.choose_widths(table, no_heads, 1.01).heads is None
 
 
 def test_candidate_widths_and_the_table_fit():

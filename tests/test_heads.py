@@ -168,11 +168,63 @@ def test_a_build_with_heads_reports_and_reloads_them(tmp_path):
     assert shown.exit_code == 0 and "heads" in shown.output, shown.output
 
 
-def test_heads_with_a_latency_budget_or_an_unknown_attention_is_one_line(tmp_path):
-    from tests.conftest import assert_one_line_error, build, tiny_recipe
+def test_head_loss_curves_equal_a_direct_evaluation_of_each_block_cut_alone(digits_model):
+    from amp_deploy.data import load_digits_data
+    from amp_deploy.prune import budget as B
+    from amp_deploy.prune.search import model_losses
 
-    recipe = tiny_recipe(tmp_path, prune={"heads": True, "target_speedup": 1.3})
-    assert_one_line_error(build(recipe, "--out", tmp_path / "a"), "prune.heads: the latency budget's table has no heads axis")
+    loaded = digits_model
+    data = load_digits_data(calibration=64, validation=32, holdout=8, seed=0, transform=loaded.transform)
+    scores = taylor_scores(loaded, data.calibration.batches(32), _loss(loaded), torch.device("cpu"))
+    view = default_view(loaded.output)
+    search = Divergence(view, DEFAULT_TEMPERATURE[view])
+    cands, hcands = [[128, 256]] * 4, [[1, 2, 3, 4]] * 4
+    curves = B.loss_curves(loaded, scores["abs"], data.validation, cands, loss=search, batch_size=16,
+                           head_scores=scores["heads.abs"], head_candidates=hcands)
+    assert loaded.heads() == [4] * 4 and loaded.widths() == [256] * 4  # left whole
+    assert curves.heads == hcands and all(row[-1] == curves.base_loss for row in curves.head_losses)
+    for i, h in [(0, 1), (2, 3), (3, 2)]:
+        direct = copy.deepcopy(loaded)
+        apply_heads(direct, scores["heads.abs"], [h if j == i else 4 for j in range(4)])
+        want = model_losses(loaded, [direct], data.validation, loss=search, batch_size=16)[0]
+        assert curves.head_losses[i][h - 1] == pytest.approx(want, rel=1e-5, abs=1e-9)
+    assert all(curves.head_losses[i][0] > curves.base_loss for i in range(4))  # one head of four departs
+    assert "heads" in curves.to_dict() and "heads" not in B.Curves([[1]], [[0.0]], 0.0).to_dict()
+
+
+def test_a_latency_budget_with_heads_measures_both_axes_and_chooses_both(tmp_path):
+    """The quickstart to a speedup with prune.heads: the table has a heads axis, the curves a row per
+    head count, the checks and the build carry the chosen heads (cheap timing: not a speed test)."""
+    import json
+
+    from tests.conftest import QUICKSTART, build
+    from tests.test_budget import CHEAP
+
+    out = tmp_path / "o"
+    res = build(QUICKSTART, "--out", out, *CHEAP, "prune.heads=true", "prune.target_speedup=1.05")
+    assert res.exit_code == 0, res.output
+    search = json.loads((out / "search.json").read_text())
+    lb = search["latency_budget"]
+    assert lb["table"]["heads"]["heads"] == [1, 2, 3, 4] and lb["table"]["heads"]["fitted"][-1] == 1.0
+    assert lb["curves"]["heads"] == [[1, 2, 3, 4]] * 4 and len(lb["curves"]["head_losses"]) == 4
+    assert all("heads" in c for c in lb["checks"]) and search["heads"] in [c["heads"] for c in lb["checks"]]
+    assert search["original_heads"] == [4] * 4
+    rep = json.loads((out / "report.json").read_text())
+    assert rep["heads"]["pruned"] == search["heads"]
+    back = load_pruned(out / "pruned.safetensors")
+    from amp_deploy.prune.families import find_attn_sites, find_sites
+
+    blocks = back.get_submodule(find_sites(back)[0])
+    assert [b.get_submodule(s.proj).in_features // s.head_dim
+            for b, s in zip(blocks, find_attn_sites(blocks))] == search["heads"]
+    md = (out / "report.md").read_text()
+    assert "Heads axis: every block at one head count" in md and "| heads |" in md
+    assert (out / "plots" / "latency_budget.png").stat().st_size > 1000
+
+
+def test_heads_with_an_unknown_attention_is_one_line(tmp_path):
+    from tests.conftest import build, tiny_recipe
+
     recipe = tiny_recipe(tmp_path, prune={"heads": True, "threshold": 0.05, "steps": 2},
                          model={"source": "timm", "name": "eva02_tiny_patch14_224",
                                 "kwargs": {"depth": 2, "img_size": 28}})

@@ -58,7 +58,8 @@ def write_plots(report: dict[str, Any], folder: Path) -> list[str]:
         written.append("distill.png")
 
     if report.get("latency_budget"):
-        written.append(_budget_plot(plt, report["latency_budget"], report["widths"]["pruned"], folder))
+        written.append(_budget_plot(plt, report["latency_budget"], report["widths"]["pruned"], folder,
+                                    (report.get("heads") or {}).get("pruned")))
 
     cos = report["fidelity"].get("cosines") or []
     if cos:
@@ -72,19 +73,24 @@ def write_plots(report: dict[str, Any], folder: Path) -> list[str]:
     return written
 
 
-def _budget_plot(plt, lb: dict[str, Any], widths: list[int], folder: Path) -> str:
-    """The latency table (measured and fitted ratio per width) with the chosen widths marked."""
+def _budget_plot(plt, lb: dict[str, Any], widths: list[int], folder: Path, heads: list[int] | None = None) -> str:
+    """The latency table (measured and fitted ratio per width, and per head count where the table has
+    a heads axis) with the chosen widths (and heads) marked."""
     t = lb["table"]
-    fig, ax = plt.subplots(figsize=(5.5, 3.4))
-    ax.plot(t["widths"], t["ratio"], "o", color="#c05621", label="measured (median per-round ratio)")
-    ax.plot(t["widths"], t["fitted"], "-", color="#2b6cb0", label="fitted (monotone)")
-    for w in widths:
-        ax.axvline(w, color="#718096", alpha=0.35, lw=1)
-    ax.set(xlabel="MLP width of every block", ylabel="latency / full model",
-           title=f"{lb['runtime']} {lb['precision']}, batch {lb['batch']}: predicted {lb['predicted_speedup']:.2f}x, "
-                 f"measured {lb['measured_speedup']:.2f}x")
-    ax.title.set_fontsize(9)
-    ax.legend(fontsize=8, title="grey lines: chosen widths", title_fontsize=8)
+    axes_of = [("widths", "MLP width of every block", widths)]
+    if t.get("heads") and heads:
+        axes_of.append(("heads", "attention heads of every block", heads))
+    fig, axes = plt.subplots(1, len(axes_of), figsize=(5.5 * len(axes_of), 3.4), squeeze=False)
+    for ax, (key, label, chosen) in zip(axes[0], axes_of):
+        row = t if key == "widths" else t["heads"]
+        ax.plot(row[key], row["ratio"], "o", color="#c05621", label="measured (median per-round ratio)")
+        ax.plot(row[key], row["fitted"], "-", color="#2b6cb0", label="fitted (monotone)")
+        for w in chosen:
+            ax.axvline(w, color="#718096", alpha=0.35, lw=1)
+        ax.set(xlabel=label, ylabel="latency / full model")
+        ax.legend(fontsize=8, title=f"grey lines: chosen {key}", title_fontsize=8)
+    fig.suptitle(f"{lb['runtime']} {lb['precision']}, batch {lb['batch']}: predicted {lb['predicted_speedup']:.2f}x, "
+                 f"measured {lb['measured_speedup']:.2f}x", fontsize=9)
     _save(fig, folder / "latency_budget.png")
     plt.close(fig)
     return "latency_budget.png"

@@ -238,21 +238,25 @@ def _budget_md(rep: dict) -> list[str]:
     v = lb.get("validate", {})
     seen = (f"{v['measured_speedup']:.3f}x (row {v['row']}, median of per-round ratios)" if v.get("status") == "ok"
             else f"{v.get('status')}: {v.get('reason')}")
+    heads = bool(lb["table"].get("heads"))
     asked = (f"{lb['target_latency_ms']:g} ms ({lb['target_speedup']:.3f}x)" if lb.get("target_latency_ms")
              else f"{lb['target_speedup']:g}x")
     lines = ["## Latency budget", "",
              f"Asked: {asked} on {lb['runtime']} {lb['precision']} at batch {lb['batch']} (reachable: "
-             f"{lb['max_speedup']:.2f}x with every MLP at its smallest candidate width).", "",
+             f"{lb['max_speedup']:.2f}x with every MLP at its smallest candidate width"
+             f"{' and its fewest heads' if lb['table'].get('heads') else ''}).", "",
              "| | speedup |", "|---|---:|",
              f"| predicted (latency table, additive) | {lb['predicted_speedup']:.3f}x |",
              f"| measured by the search (end-to-end check) | {lb['measured_speedup']:.3f}x |",
              f"| measured by validate | {seen} |", "",
              f"Target {'met' if lb['met'] else 'MISSED'} within {lb['tolerance']:.0%} by the search's check.", "",
              "End-to-end checks (each asks the knapsack for `aim`; the next aim corrects the last miss):", "",
-             "| check | aim | predicted | measured | summed loss increase | widths |", "|---:|---:|---:|---:|---:|---|"]
+             "| check | aim | predicted | measured | summed loss increase | widths |" + (" heads |" if heads else ""),
+             "|---:|---:|---:|---:|---:|---|" + ("---|" if heads else "")]
     for i, c in enumerate(lb["checks"]):
         lines.append(f"| {i + 1} | {c['aim']:.3f}x | {c['predicted_speedup']:.3f}x | {c['measured_speedup']:.3f}x | "
-                     f"{c['loss_increase']:.4g} | {' '.join(map(str, c['widths']))} |")
+                     f"{c['loss_increase']:.4g} | {' '.join(map(str, c['widths']))} |"
+                     + (f" {' '.join(map(str, c.get('heads', [])))} |" if heads else ""))
     t = lb["table"]
     lines += ["", f"Latency table: every block at one width, {t['rounds']} interleaved rounds with the full model "
               f"({t['full_ms']:.3f} ms); ratio = median of per-round latency ratios; fitted = made monotone; "
@@ -260,6 +264,13 @@ def _budget_md(rep: dict) -> list[str]:
               "| width | p50 ms | ratio | fitted | saving per block |", "|---:|---:|---:|---:|---:|"]
     lines += [f"| {w} | {ms:.3f} | {r:.4f} | {fr:.4f} | {sv:.4%} |"
               for w, ms, r, fr, sv in zip(t["widths"], t["p50_ms"], t["ratio"], t["fitted"], t["block_saving"])]
+    if heads:
+        h = t["heads"]
+        lines += ["", "Heads axis: every block at one head count, every MLP whole, timed the same way; a block's "
+                  "(width, heads) saves the sum of the two savings.", "",
+                  "| heads | p50 ms | ratio | fitted | saving per block |", "|---:|---:|---:|---:|---:|"]
+        lines += [f"| {n} | {ms:.3f} | {r:.4f} | {fr:.4f} | {sv:.4%} |"
+                  for n, ms, r, fr, sv in zip(h["heads"], h["p50_ms"], h["ratio"], h["fitted"], h["block_saving"])]
     return lines + [""]
 
 

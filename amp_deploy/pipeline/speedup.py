@@ -6,9 +6,10 @@ build), times them interleaved, and runs the measure -> choose -> check -> corre
 
 1. latency table: the model with every block at each candidate width, and the full model (each
    candidate prepared once; its runner kept open between passes while memory allows, else opened
-   only while it is timed);
-2. loss curves: each block alone at each candidate width (the search's cached evaluator);
-3. widths by knapsack for the target; the chosen model measured end to end against the full
+   only while it is timed); with `prune.heads`, also every block at each candidate head count;
+2. loss curves: each block alone at each candidate width (and head count), by the search's cached
+   evaluator;
+3. widths (and heads) by knapsack for the target; the chosen model measured end to end against the full
    model (interleaved); when the measured speedup is off by more than `latency.tolerance`, the
    knapsack is asked for a corrected speedup (`latency.corrections` times at most). The check
    closest to the target wins.
@@ -32,7 +33,7 @@ from amp_deploy.measure import metrics as M
 from amp_deploy.pipeline.context import Context, compile_settings
 from amp_deploy.prune import budget as B
 from amp_deploy.prune.families import Loaded
-from amp_deploy.prune.rebuild import apply_widths
+from amp_deploy.prune.rebuild import apply_heads, apply_widths
 
 TIMING_CALIBRATION = 16  # int8 candidates are calibrated on this many images: scales change no latency
 
@@ -171,15 +172,19 @@ def timing_input(ctx: Context, batch: int):
     return M.batch_of(x.float(), batch)
 
 
-def _uniform(ctx: Context, scores, widths: list[int]) -> nn.Module:
+def _pruned(ctx: Context, scores, widths: list[int], head_scores=None, heads: list[int] | None = None) -> nn.Module:
     loaded = ctx.original()
     apply_widths(loaded, scores, widths)
+    if heads is not None:
+        apply_heads(loaded, head_scores, heads)
     return loaded.model
 
 
-def latency_search(ctx: Context, loaded: Loaded, scores, curves_of: Callable[[Loaded, list[list[int]]], B.Curves]
-                   ) -> dict:
-    """Widths for the recipe's latency budget, with everything measured on the way (search.json)."""
+def latency_search(ctx: Context, loaded: Loaded, scores,
+                   curves_of: Callable[[Loaded, list[list[int]], list[list[int]] | None], B.Curves],
+                   head_scores=None) -> dict:
+    """Widths (and, with `head_scores`, heads) for the recipe's latency budget, with everything
+    measured on the way (search.json)."""
     p = ctx.recipe.prune
     lat = p.latency
     original = loaded.widths()
@@ -187,7 +192,14 @@ def latency_search(ctx: Context, loaded: Loaded, scores, curves_of: Callable[[Lo
         raise UserError(f"prune.target_speedup: the blocks' MLP widths differ ({sorted(set(original))}); the latency "
                         "table assumes blocks of one shape")
     cands = [B.candidate_widths(h, lat.widths, p.align) for h in original]
-    depth, k = len(original), len(cands[0])
+    hcands = None
+    if head_scores is not None:
+        original_heads = loaded.heads()
+        if len(set(original_heads)) != 1:
+            raise UserError(f"prune.target_speedup: the blocks' head counts differ ({sorted(set(original_heads))}); "
+                            "the latency table assumes blocks of one shape")
+        hcands = [B.candidate_heads(h, lat.widths) for h in original_heads]
+    depth, k = len(original), len(cands[0]) + (len(hcands[0]) - 1 if hcands else 0)
     x = timing_input(ctx, lat.batch)
     work = Path(tempfile.mkdtemp(prefix=".latency-", suffix=".tmpdir", dir=ctx.folder.root))
     try:
@@ -196,7 +208,7 @@ def latency_search(ctx: Context, loaded: Loaded, scores, curves_of: Callable[[Lo
         model_bytes = sum(t.numel() * t.element_size() for t in loaded.model.state_dict().values())
         stay_open = keep_open(model_bytes, k, ctx.device if lat.runtime in ("torch", "tensorrt", "onnxruntime-cuda")
                               else torch.device("cpu"))
-        table, full_runner = _table(ctx, make, scores, cands, x, stay_open)
+        table, full_runner = _table(ctx, make, scores, cands, x, stay_open, head_scores, hcands)
         seconds = {"table": round(time.perf_counter() - start, 3)}
         target = p.target_speedup
         if target is None:
@@ -207,24 +219,27 @@ def latency_search(ctx: Context, loaded: Loaded, scores, curves_of: Callable[[Lo
                                 "nothing to prune")
         advance = ctx.reporter.task("search: loss curves, block by block", depth)
         start = time.perf_counter()
-        curves = curves_of(loaded, cands)
+        curves = curves_of(loaded, cands, hcands)
         seconds["curves"] = round(time.perf_counter() - start, 3)
         advance(depth)
         reach = B.max_speedup(table, curves)
         if target > reach:
+            smallest = (f" and {hcands[0][0]} of {hcands[0][-1]} heads" if hcands else "")
+            rest = "embeddings and norms stay" if hcands else "attention and the rest of the model stay"
             raise UserError(
                 f"prune.target_{'speedup' if p.target_speedup else 'latency_ms'}: a {target:.3g}x speedup is out of "
                 f"reach on {lat.runtime} {lat.precision} at batch {lat.batch}: with every MLP at its smallest candidate "
-                f"width ({cands[0][0]} of {original[0]}) the measured table predicts {reach:.3g}x (attention and "
-                "the rest of the model stay)")
-        rounds = _checks(ctx, make, full_runner, scores, table, curves, target, reach, x)
+                f"width ({cands[0][0]} of {original[0]}){smallest} the measured table predicts {reach:.3g}x ({rest})")
+        rounds = _checks(ctx, make, full_runner, scores, table, curves, target, reach, x, head_scores)
     finally:
         gc.collect()
         shutil.rmtree(work, ignore_errors=True)
-    pruning = [r for r in rounds if r["widths"] != original] or rounds  # the full model answers no budget
-    best = min(pruning, key=lambda r: abs(r["measured_speedup"] / target - 1))
+    whole = hcands and [h[-1] for h in hcands]
+    pruning = [r for r in rounds if r["widths"] != original or r.get("heads", whole) != whole] or rounds
+    best = min(pruning, key=lambda r: abs(r["measured_speedup"] / target - 1))  # the full model answers no budget
     return dict(
-        widths=best["widths"], base_loss=curves.base_loss, losses=[], block_forwards=curves.block_forwards,
+        widths=best["widths"], **({"heads": best["heads"], "head_steps": []} if hcands else {}),
+        base_loss=curves.base_loss, losses=[], block_forwards=curves.block_forwards,
         block_forwards_naive=curves.block_forwards, steps=[], loss_fell=[], threshold=None,
         latency_budget={
             "runtime": lat.runtime, "batch": lat.batch, "precision": lat.precision, "target_speedup": target,
@@ -264,47 +279,61 @@ def keep_open(model_bytes: int, candidates: int, device: torch.device) -> bool:
     return free is not None and model_bytes * candidates <= KEEP_OPEN_SHARE * free
 
 
-def _table(ctx: Context, make, scores, cands: list[list[int]], x, stay_open: bool = True
-           ) -> tuple[B.LatencyTable, Runner]:
+def _table(ctx: Context, make, scores, cands: list[list[int]], x, stay_open: bool = True, head_scores=None,
+           hcands: list[list[int]] | None = None) -> tuple[B.LatencyTable, Runner]:
     """Each candidate timed against the full model, two runners at a time (as the end-to-end checks
     are), in TABLE_PASSES passes over all candidates so that a slow phase of the machine hits them alike.
-    With `stay_open` each candidate's runner is opened once and kept until the table is done; without,
-    it is opened for each pass and closed after it (one candidate in memory at a time)."""
+    Candidates: every block at each width (heads whole) and, with `hcands`, every block at each head
+    count (widths whole). With `stay_open` each candidate's runner is opened once and kept until the
+    table is done; without, it is opened for each pass and closed after it (one candidate in memory
+    at a time)."""
     lat = ctx.recipe.prune.latency
-    k = len(cands[0])
-    advance = ctx.reporter.task(f"search: latency table ({k} widths on {lat.runtime} {lat.precision}, "
-                                f"batch {lat.batch})", k + TABLE_PASSES)
-    openers: dict[int, Opener] = {}
+    full_widths = [c[-1] for c in cands]
+    entries = {("w", c): lambda w=[b[j] for b in cands]: _pruned(ctx, scores, w)
+               for j, c in enumerate(cands[0][:-1])}
+    if hcands:
+        entries |= {("h", c): lambda h=[b[j] for b in hcands]: _pruned(ctx, scores, full_widths, head_scores, h)
+                    for j, c in enumerate(hcands[0][:-1])}
+    axes = f"{len(cands[0])} widths" + (f" and {len(hcands[0])} head counts" if hcands else "")
+    advance = ctx.reporter.task(f"search: latency table ({axes} on {lat.runtime} {lat.precision}, "
+                                f"batch {lat.batch})", len(entries) + 1 + TABLE_PASSES)
+    openers: dict[tuple[str, int], Opener] = {}
     try:
-        for j in range(k):
-            widths = [c[j] for c in cands]
-            openers[cands[0][j]] = make(lambda w=widths: _uniform(ctx, scores, w), f"w{cands[0][j]}")
+        for key, model in entries.items():
+            openers[key] = make(model, f"{key[0]}{key[1]}")
             advance(1)
-        full = openers.pop(cands[0][-1])()  # the full model's runner stays open for the checks
+        full = make(lambda: _pruned(ctx, scores, full_widths), f"w{full_widths[0]}")()  # stays open for the checks
+        advance(1)
     except Unavailable as err:
         raise UserError(f"prune.latency.runtime {lat.runtime}: cannot run here: {first_line(err)}") from None
-    samples: dict[int, list[float]] = {w: [] for w in openers}
-    full_samples: dict[int, list[float]] = {w: [] for w in openers}
+    samples: dict[tuple[str, int], list[float]] = {key: [] for key in openers}
+    full_samples: dict[tuple[str, int], list[float]] = {key: [] for key in openers}
     per_pass = max(1, -(-lat.iterations // TABLE_PASSES))
-    kept: dict[int, Runner] = {}
+    kept: dict[tuple[str, int], Runner] = {}
     for _ in range(TABLE_PASSES):
-        for w, opener in openers.items():
-            runner = kept.get(w) or opener()
+        for key, opener in openers.items():
+            runner = kept.get(key) or opener()
             stats = M.latency({"full": full, "cand": runner}, x, lat.warmup, per_pass)
             if stay_open:
-                kept[w] = runner
+                kept[key] = runner
             del runner
             gc.collect()
-            samples[w] += stats["cand"]["samples"]
-            full_samples[w] += stats["full"]["samples"]
+            samples[key] += stats["cand"]["samples"]
+            full_samples[key] += stats["full"]["samples"]
         advance(1)
     kept.clear()
-    table = B.latency_table(cands[0], len(cands), samples, full_samples)
+
+    def axis(kind: str, got: dict) -> dict[int, list[float]]:
+        return {s: v for (k, s), v in got.items() if k == kind}
+
+    heads = dict(heads=hcands[0], head_samples=axis("h", samples), head_full_samples=axis("h", full_samples)) \
+        if hcands else {}
+    table = B.latency_table(cands[0], len(cands), axis("w", samples), axis("w", full_samples), **heads)
     return table, full
 
 
 def _checks(ctx: Context, make, full: Runner, scores, table: B.LatencyTable, curves: B.Curves, target: float,
-            reach: float, x) -> list[dict]:
+            reach: float, x, head_scores=None) -> list[dict]:
     """Choose, measure end to end, correct: one record per check."""
     lat = ctx.recipe.prune.latency
     rounds: list[dict] = []
@@ -314,10 +343,11 @@ def _checks(ctx: Context, make, full: Runner, scores, table: B.LatencyTable, cur
         aim = min(max(aim, 1.0), reach)  # a check that overshot can correct the aim below 1x: no model is faster
         choice = B.choose_widths(table, curves, aim)
         start = time.perf_counter()
-        runner = make(lambda w=choice.widths: _uniform(ctx, scores, w), f"check{n}")()
+        runner = make(lambda c=choice: _pruned(ctx, scores, c.widths, head_scores, c.heads), f"check{n}")()
         stats = M.latency({"full": full, "pruned": runner}, x, lat.warmup, 2 * lat.iterations)
         measured = 1.0 / M.median_ratio(stats["pruned"]["samples"], stats["full"]["samples"])
-        rounds.append({"aim": aim, "widths": choice.widths, "predicted_speedup": choice.predicted_speedup,
+        rounds.append({"aim": aim, "widths": choice.widths, **({"heads": choice.heads} if choice.heads else {}),
+                       "predicted_speedup": choice.predicted_speedup,
                        "measured_speedup": measured, "loss_increase": choice.loss_increase,
                        "full_ms": stats["full"]["p50"], "pruned_ms": stats["pruned"]["p50"],
                        "seconds": round(time.perf_counter() - start, 3)})

@@ -152,7 +152,7 @@ def _adaptive_search(ctx: Context, loaded: Loaded, scores) -> dict:
                                    device=ctx.device, cached=p.cache, on_block=on_block, head_scores=head_scores)
 
     if p.target_speedup is not None or p.target_latency_ms is not None:
-        return _latency_search(ctx, loaded, scores, loss)
+        return _latency_search(ctx, loaded, scores, loss, head_scores)
     extra: dict = {}
     if p.target_params is None:
         advance = ctx.reporter.task("search: widths, last block first", len(loaded.sites))
@@ -257,21 +257,23 @@ def _uniform_check(ctx: Context, original: Loaded, pruned: Loaded, scores, budge
             "chosen": chosen}
 
 
-def _latency_search(ctx: Context, loaded: Loaded, scores, loss) -> dict:
-    """Widths for prune.target_speedup / target_latency_ms (pipeline.speedup), with the loss curves
-    measured by the search's cached evaluator under the search loss."""
+def _latency_search(ctx: Context, loaded: Loaded, scores, loss, head_scores=None) -> dict:
+    """Widths (and heads, with prune.heads) for prune.target_speedup / target_latency_ms
+    (pipeline.speedup), with the loss curves measured by the search's cached evaluator under the
+    search loss."""
     from amp_deploy.pipeline.speedup import latency_search
     from amp_deploy.prune.budget import loss_curves
 
     p, data = ctx.recipe.prune, ctx.data()
 
-    def curves_of(target: Loaded, candidates: list[list[int]]):
+    def curves_of(target: Loaded, candidates: list[list[int]], head_candidates: list[list[int]] | None):
         with loss_features(target, view_of(ctx, target)):
             return loss_curves(target, scores, data.validation, candidates, loss=loss,
-                               batch_size=ctx.recipe.data.batch_size, device=ctx.device, cached=p.cache)
+                               batch_size=ctx.recipe.data.batch_size, device=ctx.device, cached=p.cache,
+                               head_scores=head_scores, head_candidates=head_candidates)
 
     criterion = "ce" if p.criterion == "ce" else p.search_loss
-    return {**latency_search(ctx, loaded, scores, curves_of), "search_loss": criterion}
+    return {**latency_search(ctx, loaded, scores, curves_of, head_scores), "search_loss": criterion}
 
 
 def falling_loss_warning(fell: list[dict]) -> str:

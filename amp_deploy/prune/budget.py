@@ -16,6 +16,12 @@
    (rounded down, so the predicted saving of the choice is never below the budget).
 The caller measures the chosen model end to end and, when it misses, asks again with a corrected
 budget (`corrected_aim`: scaled by the miss, or interpolated once checks lie on both sides).
+
+With attention heads (`prune.heads`) the table gains a second axis (the model with every block at h
+heads, widths whole, timed the same way) and each block a second curve (its loss at h heads, the
+rest whole); a block's option is a (width, heads) pair whose saving and loss increase are the sums
+of the two axes' (the MLP and the attention run one after the other), and the knapsack chooses
+one pair per block.
 """
 
 from __future__ import annotations
@@ -29,7 +35,7 @@ import torch
 from amp_deploy.data import Split
 from amp_deploy.numerics import fp32_reference, median_ratio
 from amp_deploy.prune.families import Loaded
-from amp_deploy.prune.rebuild import keep_top, set_modules, sliced_modules
+from amp_deploy.prune.rebuild import keep_top, set_attention, set_modules, sliced_attention, sliced_modules
 from amp_deploy.prune.search import _Evaluator, width_grid
 
 UNITS = 4000  # knapsack resolution: savings in 1/UNITS of the full model's latency
@@ -53,9 +59,38 @@ def monotone(values: Sequence[float]) -> list[float]:
     return [m for m, w in blocks for _ in range(int(w))]
 
 
+def candidate_heads(h: int, count: int) -> list[int]:
+    """Head counts for a block of h heads: every count from 1 to h, or `count` of them evenly spaced
+    when h is larger (h itself always one)."""
+    return candidate_widths(h, min(count, h), 1)
+
+
+@dataclass
+class Axis:
+    """One axis of the latency table: the model with every block at each candidate size (MLP width
+    or head count), relative to the full model."""
+
+    sizes: list[int]  # candidate sizes, ascending; the last is the full size
+    ratio: list[float]  # median over rounds of latency(all blocks at s) / latency(full), as measured
+    fitted: list[float]  # the same, made non-decreasing in s and at most 1
+    p50_ms: list[float]  # each candidate's median latency
+
+    def ratio_at(self, s: int) -> float:
+        return float(np.interp(s, self.sizes, self.fitted))
+
+
+def _axis(sizes: list[int], samples: dict[int, list[float]], full_samples: dict[int, list[float]],
+          full_ms: float) -> Axis:
+    ratio = [median_ratio(samples[s], full_samples[s]) for s in sizes[:-1]] + [1.0]
+    fitted = [min(1.0, r) for r in monotone(ratio[:-1])] + [1.0]  # the full size saves nothing, by definition
+    return Axis(sizes=sizes, ratio=ratio, fitted=fitted,
+                p50_ms=[float(np.median(samples[s])) for s in sizes[:-1]] + [full_ms])
+
+
 @dataclass
 class LatencyTable:
-    """Latency of the model with every block at each candidate width, relative to the full model."""
+    """Latency of the model with every block at each candidate width (and, with a heads axis, at
+    each candidate head count), relative to the full model."""
 
     widths: list[int]  # candidate widths, ascending; the last is the full width
     ratio: list[float]  # median over rounds of latency(all blocks at w) / latency(full), as measured
@@ -64,29 +99,44 @@ class LatencyTable:
     p50_ms: list[float]  # each candidate's median latency
     rounds: int
     depth: int
+    heads: Axis | None = None  # the heads axis (prune.heads), every MLP whole
 
     def saving(self, w: int) -> float:
         """Fraction of the full model's latency saved by ONE block at width w (linear between candidates)."""
         r = float(np.interp(w, self.widths, self.fitted))
         return (1.0 - r) / self.depth
 
+    def head_saving(self, h: int) -> float:
+        """Fraction of the full model's latency saved by ONE block at h heads (0 without a heads axis)."""
+        return 0.0 if self.heads is None else (1.0 - self.heads.ratio_at(h)) / self.depth
+
     def to_dict(self) -> dict:
-        return {"widths": self.widths, "ratio": [round(r, 5) for r in self.ratio],
-                "fitted": [round(r, 5) for r in self.fitted], "full_ms": round(self.full_ms, 4),
-                "p50_ms": [round(v, 4) for v in self.p50_ms], "rounds": self.rounds, "depth": self.depth,
-                "block_saving": [round(self.saving(w), 6) for w in self.widths]}
+        out = {"widths": self.widths, "ratio": [round(r, 5) for r in self.ratio],
+               "fitted": [round(r, 5) for r in self.fitted], "full_ms": round(self.full_ms, 4),
+               "p50_ms": [round(v, 4) for v in self.p50_ms], "rounds": self.rounds, "depth": self.depth,
+               "block_saving": [round(self.saving(w), 6) for w in self.widths]}
+        if self.heads is not None:
+            a = self.heads
+            out["heads"] = {"heads": a.sizes, "ratio": [round(r, 5) for r in a.ratio],
+                            "fitted": [round(r, 5) for r in a.fitted], "p50_ms": [round(v, 4) for v in a.p50_ms],
+                            "block_saving": [round(self.head_saving(h), 6) for h in a.sizes]}
+        return out
 
 
 def latency_table(widths: list[int], depth: int, samples: dict[int, list[float]],
-                  full_samples: dict[int, list[float]]) -> LatencyTable:
+                  full_samples: dict[int, list[float]], heads: list[int] | None = None,
+                  head_samples: dict[int, list[float]] | None = None,
+                  head_full_samples: dict[int, list[float]] | None = None) -> LatencyTable:
     """The table from each narrower candidate's samples (ms) and the full model's samples of the same
-    rounds (each candidate was timed interleaved with the full model), keyed by width."""
-    ratio = [median_ratio(samples[w], full_samples[w]) for w in widths[:-1]] + [1.0]
-    fitted = [min(1.0, r) for r in monotone(ratio[:-1])] + [1.0]  # the full width saves nothing, by definition
-    everything = np.concatenate([np.asarray(v) for v in full_samples.values()])
-    return LatencyTable(widths=widths, ratio=ratio, fitted=fitted, full_ms=float(np.median(everything)),
-                        p50_ms=[float(np.median(samples[w])) for w in widths[:-1]] + [float(np.median(everything))],
-                        rounds=len(everything) // max(1, len(full_samples)), depth=depth)
+    rounds (each candidate was timed interleaved with the full model), keyed by width; with `heads`,
+    the heads axis from the samples of each smaller head count, keyed by heads, likewise."""
+    fulls = [*full_samples.values(), *(head_full_samples or {}).values()]
+    everything = np.concatenate([np.asarray(v) for v in fulls])
+    full_ms = float(np.median(everything))
+    w = _axis(widths, samples, full_samples, full_ms)
+    h = _axis(heads, head_samples, head_full_samples, full_ms) if heads is not None else None
+    return LatencyTable(widths=widths, ratio=w.ratio, fitted=w.fitted, full_ms=full_ms, p50_ms=w.p50_ms,
+                        rounds=len(everything) // max(1, len(fulls)), depth=depth, heads=h)
 
 
 @dataclass
@@ -97,20 +147,30 @@ class Curves:
     losses: list[list[float]]
     base_loss: float
     block_forwards: int = 0
+    heads: list[list[int]] | None = None  # per block, candidate head counts (prune.heads)
+    head_losses: list[list[float]] | None = None  # per block, the loss at each head count, its MLP whole
 
     def increase(self, i: int) -> list[float]:
         """Block i's loss increase over the unpruned model at each candidate (a fall counts as none)."""
         return [max(0.0, v - self.base_loss) for v in self.losses[i]]
 
+    def head_increase(self, i: int) -> list[float]:
+        return [max(0.0, v - self.base_loss) for v in self.head_losses[i]]
+
     def to_dict(self) -> dict:
-        return {"widths": self.widths, "losses": [[round(v, 7) for v in row] for row in self.losses],
-                "base_loss": self.base_loss, "block_forwards": self.block_forwards}
+        out = {"widths": self.widths, "losses": [[round(v, 7) for v in row] for row in self.losses],
+               "base_loss": self.base_loss, "block_forwards": self.block_forwards}
+        if self.heads is not None:
+            out.update(heads=self.heads, head_losses=[[round(v, 7) for v in row] for row in self.head_losses])
+        return out
 
 
 def loss_curves(loaded: Loaded, scores: list[torch.Tensor], val: Split, candidates: list[list[int]], *,
                 loss: Callable, batch_size: int = 64, device: torch.device | None = None, cached: bool = True,
-                on_block: Callable[[int], None] | None = None) -> Curves:
-    """Each block's search loss at each of its candidate widths, the other blocks whole.
+                on_block: Callable[[int], None] | None = None, head_scores: list[torch.Tensor] | None = None,
+                head_candidates: list[list[int]] | None = None) -> Curves:
+    """Each block's search loss at each of its candidate widths, the other blocks whole (and, with
+    `head_scores`, at each of its candidate head counts, its MLP and the other blocks whole).
 
     Blocks are visited first to last; with the cache, the hidden states entering block i come from
     the first pass (the blocks before it are whole), so each evaluation runs blocks i..end only.
@@ -119,7 +179,7 @@ def loss_curves(loaded: Loaded, scores: list[torch.Tensor], val: Split, candidat
     with fp32_reference():
         ev = _Evaluator(loaded, val, batch_size, loss, device or torch.device("cpu"), cached)
         base = ev.first_pass()
-        losses = []
+        losses, head_losses = [], [] if head_scores is not None else None
         for i in range(ev.depth):
             original = loaded.mlp_modules(i)
             row = []
@@ -131,11 +191,23 @@ def loss_curves(loaded: Loaded, scores: list[torch.Tensor], val: Split, candidat
                 row.append(ev(i))
             set_modules(loaded, i, original)
             losses.append(row)
+            if head_scores is not None:
+                attn, site, row = loaded.attn_modules(i), loaded.attn[i], []
+                for h in head_candidates[i]:
+                    if h * site.head_dim == attn["proj"].in_features:
+                        row.append(base)
+                        continue
+                    set_attention(loaded, i, sliced_attention(attn, site, keep_top(head_scores[i], h)))
+                    row.append(ev(i))
+                set_attention(loaded, i, attn)
+                head_losses.append(row)
             ev.release(i)
             if on_block:
                 on_block(i)
         return Curves(widths=[list(c) for c in candidates], losses=losses, base_loss=base,
-                      block_forwards=ev.block_forwards)
+                      block_forwards=ev.block_forwards,
+                      heads=[list(c) for c in head_candidates] if head_scores is not None else None,
+                      head_losses=head_losses)
 
 
 @dataclass
@@ -144,6 +216,7 @@ class Choice:
     predicted_ratio: float  # predicted latency / full model's
     loss_increase: float  # summed over blocks (the additive model the knapsack minimises)
     per_block: list[dict] = field(default_factory=list)
+    heads: list[int] | None = None  # per block, with a heads axis
 
     @property
     def predicted_speedup(self) -> float:
@@ -155,10 +228,25 @@ def _units(table: LatencyTable, w: int) -> int:
     return max(0, int(np.floor(table.saving(w) * UNITS + 1e-9)))
 
 
+def _head_units(table: LatencyTable, h: int) -> int:
+    return max(0, int(np.floor(table.head_saving(h) * UNITS + 1e-9)))
+
+
+def _options(table: LatencyTable, curves: Curves, i: int) -> list[tuple[int, float, int, int | None]]:
+    """Block i's choices as (saving units, loss increase, width, heads): each candidate width, or with
+    a heads axis each (width, heads) pair, its saving and loss the sums of the two axes'."""
+    ws = [(_units(table, w), v, w) for w, v in zip(curves.widths[i], curves.increase(i))]
+    if curves.heads is None or table.heads is None:
+        return [(u, v, w, None) for u, v, w in ws]
+    hs = [(_head_units(table, h), v, h) for h, v in zip(curves.heads[i], curves.head_increase(i))]
+    return [(uw + uh, vw + vh, w, h) for uw, vw, w in ws for uh, vh, h in hs]
+
+
 def max_speedup(table: LatencyTable, curves: Curves) -> float:
-    """The largest speedup the knapsack can promise: every block at its smallest candidate, savings
-    counted as the knapsack counts them (so any speedup up to it has a choice)."""
-    return 1.0 / (1.0 - sum(_units(table, ws[0]) for ws in curves.widths) / UNITS)
+    """The largest speedup the knapsack can promise: every block at its smallest candidate (width and,
+    with a heads axis, head count), savings counted as the knapsack counts them (so any speedup up to
+    it has a choice)."""
+    return 1.0 / (1.0 - sum(max(o[0] for o in _options(table, curves, i)) for i in range(len(curves.widths))) / UNITS)
 
 
 def choose_widths(table: LatencyTable, curves: Curves, speedup: float) -> Choice:
@@ -170,9 +258,9 @@ def choose_widths(table: LatencyTable, curves: Curves, speedup: float) -> Choice
     best = np.full(need + 1, inf)
     best[0] = 0.0
     picks = []
+    options = [_options(table, curves, i) for i in range(depth)]
     for i in range(depth):
-        cost = curves.increase(i)
-        units = [_units(table, w) for w in curves.widths[i]]
+        units, cost = [o[0] for o in options[i]], [o[1] for o in options[i]]
         new = np.full(need + 1, inf)
         pick = np.full(need + 1, -1, dtype=np.int64)
         came = np.full(need + 1, -1, dtype=np.int64)
@@ -194,11 +282,14 @@ def choose_widths(table: LatencyTable, curves: Curves, speedup: float) -> Choice
         pick, came = picks[i]
         chosen[i] = int(pick[state])
         state = int(came[state])
-    widths = [curves.widths[i][c] for i, c in enumerate(chosen)]
-    saving = sum(table.saving(w) for w in widths)
-    per_block = [{"block": i, "width": w, "saving": round(table.saving(w), 6), "loss_increase": curves.increase(i)[c]}
-                 for i, (w, c) in enumerate(zip(widths, chosen))]
-    return Choice(widths=widths, predicted_ratio=1.0 - saving, loss_increase=float(best[need]), per_block=per_block)
+    picked = [options[i][c] for i, c in enumerate(chosen)]
+    widths = [o[2] for o in picked]
+    heads = [o[3] for o in picked] if curves.heads is not None and table.heads is not None else None
+    savings = [table.saving(o[2]) + (table.head_saving(o[3]) if heads else 0.0) for o in picked]
+    per_block = [{"block": i, "width": o[2], **({"heads": o[3]} if heads else {}), "saving": round(sv, 6),
+                  "loss_increase": o[1]} for i, (o, sv) in enumerate(zip(picked, savings))]
+    return Choice(widths=widths, predicted_ratio=1.0 - sum(savings), loss_increase=float(best[need]),
+                  per_block=per_block, heads=heads)
 
 
 def corrected_aim(history: list[tuple[float, float]], target: float) -> float:
