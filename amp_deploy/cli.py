@@ -125,7 +125,7 @@ def _run(recipe_path: Path, out_dir: Path | None, device: str, stages, force: bo
 @_handled
 def build(recipe: Annotated[Path, typer.Argument(help="Recipe YAML file.")], overrides: Overrides = None,
           out_dir: OutOpt = None, device: DeviceOpt = "auto", force: ForceOpt = False,
-          nproc: Annotated[int, typer.Option(help="Score with N processes (torchrun; one GPU each on CUDA).")] = 1) -> None:
+          nproc: Annotated[int, typer.Option(help="Score, search and distil with N processes (torchrun; one GPU each on CUDA).")] = 1) -> None:
     """Run the whole pipeline: score, search, rebuild, export, compile, validate."""
     from amp_deploy.pipeline.stages import STAGE_NAMES
 

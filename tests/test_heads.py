@@ -15,11 +15,11 @@ from amp_deploy.checkpoint import save_pruned
 from amp_deploy.data import load_synthetic_data
 from amp_deploy.deploy.export import export_onnx
 from amp_deploy.deploy.runtimes import onnxruntime_runner
-from amp_deploy.prune.rebuild import apply_heads, apply_widths, head_channels, keep_top
+from amp_deploy.prune.rebuild import apply_heads, apply_widths, head_channels, keep_top, set_attention
 from amp_deploy.prune.score import DEFAULT_TEMPERATURE, Divergence, default_view, loss_fn, taylor_scores
 from amp_deploy.prune.search import adaptive_widths
 
-HEADED = [k for k in FAMILIES if not k.startswith(("eva02", "dinov3", "open_clip"))]
+HEADED = list(FAMILIES)  # every family the tool prunes has heads it can cut
 
 
 def _data(loaded, n=8):
@@ -62,7 +62,8 @@ def _direct_head_scores(loaded, batches, loss):
     return {k: [t / n for t in v] for k, v in sums.items()}
 
 
-@pytest.mark.parametrize("key", ["vit", "hf_Dinov2Model", "hf_CLIPVisionModel"])
+@pytest.mark.parametrize("key", ["vit", "eva02_tiny_glu", "eva02_clip", "open_clip_vit", "hf_Dinov2Model",
+                                 "hf_CLIPVisionModel"])
 def test_head_scores_equal_an_explicit_gate_per_head(key):
     loaded = _load(key)
     data = _data(loaded)
@@ -84,6 +85,8 @@ def test_heads_cut_ragged_round_trip_and_export(key, tmp_path):
     x = data.holdout.images
     full = loaded.heads()
     apply_heads(loaded, None, full)  # every head kept: the model is the original
+    for i in range(len(full)):  # and so is each attention put back whole (an EVA one runs its ragged forward)
+        set_attention(loaded, i, loaded.attn_modules(i))
     with torch.no_grad():
         assert torch.equal(loaded.model(x), reference.model(x))
     scores = taylor_scores(loaded, data.calibration.batches(4), _loss(loaded), torch.device("cpu"))
@@ -103,6 +106,8 @@ def test_heads_cut_ragged_round_trip_and_export(key, tmp_path):
         else:
             for k in ("q", "k", "v"):
                 torch.testing.assert_close(new[k].weight, old[k].weight[keep], rtol=0, atol=0)
+        for b in site.biases:  # EVA's q/k/v biases beside a bias-free packed qkv
+            torch.testing.assert_close(new[b], old[b][keep], rtol=0, atol=0)
     with torch.no_grad():
         out = loaded.model(x)
         assert out.shape == reference.model(x).shape and torch.isfinite(out).all()
@@ -226,8 +231,8 @@ def test_heads_with_an_unknown_attention_is_one_line(tmp_path):
     from tests.conftest import build, tiny_recipe
 
     recipe = tiny_recipe(tmp_path, prune={"heads": True, "threshold": 0.05, "steps": 2},
-                         model={"source": "timm", "name": "eva02_tiny_patch14_224",
-                                "kwargs": {"depth": 2, "img_size": 28}})
+                         model={"source": "timm", "name": "beit_base_patch16_224",  # BEiT's relative-position attention
+                                "kwargs": {"depth": 2, "img_size": 32, "embed_dim": 64, "num_heads": 2}})
     res = build(recipe, "--out", tmp_path / "b")
     assert res.exit_code == 2 and "prune.heads: the attention of" in res.output and "Traceback" not in res.output
     assert not (tmp_path / "b" / "scores.safetensors").exists()  # refused before scoring
@@ -268,3 +273,23 @@ def test_a_threshold_search_with_heads_records_the_original_heads_not_the_cut_on
     assert json.loads(meta["original_heads"]) == full and json.loads(meta["heads"]) == search["heads"]
     shown = CliRunner().invoke(app, ["inspect", str(out)])
     assert shown.exit_code == 0 and f"{search['heads'][0]} of {full[0]}" in shown.output, shown.output
+
+
+def test_open_clip_attention_is_replaced_by_an_equivalent_module_and_old_checkpoints_load(tmp_path):
+    """open_clip's nn.MultiheadAttention becomes PackedSelfAttention at load (its output projection a
+    module, so heads are scored and cut): the same outputs as open_clip's own tower, and a state dict
+    with MultiheadAttention's names (a checkpoint saved before) loads into it."""
+    import open_clip
+
+    from amp_deploy.prune.families import PackedSelfAttention, load_model
+
+    source, name, kwargs = FAMILIES["open_clip_vit"]
+    own = open_clip.create_model_and_transforms(name, **kwargs)[0].visual.eval()
+    loaded = load_model(source, name, False, kwargs)
+    assert all(isinstance(b.attn, PackedSelfAttention) for b in loaded.block_list())
+    old = own.state_dict()
+    assert any(k.endswith("attn.in_proj_weight") for k in old)
+    loaded.model.load_state_dict(old)
+    x = torch.randn(3, *loaded.input_size)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.model(x), own(x), rtol=1e-5, atol=1e-5)

@@ -118,6 +118,24 @@ def test_two_gloo_processes_give_the_scores_of_one(tmp_path):
     assert ra["widths"] == rb["widths"]
 
 
+def test_a_search_in_two_gloo_processes_settles_the_widths_and_heads_of_one(tmp_path):
+    """The parameter budget's threshold search (with heads and its uniform check) on 2 processes: each
+    evaluates half the validation batches, the losses are all-reduced; the same widths, heads and
+    losses (within float noise) as one process."""
+    recipe = tiny_recipe(tmp_path, data={"source": "synthetic", "calibration": 16, "validation": 32, "holdout": 8,
+                                         "batch_size": 8},
+                         prune={"target_params": 0.7, "steps": 3, "heads": True, "search_loss": "divergence"})
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert build(recipe, "--out", one).exit_code == 0
+    res = build(recipe, "--out", two, "--nproc", "2")
+    assert res.exit_code == 0, res.output
+    a, b = (json.loads((d / "search.json").read_text()) for d in (one, two))
+    assert a["widths"] == b["widths"] and a["heads"] == b["heads"] and a["threshold"] == b["threshold"]
+    assert [t[:2] for t in a["thresholds_tried"]] == [t[:2] for t in b["thresholds_tried"]]
+    assert a["losses"] == pytest.approx(b["losses"], rel=1e-6, abs=1e-9)
+    assert a["uniform_check"]["loss"] == pytest.approx(b["uniform_check"]["loss"], rel=1e-6, abs=1e-9)
+
+
 def test_a_pruned_checkpoint_can_be_pruned_again(quickstart, tmp_path):
     import yaml
 

@@ -66,7 +66,8 @@ class Stage:
     run: Callable[[Context], str | None]
     machine_bound: bool | Callable[[Recipe], bool] = False  # engines and measurements belong to the machine they
     # were made on (a function of the recipe: bound for some recipes only)
-    parallel: bool = False  # runs in --nproc processes under torchrun (data parallel)
+    parallel: bool | Callable[[Recipe], bool] = False  # runs in --nproc processes under torchrun (data
+    # parallel; a function of the recipe: parallel for some recipes only)
     reads: tuple[str, ...] = ()  # dotted recipe keys naming files or folders whose contents are inputs
     device_bound: bool = False  # its result depends on --device (cpu or cuda)
 

@@ -1,7 +1,9 @@
 """Stages across processes: `torchrun --nproc_per_node N -m amp_deploy.pipeline.launch OUT DEVICE STAGE`.
 
 Every rank holds the whole model. Scoring: each rank takes every N-th calibration batch and the
-score sums are all-reduced. Distillation: each rank takes its share of every global batch and the
+score sums are all-reduced. Search (threshold and parameter budget; a latency budget times on one
+process): each rank evaluates every N-th validation batch and the losses are all-reduced, so every
+rank settles the same widths. Distillation: each rank takes its share of every global batch and the
 gradients are all-reduced. Rank 0 alone writes. `amp-deploy build --nproc N` launches this for the
 stages marked parallel in the stage table. NCCL on CUDA (one GPU per rank), gloo on CPU.
 """
@@ -30,7 +32,7 @@ def launch_stage(stage: str, out: Path, nproc: int, device: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """One rank of a parallel stage (score, distill).
+    """One rank of a parallel stage (score, search, distill).
 
     `OUT DEVICE STAGE`: over an output folder that already holds recipe.yaml (as `amp-deploy build
     --nproc N` launches it; that build records the stage). `OUT DEVICE STAGE --recipe RECIPE

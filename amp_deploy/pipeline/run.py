@@ -88,7 +88,8 @@ def _peak_memory(ctx: Context, reset: bool) -> dict[str, float | None]:
 def _run_one(ctx: Context, manifest: Manifest, stage: Stage, key: str) -> str:
     start = time.perf_counter()
     reset = _reset_peak_memory(ctx)
-    if stage.parallel and ctx.nproc > 1:
+    parallel = (stage.parallel(ctx.recipe) if callable(stage.parallel) else stage.parallel) and ctx.nproc > 1
+    if parallel:
         from amp_deploy.pipeline.launch import launch_stage
 
         launch_stage(stage.name, ctx.folder.root, ctx.nproc, ctx.device.type)
@@ -96,7 +97,7 @@ def _run_one(ctx: Context, manifest: Manifest, stage: Stage, key: str) -> str:
     else:
         unrecorded = _guarded(ctx, stage)
     seconds = time.perf_counter() - start
-    memory = None if stage.parallel and ctx.nproc > 1 else _peak_memory(ctx, reset)  # torchrun's ranks: not here
+    memory = None if parallel else _peak_memory(ctx, reset)  # torchrun's ranks: not here
     ctx.reporter.clear_tasks()
     if unrecorded:  # finished without a result worth keeping: the next build tries again
         ctx.reporter.log(f"{stage.name}: {unrecorded} (not recorded as done; the next build tries again)")

@@ -36,7 +36,8 @@ from amp_deploy.prune.search import (
     adaptive_widths,
     budget_widths,
     model_losses,
-    uniform_for_params,
+    smallest_params,
+    uniform_check,
     uniform_widths,
     width_grid,
 )
@@ -134,7 +135,8 @@ def stage_search(ctx: Context) -> None:
     else:
         result.update(_adaptive_search(ctx, loaded, scores))
     result["seconds"] = round(time.perf_counter() - start, 3)
-    ctx.folder.write_search(result)
+    if rank_world()[0] == 0:  # across processes every rank settled the same widths; rank 0 alone writes
+        ctx.folder.write_search(result)
 
 
 def _adaptive_search(ctx: Context, loaded: Loaded, scores) -> dict:
@@ -196,7 +198,8 @@ def require_heads(loaded: Loaded) -> None:
     if loaded.heads() is None:
         raise UserError(f"prune.heads: the attention of {type(loaded.model).__name__} ("
                         f"{attn_kind_hint(loaded.block_list())}) is of no kind whose heads amp-deploy can cut yet "
-                        "(timm's Attention; transformers ViT, Dinov2, CLIP, SigLIP); set prune.heads=false")
+                        "(timm's Attention and EvaAttention; open_clip's towers; transformers ViT, Dinov2, CLIP, SigLIP); "
+                        "set prune.heads=false")
 
 
 def _head_scores(ctx: Context, loaded: Loaded):
@@ -213,13 +216,7 @@ def _budget_reachable(ctx: Context, scores, original: list[int], budget: int, to
     (every block at its smallest allowed width, and with prune.heads one head: embeddings and the
     head stay)."""
     p = ctx.recipe.prune
-    floor = uniform_widths(original, 0.0, p.align)
-    smallest = ctx.original()
-    apply_widths(smallest, scores, floor)
-    if heads:
-        apply_heads(smallest, None, [1] * len(floor))
-    least = count_params(smallest.model)
-    del smallest
+    least, floor = smallest_params(ctx.original, scores, p.align, heads)
     if least > budget:
         import math
 
@@ -237,24 +234,21 @@ def _uniform_check(ctx: Context, original: Loaded, pruned: Loaded, scores, budge
     cuts: DINOv2 ViT-S/14 at 0.6 of its parameters, benchmarks/RESULTS.md)."""
     import contextlib
 
-    p = ctx.recipe.prune
-    uniform, widths = uniform_for_params(ctx.original, scores, budget, p.align)
-    models = [original, pruned, uniform]
-    with contextlib.ExitStack() as stack:
-        for m in models:
-            m.model.to(ctx.device).eval()
-            stack.enter_context(loss_features(m, view_of(ctx, m)))
-        ours, theirs = model_losses(original, [pruned, uniform], ctx.data().validation, loss=loss,
-                                    batch_size=ctx.recipe.data.batch_size, device=ctx.device)
-    chosen = "uniform" if theirs < ours or count_params(pruned.model) > budget else "adaptive"
-    if chosen == "uniform":
-        ctx.reporter.log(f"search: the same width in every block ({widths[0]} of {original.widths()[0]} neurons) "
-                         f"departs less from the original than the threshold search's widths at this budget "
-                         f"(search loss {theirs:.4g} vs {ours:.4g}): kept (prune.uniform_check=false keeps the "
-                         "threshold search's)")
-    return {"widths": widths, "params": count_params(uniform.model), "loss": theirs,
-            "adaptive_widths": pruned.widths(), "adaptive_params": count_params(pruned.model), "adaptive_loss": ours,
-            "chosen": chosen}
+    def losses(models: list[Loaded]) -> list[float]:
+        with contextlib.ExitStack() as stack:
+            for m in models:
+                m.model.to(ctx.device).eval()
+                stack.enter_context(loss_features(m, view_of(ctx, m)))
+            return model_losses(models[0], models[1:], ctx.data().validation, loss=loss,
+                                batch_size=ctx.recipe.data.batch_size, device=ctx.device)
+
+    got = uniform_check(original, pruned, ctx.original, scores, budget, ctx.recipe.prune.align, losses)
+    if got["chosen"] == "uniform":
+        ctx.reporter.log(f"search: the same width in every block ({got['widths'][0]} of {original.widths()[0]} "
+                         f"neurons) departs less from the original than the threshold search's widths at this budget "
+                         f"(search loss {got['loss']:.4g} vs {got['adaptive_loss']:.4g}): kept "
+                         "(prune.uniform_check=false keeps the threshold search's)")
+    return got
 
 
 def _latency_search(ctx: Context, loaded: Loaded, scores, loss, head_scores=None) -> dict:
@@ -568,7 +562,8 @@ STAGES: tuple[Stage, ...] = (
     Stage("score", ("model", "data", "prune.criterion", "prune.temperature", "prune.loss_view"),
           lambda f: [f.scores], stage_score, parallel=True,
           reads=("model.pretrained", "data.path", "data.class_names"), device_bound=True),
-    Stage("search", search_depends, lambda f: [f.search], stage_search, machine_bound=latency_budget, device_bound=True),
+    Stage("search", search_depends, lambda f: [f.search], stage_search, machine_bound=latency_budget, device_bound=True,
+          parallel=lambda r: not latency_budget(r)),
     Stage("rebuild", ("distill.epochs",), lambda f: [f.rebuilt], stage_rebuild),
     Stage("distill", ("distill", "data"), lambda f: [f.pruned, f.distill_log] if f.distilled else [], stage_distill,
           parallel=True, reads=("distill.path",), device_bound=True),

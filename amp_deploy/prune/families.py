@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import difflib
+import functools
 import logging
 import os
 from collections.abc import Callable, Iterator
@@ -19,6 +20,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from amp_deploy.errors import UserError, first_line
@@ -53,7 +55,11 @@ class AttnSite:
     (transformers); `norm` is a LayerNorm over the heads' channels (timm's scale_norm) and `gate` a
     d -> heads * head_dim Linear (timm's gated attention), both cut with the heads. Per-head q/k
     norms and rotary embeddings act inside a head and are untouched. `module` is the attention
-    module, whose `count_attrs` hold the head count and `dim_attrs` heads * head_dim.
+    module, whose `count_attrs` hold the head count and `dim_attrs` heads * head_dim; `biases` are
+    its per-channel bias tensors outside any Linear (EVA's q_bias, k_bias, v_bias beside a bias-free
+    packed qkv), cut with the heads. `ragged` names the module's kind when its own forward cannot run
+    fewer heads and the module is given an equivalent one that can on the first cut ("eva": timm's
+    EvaAttention reshapes the heads' output to the block width).
     """
 
     module: str
@@ -67,6 +73,8 @@ class AttnSite:
     gate: str | None = None
     count_attrs: tuple[str, ...] = ()
     dim_attrs: tuple[str, ...] = ()
+    biases: tuple[str, ...] = ()
+    ragged: str | None = None
 
 
 @dataclass
@@ -106,7 +114,9 @@ class Loaded:
         block = self.block_list()[i]
         s = self.attn[i]
         names = {"proj": s.proj, "qkv": s.qkv, "q": s.q, "k": s.k, "v": s.v, "norm": s.norm, "gate": s.gate}
-        return {k: block.get_submodule(v) for k, v in names.items() if v}
+        out: dict = {k: block.get_submodule(v) for k, v in names.items() if v}
+        attn = block.get_submodule(s.module)
+        return out | {b: getattr(attn, b) for b in s.biases}  # tensors, not modules
 
     def heads(self) -> list[int] | None:
         """Attention heads per block (None where they are not known)."""
@@ -267,11 +277,135 @@ def _hf_attention(block: nn.Module) -> AttnSite | None:
     return None
 
 
-ATTN_FINDERS = [_timm_attention, _hf_attention]
+def _eva_attention(block: nn.Module) -> AttnSite | None:
+    """timm's EvaAttention (EVA02, EVA02-CLIP, DINOv3): packed qkv with separate q/v biases (k's a
+    zero buffer) or three Linears, rotary embeddings and q/k norms inside a head, an optional scale
+    norm over the heads' channels. Its forward reshapes the heads' output to the block width, so a
+    cut module runs an equivalent forward that reshapes to the heads' channels (`ragged_eva_class`)."""
+    from timm.models.eva import EvaAttention
+
+    attn = getattr(block, "attn", None)
+    if not isinstance(attn, EvaAttention) or not isinstance(attn.proj, nn.Linear) or attn.qkv_bias_separate:
+        return None
+    packed = isinstance(attn.qkv, nn.Linear)
+    if not packed and not all(isinstance(getattr(attn, n, None), nn.Linear) for n in ("q_proj", "k_proj", "v_proj")):
+        return None
+    return AttnSite("attn", "attn.proj", int(attn.head_dim), qkv="attn.qkv" if packed else None,
+                    q=None if packed else "attn.q_proj", k=None if packed else "attn.k_proj",
+                    v=None if packed else "attn.v_proj",
+                    norm="attn.norm" if isinstance(attn.norm, nn.LayerNorm) else None,
+                    gate="attn.gate" if isinstance(attn.gate, nn.Linear) else None, count_attrs=("num_heads",),
+                    biases=("q_bias", "k_bias", "v_bias") if packed and attn.q_bias is not None else (),
+                    ragged="eva")
+
+
+@functools.cache
+def ragged_eva_class() -> type:
+    """EvaAttention with the one change a cut module needs: the heads' output reshaped to
+    heads * head_dim channels instead of the block width (the same outputs with every head)."""
+    from timm.models import eva
+
+    class RaggedEvaAttention(eva.EvaAttention):
+        def forward(self, x, rope=None, attn_mask=None, is_causal=False):
+            B, N, _ = x.shape
+            gate = self.gate(x).sigmoid() if self.gate is not None else None
+            if self.qkv is not None:
+                if self.q_bias is None:
+                    qkv = self.qkv(x)
+                else:
+                    qkv = eva.F.linear(x, weight=self.qkv.weight, bias=torch.cat((self.q_bias, self.k_bias, self.v_bias)))
+                q, k, v = qkv.reshape(B, N, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+            else:
+                q = self.q_proj(x).reshape(B, N, self.num_heads, -1).transpose(1, 2)
+                k = self.k_proj(x).reshape(B, N, self.num_heads, -1).transpose(1, 2)
+                v = self.v_proj(x).reshape(B, N, self.num_heads, -1).transpose(1, 2)
+            q, k = self.q_norm(q), self.k_norm(k)
+            if rope is not None:
+                npt, half = self.num_prefix_tokens, getattr(self, "rotate_half", False)
+                q = torch.cat([q[:, :, :npt, :], eva.apply_rot_embed_cat(q[:, :, npt:, :], rope, half=half)],
+                              dim=2).type_as(v)
+                k = torch.cat([k[:, :, :npt, :], eva.apply_rot_embed_cat(k[:, :, npt:, :], rope, half=half)],
+                              dim=2).type_as(v)
+            if self.fused_attn:
+                x = eva.F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal,
+                                                       dropout_p=self.attn_drop.p if self.training else 0.0)
+            else:
+                attn = (q * self.scale) @ k.transpose(-2, -1)
+                attn = eva.maybe_add_mask(attn, eva.resolve_self_attn_mask(N, attn, attn_mask, is_causal=is_causal))
+                x = self.attn_drop(attn.softmax(dim=-1)) @ v
+            x = self.norm(x.transpose(1, 2).reshape(B, N, -1))
+            if gate is not None:
+                x = x * gate
+            return self.proj_drop(self.proj(x))
+
+    return RaggedEvaAttention
+
+
+class PackedSelfAttention(nn.Module):
+    """nn.MultiheadAttention's self-attention as open_clip's towers call it (`attn(x, x, x,
+    need_weights=False, attn_mask=...)[0]`), with its packed in-projection as a Linear `in_proj` and
+    `out_proj` called as a module, so that heads are scored at its input and cut like timm's qkv; the
+    head count may leave the block width (heads * head_dim channels inside). The same outputs as the
+    module it replaces (scaled dot-product attention, as torch's fast path); an old state dict's
+    `in_proj_weight` / `in_proj_bias` load into `in_proj`."""
+
+    def __init__(self, mha: nn.MultiheadAttention) -> None:
+        super().__init__()
+        self.num_heads, self.head_dim, self.batch_first = mha.num_heads, mha.head_dim, mha.batch_first
+        self.dropout = mha.dropout
+        w = mha.in_proj_weight
+        self.in_proj = nn.Linear(w.shape[1], w.shape[0], bias=mha.in_proj_bias is not None, device=w.device,
+                                 dtype=w.dtype)
+        with torch.no_grad():
+            self.in_proj.weight.copy_(w)
+            if mha.in_proj_bias is not None:
+                self.in_proj.bias.copy_(mha.in_proj_bias)
+        self.out_proj = mha.out_proj
+        self._register_load_state_dict_pre_hook(self._old_names)
+
+    @staticmethod
+    def _old_names(state, prefix, *_args) -> None:
+        for old, new in (("in_proj_weight", "in_proj.weight"), ("in_proj_bias", "in_proj.bias")):
+            if prefix + old in state:
+                state[prefix + new] = state.pop(prefix + old)
+
+    def forward(self, query, key=None, value=None, need_weights: bool = False, attn_mask=None,
+                key_padding_mask=None, **_unused):
+        if (key is not None and key is not query) or (value is not None and value is not query) \
+                or key_padding_mask is not None or need_weights:
+            raise NotImplementedError("PackedSelfAttention: self-attention without padding masks or weights only")
+        x = query if self.batch_first else query.transpose(0, 1)
+        b, n, _ = x.shape
+        q, k, v = self.in_proj(x).reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        if attn_mask is not None and attn_mask.dtype == torch.bool:  # MultiheadAttention: True = not allowed
+            attn_mask = torch.zeros(attn_mask.shape, dtype=q.dtype, device=q.device).masked_fill(attn_mask, float("-inf"))
+        if attn_mask is not None and attn_mask.dim() == 3:  # (batch * heads, n, n)
+            attn_mask = attn_mask.reshape(b, self.num_heads, n, n)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask,
+                                             dropout_p=self.dropout if self.training else 0.0)
+        out = self.out_proj(out.transpose(1, 2).reshape(b, n, -1))
+        return (out if self.batch_first else out.transpose(0, 1)), None
+
+
+def _open_clip_attention(block: nn.Module) -> AttnSite | None:
+    """open_clip's ResidualAttentionBlock: its nn.MultiheadAttention (packed in-projection, its output
+    projection applied inside torch's functional kernel) is replaced, in place and with the same
+    weights, by `PackedSelfAttention`, whose heads can be scored and cut."""
+    attn = getattr(block, "attn", None)
+    if isinstance(attn, nn.MultiheadAttention) and attn._qkv_same_embed_dim and not hasattr(block, "ln_1_kv") \
+            and type(block).__module__.startswith("open_clip") and attn.bias_k is None:
+        attn = block.attn = PackedSelfAttention(attn)
+    if not isinstance(attn, PackedSelfAttention):
+        return None
+    return AttnSite("attn", "attn.out_proj", attn.head_dim, qkv="attn.in_proj", count_attrs=("num_heads",))
+
+
+ATTN_FINDERS = [_timm_attention, _eva_attention, _hf_attention, _open_clip_attention]
 
 
 def find_attn_sites(blocks: nn.Module) -> list[AttnSite] | None:
-    """Each block's attention site, or None when some block's attention is of no kind known here."""
+    """Each block's attention site, or None when some block's attention is of no kind known here
+    (open_clip's attention modules are replaced by equivalent ones on the way: `_open_clip_attention`)."""
     sites = []
     for block in blocks:
         site = next((s for f in ATTN_FINDERS if (s := f(block)) is not None), None)

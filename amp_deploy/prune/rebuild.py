@@ -106,6 +106,10 @@ def sliced_attention(mods: dict[str, nn.Module], site: AttnSite, keep_heads: tor
             out[key] = _rows(mods[key], keep)
     if "norm" in mods:
         out["norm"] = _norm(mods["norm"], keep)
+    for name in site.biases:  # per-channel tensors outside a Linear: a Parameter stays one, a buffer a buffer
+        t = mods[name]
+        out[name] = nn.Parameter(t.detach()[keep].clone(), t.requires_grad) if isinstance(t, nn.Parameter) \
+            else t[keep].clone()
     return out
 
 
@@ -114,10 +118,18 @@ def set_attention(loaded: Loaded, i: int, mods: dict[str, nn.Module]) -> None:
     set the attention module's head count to match."""
     block = loaded.block_list()[i]
     site = loaded.attn[i]
+    attn = block.get_submodule(site.module)
     for key, mod in mods.items():
+        if key in site.biases:
+            setattr(attn, key, mod)
+            continue
         parent, _, attr = getattr(site, key).rpartition(".")
         setattr(block.get_submodule(parent) if parent else block, attr, mod)
-    attn, inner = block.get_submodule(site.module), mods["proj"].in_features
+    if site.ragged == "eva":
+        from amp_deploy.prune.families import ragged_eva_class
+
+        attn.__class__ = ragged_eva_class()  # the same forward, reshaped to the heads' channels
+    inner = mods["proj"].in_features
     for name in site.count_attrs:
         setattr(attn, name, inner // site.head_dim)
     for name in site.dim_attrs:

@@ -6,6 +6,10 @@ whole while i is searched, so the hidden states entering block i never change du
 they are computed once (one full pass at the start) and replayed, and each step runs only blocks
 i..end. `cached=False` runs every step through the whole model, as the reference code does.
 
+Across processes (torchrun), each rank evaluates every world-th validation batch and the loss sums
+are all-reduced, so every rank takes the same decisions and settles the same widths as one process
+(within float noise).
+
 A loss with `reference = True` (score.Divergence) is handed the unpruned model's outputs on the
 same batch, recorded in the first pass. A level loss (the reference's entropy) can FALL as neurons
 go: a block whose accepted loss fell below the loss before it by more than the threshold is
@@ -25,6 +29,7 @@ from amp_deploy.errors import require_finite
 from amp_deploy.numerics import fp32_reference
 from amp_deploy.prune.families import Loaded, count_params
 from amp_deploy.prune.rebuild import (
+    apply_heads,
     apply_widths,
     keep_top,
     set_attention,
@@ -32,6 +37,7 @@ from amp_deploy.prune.rebuild import (
     sliced_attention,
     sliced_modules,
 )
+from amp_deploy.prune.score import rank_world
 
 CACHE_ON_DEVICE_BYTES = 4 << 30  # cached block inputs beyond this go to host memory
 
@@ -73,7 +79,8 @@ class _Evaluator:
     def __init__(self, loaded: Loaded, val: Split, batch_size: int, loss: Callable, device: torch.device,
                  cached: bool, autocast: bool = False) -> None:
         self.loaded, self.loss, self.device, self.cached, self.autocast = loaded, loss, device, cached, autocast
-        self.batches = list(val.batches(batch_size))
+        self.rank, self.world = rank_world()
+        self.batches = list(val.batches(batch_size, self.rank, self.world))  # this rank's share
         self.depth = len(loaded.sites)
         self.inputs: list[list[torch.Tensor]] = [[] for _ in range(self.depth)]
         self.refs: list[torch.Tensor] | None = [] if getattr(loss, "reference", False) else None
@@ -129,6 +136,11 @@ class _Evaluator:
             total += value.double().sum().item()
             count += len(x)
         self.block_forwards += self.depth - start
+        if self.world > 1:  # every rank gets the same sums, hence the same decisions
+            t = torch.tensor([total, float(count)], dtype=torch.float64,
+                             device=self.device if torch.distributed.get_backend() == "nccl" else "cpu")
+            torch.distributed.all_reduce(t)
+            total, count = float(t[0]), int(t[1])
         return total / count
 
     def _store(self, t: torch.Tensor) -> torch.Tensor:
@@ -299,6 +311,32 @@ def uniform_for_params(fresh: Callable[[], Loaded], scores: list[torch.Tensor], 
             hi = mid
     best = best or build(0.0)
     return best[0], best[1]
+
+
+def smallest_params(fresh: Callable[[], Loaded], scores: list[torch.Tensor], align: int, heads: bool = False
+                    ) -> tuple[int, list[int]]:
+    """The parameters of the smallest model pruning can reach (every block at its smallest allowed
+    width, and with `heads` one attention head; embeddings and the head stay), and those widths."""
+    smallest = fresh()
+    floor = uniform_widths(smallest.widths(), 0.0, align)
+    apply_widths(smallest, scores, floor)
+    if heads:
+        apply_heads(smallest, None, [1] * len(floor))
+    return count_params(smallest.model), floor
+
+
+def uniform_check(original: Loaded, pruned: Loaded, fresh: Callable[[], Loaded], scores: list[torch.Tensor],
+                  budget: int, align: int, losses: Callable[[list[Loaded]], list[float]]) -> dict:
+    """The threshold search's model (`pruned`) against the same fraction of neurons in every block
+    within the same `budget` of parameters, both scored by `losses([original, pruned, uniform])` (the
+    search loss of the last two against the first): the one that departs less is `chosen` (the
+    greedy per-block threshold can lose to uniform widths on its own loss at deep cuts)."""
+    uniform, widths = uniform_for_params(fresh, scores, budget, align)
+    ours, theirs = losses([original, pruned, uniform])
+    chosen = "uniform" if theirs < ours or count_params(pruned.model) > budget else "adaptive"
+    return {"widths": widths, "params": count_params(uniform.model), "loss": theirs,
+            "adaptive_widths": pruned.widths(), "adaptive_params": count_params(pruned.model), "adaptive_loss": ours,
+            "chosen": chosen}
 
 
 def budget_widths(fresh: Callable[[], Loaded], target_params: int, run: Callable[[Loaded, float], SearchResult],
