@@ -226,6 +226,17 @@ class DistillSpec(_Strict):
     path: str | None = _f(None, "a folder of images to distil on (default: the training split for digits, "
                                 "the calibration images otherwise); holdout and validation files are excluded")
     images: int | None = _f(None, "at most this many images of distill.path, a seeded sample (default: all)", ge=1)
+    sharding: Literal["auto", "none", "fsdp"] = _f("auto", "none: every process holds the whole student, its AdamW "
+                                                           "state and the teacher; fsdp: FSDP2, each transformer "
+                                                           "block its own unit, so a process holds 1/N of them "
+                                                           "(--nproc N); auto: fsdp when several processes run and "
+                                                           "the unsharded plan does not fit one device's memory")
+    checkpointing: bool = _f(False, "activation checkpointing: each block's activations are recomputed in the "
+                                    "backward pass instead of kept (less memory, about a third more compute)")
+    precision: Literal["auto", "fp32", "bf16"] = _f("auto", "bf16: forward and backward in bfloat16 (sharded: bf16 "
+                                                            "parameters and gradient reductions), master weights and "
+                                                            "AdamW state in fp32; fp32: everything in float32; auto: "
+                                                            "bf16 on CUDA, fp32 on the CPU")
 
     @model_validator(mode="after")
     def _check(self) -> DistillSpec:

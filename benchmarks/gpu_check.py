@@ -12,6 +12,10 @@ failure never hides the others:
   latency    original vs pruned ViT-L/14 and ViT-g/14 (widths from a real budget search removing
              about 40% of MLP neurons, and the same widths aligned to 64): torch eager fp16 and
              torch.compile at batch 1, 32, 128: p50, throughput, and the FLOP ratio beside them
+  sharded    distillation sharded with FSDP2 (distill.sharding fsdp) through torchrun with NCCL: one
+             process, then every GPU when there are several; a ViT-L/14 student (0.6 of its MLP
+             neurons) from the whole ViT-L/14, fp32 then bf16, activation checkpointing: steps/s, peak
+             GPU memory per rank, and the N-process student's largest difference to the 1-process one
 Sections run most important first, each checked against the time left (`--budget`, 540 s: one
 10-minute device call with the machine's start excluded) and skipped as "not run (time)" when its
 estimate does not fit; results are saved after every section (and latency rows as they are
@@ -375,6 +379,86 @@ def _latency_rows(variants: dict, mode: str, device, batches: list[int], flops: 
 # --- output ----------------------------------------------------------------------------------------
 
 
+SHARDED = {"full": ("vit_large_patch14_dinov2", {"img_size": 224}), "smoke": ("vit_large_patch14_dinov2",
+            {"img_size": 28, "depth": 2, "embed_dim": 64, "num_heads": 2})}
+
+
+def sharded_worker(out: str, smoke: bool, precision: str) -> None:
+    """One rank of the sharded section (launched by torchrun): distil, then rank 0 writes the figures and
+    the gathered student to `out` (.json, .safetensors)."""
+    import torch.distributed as dist
+    from safetensors.torch import save_file
+
+    from amp_deploy.prune.distill import distill
+
+    cuda = not smoke
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    device = torch.device("cuda", local) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if cuda else "gloo")
+    try:
+        spec = SHARDED["smoke" if smoke else "full"]
+        teacher = _model(spec, torch.device("cpu"), seed=0)
+        student = _model(spec, torch.device("cpu"), seed=0)
+        data = _data(student, 32 if smoke else 256, 1)
+        with torch.no_grad():
+            scores = [torch.rand(w, generator=torch.Generator().manual_seed(i)) for i, w in enumerate(student.widths())]
+        apply_widths(student, scores, [int(w * 0.6) for w in student.widths()])
+        _peak_reset(device)
+        t0 = time.perf_counter()
+        state = distill(student.model, teacher.model, data.calibration.images, epochs=1, lr=1e-4,
+                        batch_size=8 if smoke else 32, warmup=0.1, weight_decay=0.05, loss="cosine", seed=0,
+                        device=device, sharding="fsdp", blocks=student.blocks, checkpointing=True, precision=precision)
+        _sync(device)
+        seconds = time.perf_counter() - t0
+        peak = torch.tensor([float(_peak(device) or 0)], device=device)
+        peaks = [torch.zeros_like(peak) for _ in range(dist.get_world_size())]
+        dist.all_gather(peaks, peak)
+        if dist.get_rank() == 0:
+            steps = -(-len(data.calibration.images) // (8 if smoke else 32))
+            save_file({k: v.contiguous() for k, v in state.student.items()}, out + ".safetensors")
+            Path(out + ".json").write_text(json.dumps({
+                "processes": dist.get_world_size(), "precision": precision, "model": spec[0],
+                "student_params": sum(v.numel() for v in state.student.values()), "steps": steps,
+                "seconds": round(seconds, 2), "steps_per_s": round(steps / seconds, 3),
+                "peak_bytes_per_rank": [int(p.item()) for p in peaks], "losses": state.losses}))
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def section_sharded(device: torch.device, smoke: bool, record: dict) -> dict:
+    """FSDP2 distillation through torchrun (NCCL on CUDA, gloo in the smoke): 1 process, then every GPU
+    (the smoke: 2 processes), fp32 (compared with 1 process) and bf16."""
+    import tempfile
+
+    from safetensors.torch import load_file
+
+    n = 2 if smoke else torch.cuda.device_count()
+    runs = [(1, "fp32"), *([(n, "fp32")] if n > 1 else []), (n, "bf16")]
+    record["runs"] = []
+    if n == 1:
+        record["several_gpus"] = "not run: this machine has one GPU"
+    with tempfile.TemporaryDirectory() as tmp:
+        for procs, precision in runs:
+            out = str(Path(tmp) / f"p{procs}-{precision}")
+            cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={procs}",
+                   str(Path(__file__).resolve()), "--sharded-worker", out, "--precision", precision,
+                   *(["--cpu-smoke"] if smoke else [])]
+            res = subprocess.run(cmd, capture_output=True, text=True, timeout=240,
+                                 env={**os.environ, "OMP_NUM_THREADS": "1"})
+            if res.returncode != 0:
+                raise RuntimeError(f"torchrun {procs} x {precision}: exit {res.returncode}: "
+                                   f"{(res.stderr or res.stdout).strip().splitlines()[-1:]}")
+            row = json.loads(Path(out + ".json").read_text())
+            if procs > 1 and precision == "fp32":
+                a, b = load_file(str(Path(tmp) / "p1-fp32.safetensors")), load_file(out + ".safetensors")
+                row["max_abs_diff_to_1_process"] = max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
+            record["runs"].append(row)
+    return {}
+
+
 def render(result: dict) -> str:
     lines = [f"# gpu_check: {result['device']} ({result['date']})", "",
              f"{'CPU smoke run: these are CPU figures of tiny models, not GPU figures.' if result['smoke'] else ''}", "",
@@ -414,6 +498,14 @@ def render(result: dict) -> str:
             lines.append(f"| {r['mode']} | {r['batch']} | {r['variant']} | {r['p50_ms'][0]:.3f} -> {r['p50_ms'][1]:.3f} | "
                          f"{dev_s} | {r['images_per_s'][0]:.0f} -> {r['images_per_s'][1]:.0f} | {r['speedup']:.2f}x | "
                          f"{r['flop_speedup']:.2f}x | {r['realised_over_flop']:.2f} |")
+    sh = result["sections"].get("sharded", {})
+    if sh.get("runs"):
+        lines += ["", "Sharded distillation (FSDP2, activation checkpointing, 1 epoch)", "",
+                  "| processes | precision | student params | steps/s | peak bytes per rank | max abs diff to 1 process |",
+                  "|---:|---|---:|---:|---|---:|"]
+        for r in sh["runs"]:
+            lines.append(f"| {r['processes']} | {r['precision']} | {r['student_params']:,} | {r['steps_per_s']} | "
+                         f"{r['peak_bytes_per_rank']} | {r.get('max_abs_diff_to_1_process', '')} |")
     return "\n".join(lines) + "\n"
 
 
@@ -424,8 +516,13 @@ def main(argv: list[str] | None = None) -> dict:
                     help="folder for gpu_check.json, gpu_check.md and quickstart_report.json (default: $OUT)")
     ap.add_argument("--budget", type=float, default=540.0, help="seconds for the whole check: a section that would "
                                                                  "not fit the time left is recorded 'not run (time)'")
+    ap.add_argument("--sharded-worker", default=None, help=argparse.SUPPRESS)  # one rank of the sharded section
+    ap.add_argument("--precision", default="fp32", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     smoke = args.cpu_smoke
+    if args.sharded_worker:
+        sharded_worker(args.sharded_worker, smoke, args.precision)
+        return {}
     if not smoke and not torch.cuda.is_available():
         ap.error("no CUDA device: run on a GPU machine, or use --cpu-smoke")
     device = torch.device("cpu" if smoke else "cuda")
@@ -449,6 +546,7 @@ def main(argv: list[str] | None = None) -> dict:
                                                    8 if smoke else 32, 0 if smoke else 150, r),
               estimate_s=0 if smoke else 150)
     check.run("bf16", lambda r: section_bf16(models, device, cal, val, r), estimate_s=0 if smoke else 40)
+    check.run("sharded", lambda r: section_sharded(device, smoke, r), estimate_s=0 if smoke else 90)
     check.run("quickstart", lambda r: section_quickstart(device, out, r), skip="--cpu-smoke" if smoke else None,
               estimate_s=60)
     check.run("pytest", section_pytest, skip="--cpu-smoke (the suite itself runs this script)" if smoke else None,

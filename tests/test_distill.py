@@ -67,6 +67,29 @@ def test_distill_changes_rerun_distill_and_later_stages_only(distilled, tmp_path
     assert _report(copy)["distill"]["epochs"] == 2
 
 
+def test_a_sharded_build_without_nproc_distils_the_same_student_in_one_process(distilled, tmp_path):
+    """distill.sharding=fsdp in a build of one process (a group of one is made for FSDP2), with
+    activation checkpointing: the student of the unsharded build, within float noise; distill.json
+    says what ran and the plan it was chosen on, and no checkpoint is left."""
+    plain, sharded = tmp_path / "plain", tmp_path / "sharded"
+    for out, extra in ((plain, []), (sharded, ["distill.sharding=fsdp", "distill.checkpointing=true"])):
+        shutil.copytree(distilled, out)
+        res = build(QUICKSTART, "--out", out, *FAST, *HALF, "distill.epochs=2", *extra)
+        assert res.exit_code == 0, res.output
+        assert "score: inputs unchanged, skipped" in res.output
+    a, b = load_file(plain / "pruned.safetensors"), load_file(sharded / "pruned.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-5)
+    log = json.loads((sharded / "distill.json").read_text())
+    assert log["sharding"] == "fsdp" and log["sharding_setting"] == "fsdp" and log["processes"] == 1
+    assert log["checkpointing"] is True and log["precision"] == "fp32"
+    params = _report(sharded)["params"]  # fp32 weights, gradients and AdamW's moments, and the fp32 teacher
+    assert log["memory_plan"]["unsharded_bytes"] == 16 * params["pruned"] + 4 * params["original"]
+    assert json.loads((plain / "distill.json").read_text())["sharding"] == "none"  # auto, one process: unsharded
+    assert not (sharded / "distill.ckpt.dcp").exists()
+
+
 def _cli(out, *extra, env=None):
     cmd = [sys.executable, "-m", "amp_deploy.cli", "build", str(QUICKSTART), "--out", str(out), *FAST, *HALF, *extra]
     return subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **(env or {})}, timeout=600)
@@ -141,6 +164,66 @@ def test_two_gloo_processes_reach_the_weights_of_one(tmp_path):
     for k, v in student.state_dict().items():
         torch.testing.assert_close(two["student"][k], v, rtol=1e-4, atol=1e-5)
     assert two["losses"] == pytest.approx(one.losses, rel=1e-4)  # float noise of summing in another order
+
+
+# --- sharded (FSDP2): two gloo processes equal the unsharded process, and resume after kill -9 ----------------
+
+
+def _sharded_rank(rank: int, world: int, store: str, out: str, ckpt: str, kill_at: int, checkpointing: bool) -> None:
+    """One rank of a sharded distillation of `_setup()` (depth 2, 2 epochs of 3 steps), checkpointed
+    per epoch into `ckpt`; `kill_at` > 0: every rank SIGKILLs itself before that global step."""
+    from amp_deploy.prune.distill import ShardedCheckpoint
+
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    try:
+        student, teacher, images = _setup()
+        steps = [0]
+
+        def on_step(n, loss):
+            steps[0] += 1
+            if steps[0] == kill_at:
+                os.kill(os.getpid(), signal.SIGKILL)
+
+        state = distill(student, teacher, images, epochs=2, lr=1e-3, batch_size=8, warmup=0.5, weight_decay=0.05,
+                        loss="kl", temperature=2.0, seed=3, augment=_flip, sharding="fsdp", blocks="blocks",
+                        checkpointing=checkpointing, checkpoint=ShardedCheckpoint(ckpt, "f"), on_step=on_step)
+        if rank == 0:
+            torch.save({"student": state.student, "losses": state.losses}, out)
+        torch.distributed.barrier()
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def _sharded(tmp_path, name: str, ckpt, kill_at: int = 0, checkpointing: bool = False):
+    out = tmp_path / f"{name}.pt"
+    mp.spawn(_sharded_rank, args=(2, str(tmp_path / f"store-{name}"), str(out), str(ckpt), kill_at, checkpointing),
+             nprocs=2, join=True)
+    return torch.load(out, weights_only=True)
+
+
+@pytest.mark.slow
+def test_a_sharded_distillation_in_two_processes_reaches_the_weights_of_one_and_resumes_after_kill_9(tmp_path):
+    """FSDP2 (each block a unit, the gradients reduce-scattered by sum) gives the unsharded student
+    within float noise, with activation checkpointing too; killed mid-way through the second epoch,
+    the run resumes from the first epoch's sharded checkpoint onto the same schedule."""
+    student, teacher, images = _setup()
+    torch.set_num_threads(1)
+    one = _train(student, teacher, images)
+    sharded = _sharded(tmp_path, "whole", tmp_path / "ckpt-whole", checkpointing=True)
+    for k, v in student.state_dict().items():
+        torch.testing.assert_close(sharded["student"][k], v, rtol=1e-4, atol=1e-5)
+    assert sharded["losses"] == pytest.approx(one.losses, rel=1e-4)
+
+    ckpt = tmp_path / "ckpt"
+    with pytest.raises(mp.ProcessExitedException):  # step 5 of 6: in the second epoch (3 steps each)
+        _sharded(tmp_path, "killed", ckpt, kill_at=5)
+    meta = json.loads((ckpt / "meta.json").read_text())
+    assert meta["epoch"] == 1 and meta["fingerprint"] == "f"
+    resumed = _sharded(tmp_path, "resumed", ckpt)
+    for k, v in student.state_dict().items():
+        torch.testing.assert_close(resumed["student"][k], v, rtol=1e-4, atol=1e-5)
+    assert resumed["losses"] == pytest.approx(one.losses, rel=1e-4)  # epoch 1's loss from the checkpoint
 
 
 def test_schedule_and_losses():

@@ -25,8 +25,11 @@ def test_gpu_check_cpu_smoke_runs_every_section_it_can(smoke):
     assert result["smoke"] and result["device"] == "CPU (smoke)" and result["seconds"] < 60
     s = result["sections"]
     assert s["pytest"]["status"] == s["quickstart"]["status"] == "not run"
-    for name in ("scale", "bf16", "latency"):
+    for name in ("scale", "bf16", "latency", "sharded"):
         assert s[name]["status"] == "ok", s[name]
+    runs = s["sharded"]["runs"]  # FSDP2 through torchrun: 1 and 2 gloo processes, fp32 alike within float noise
+    assert [(r["processes"], r["precision"]) for r in runs] == [(1, "fp32"), (2, "fp32"), (2, "bf16")]
+    assert runs[1]["max_abs_diff_to_1_process"] < 1e-4 and len(runs[1]["peak_bytes_per_rank"]) == 2
     scale = s["scale"]
     assert scale["search_same_widths"] and scale["search_cached"]["block_forwards"] < scale["search_naive"]["block_forwards"]
     assert scale["largest_calibration_batch"]["largest_fitting"] == 16  # the smoke's own cap
@@ -35,7 +38,7 @@ def test_gpu_check_cpu_smoke_runs_every_section_it_can(smoke):
         rows = s["latency"][model]["rows"]
         assert {r["batch"] for r in rows} == {1, 2} and all(r["flop_speedup"] > 1 for r in rows)
     md = (tmp_path / "gpu_check.md").read_text()
-    assert "not GPU figures" in md and "realised/FLOP" in md
+    assert "not GPU figures" in md and "realised/FLOP" in md and "Sharded distillation (FSDP2" in md
 
 
 def test_the_smoke_saves_under_out_and_prints_the_table(smoke):

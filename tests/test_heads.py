@@ -210,7 +210,10 @@ def test_a_latency_budget_with_heads_measures_both_axes_and_chooses_both(tmp_pat
     assert res.exit_code == 0, res.output
     search = json.loads((out / "search.json").read_text())
     lb = search["latency_budget"]
-    assert lb["table"]["heads"]["heads"] == [1, 2, 3, 4] and lb["table"]["heads"]["fitted"][-1] == 1.0
+    t = lb["table"]  # the heads axis is timed with every MLP one candidate below whole, and starts from that model
+    assert t["heads"]["heads"] == [1, 2, 3, 4] and t["heads"]["mlp_width"] == t["widths"][-2]
+    assert t["heads"]["fitted"][-1] == t["fitted"][-2] and max(t["heads"]["fitted"]) <= t["fitted"][-2]
+    assert t["heads"]["block_saving"][-1] == 0.0
     assert lb["curves"]["heads"] == [[1, 2, 3, 4]] * 4 and len(lb["curves"]["head_losses"]) == 4
     assert all("heads" in c for c in lb["checks"]) and search["heads"] in [c["heads"] for c in lb["checks"]]
     assert search["original_heads"] == [4] * 4
@@ -293,3 +296,28 @@ def test_open_clip_attention_is_replaced_by_an_equivalent_module_and_old_checkpo
     x = torch.randn(3, *loaded.input_size)
     with torch.no_grad():
         torch.testing.assert_close(loaded.model(x), own(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("key", ["vit", "eva02_clip", "open_clip_vit", "hf_Dinov2Model"])
+def test_a_shared_copy_is_pruned_without_copying_or_changing_the_original(key):
+    """The searches' throw-away copies (Loaded.shared_copy): new modules over the original's own weight
+    tensors, so a parameter-budget search holds one model, not one per step; cutting widths and heads
+    of the copy leaves the original's modules, weights and outputs as they were."""
+    loaded = _load(key)
+    x = _data(loaded).holdout.images
+    with torch.no_grad():
+        before = loaded.model(x)
+    weights = {k: v.clone() for k, v in loaded.model.state_dict().items()}
+    widths, heads = loaded.widths(), loaded.heads()
+    cut = loaded.shared_copy()
+    shared = {p.data_ptr() for p in loaded.model.parameters()}
+    assert {p.data_ptr() for p in cut.model.parameters()} == shared  # nothing copied
+    apply_widths(cut, [torch.rand(w) for w in widths], [max(1, w // 2) for w in widths])
+    apply_heads(cut, None, [1] * len(heads))
+    assert cut.widths() != widths and cut.heads() == [1] * len(heads)
+    assert loaded.widths() == widths and loaded.heads() == heads
+    for k, v in loaded.model.state_dict().items():
+        assert torch.equal(v, weights[k]), k
+    with torch.no_grad():
+        assert torch.equal(loaded.model(x), before)
+        assert cut.model(x).shape == before.shape

@@ -266,7 +266,9 @@ def _budget_md(rep: dict) -> list[str]:
               for w, ms, r, fr, sv in zip(t["widths"], t["p50_ms"], t["ratio"], t["fitted"], t["block_saving"])]
     if heads:
         h = t["heads"]
-        lines += ["", "Heads axis: every block at one head count, every MLP whole, timed the same way; a block's "
+        base = h.get("mlp_width", t["widths"][-1])
+        lines += ["", f"Heads axis: every block at one head count, every MLP at {base} neurons, timed the same way "
+                  "(ratios to the full model; a head count saves what it takes off that model's latency); a block's "
                   "(width, heads) saves the sum of the two savings.", "",
                   "| heads | p50 ms | ratio | fitted | saving per block |", "|---:|---:|---:|---:|---:|"]
         lines += [f"| {n} | {ms:.3f} | {r:.4f} | {fr:.4f} | {sv:.4%} |"

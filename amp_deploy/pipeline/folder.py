@@ -60,6 +60,11 @@ class BuildFolder:
         return self.root / "distill.ckpt.safetensors"
 
     @property
+    def distill_checkpoint_sharded(self) -> Path:
+        """A sharded distillation's epoch checkpoint (a torch.distributed.checkpoint folder)."""
+        return self.root / "distill.ckpt.dcp"
+
+    @property
     def distill_log(self) -> Path:
         return self.root / "distill.json"
 

@@ -1,10 +1,11 @@
 """Stages across processes: `torchrun --nproc_per_node N -m amp_deploy.pipeline.launch OUT DEVICE STAGE`.
 
-Every rank holds the whole model. Scoring: each rank takes every N-th calibration batch and the
+Every rank holds the whole model (distillation sharded with `distill.sharding`: 1/N of the student,
+its optimizer state and the teacher). Scoring: each rank takes every N-th calibration batch and the
 score sums are all-reduced. Search (threshold and parameter budget; a latency budget times on one
 process): each rank evaluates every N-th validation batch and the losses are all-reduced, so every
 rank settles the same widths. Distillation: each rank takes its share of every global batch and the
-gradients are all-reduced. Rank 0 alone writes. `amp-deploy build --nproc N` launches this for the
+gradients are all-reduced (sharded: reduce-scattered). Rank 0 alone writes. `amp-deploy build --nproc N` launches this for the
 stages marked parallel in the stage table. NCCL on CUDA (one GPU per rank), gloo on CPU.
 """
 

@@ -6,7 +6,8 @@ build), times them interleaved, and runs the measure -> choose -> check -> corre
 
 1. latency table: the model with every block at each candidate width, and the full model (each
    candidate prepared once; its runner kept open between passes while memory allows, else opened
-   only while it is timed); with `prune.heads`, also every block at each candidate head count;
+   only while it is timed); with `prune.heads`, also every block at each candidate head count, its
+   MLP at the candidate width below whole (`prune.budget`: the first cut's step counted once);
 2. loss curves: each block alone at each candidate width (and head count), by the search's cached
    evaluator;
 3. widths (and heads) by knapsack for the target; the chosen model measured end to end against the full
@@ -284,15 +285,16 @@ def _table(ctx: Context, make, scores, cands: list[list[int]], x, stay_open: boo
     """Each candidate timed against the full model, two runners at a time (as the end-to-end checks
     are), in TABLE_PASSES passes over all candidates so that a slow phase of the machine hits them alike.
     Candidates: every block at each width (heads whole) and, with `hcands`, every block at each head
-    count (widths whole). With `stay_open` each candidate's runner is opened once and kept until the
-    table is done; without, it is opened for each pass and closed after it (one candidate in memory
-    at a time)."""
+    count (every MLP at the candidate width below whole). With `stay_open` each candidate's runner is
+    opened once and kept until the table is done; without, it is opened for each pass and closed after
+    it (one candidate in memory at a time)."""
     lat = ctx.recipe.prune.latency
     full_widths = [c[-1] for c in cands]
     entries = {("w", c): lambda w=[b[j] for b in cands]: _pruned(ctx, scores, w)
                for j, c in enumerate(cands[0][:-1])}
+    base = [c[-2] if len(c) > 1 else c[-1] for c in cands]  # the heads axis is timed at these MLP widths
     if hcands:
-        entries |= {("h", c): lambda h=[b[j] for b in hcands]: _pruned(ctx, scores, full_widths, head_scores, h)
+        entries |= {("h", c): lambda h=[b[j] for b in hcands]: _pruned(ctx, scores, base, head_scores, h)
                     for j, c in enumerate(hcands[0][:-1])}
     axes = f"{len(cands[0])} widths" + (f" and {len(hcands[0])} head counts" if hcands else "")
     advance = ctx.reporter.task(f"search: latency table ({axes} on {lat.runtime} {lat.precision}, "
@@ -326,8 +328,8 @@ def _table(ctx: Context, make, scores, cands: list[list[int]], x, stay_open: boo
     def axis(kind: str, got: dict) -> dict[int, list[float]]:
         return {s: v for (k, s), v in got.items() if k == kind}
 
-    heads = dict(heads=hcands[0], head_samples=axis("h", samples), head_full_samples=axis("h", full_samples)) \
-        if hcands else {}
+    heads = dict(heads=hcands[0], head_samples=axis("h", samples), head_full_samples=axis("h", full_samples),
+                 head_base=base[0]) if hcands else {}
     table = B.latency_table(cands[0], len(cands), axis("w", samples), axis("w", full_samples), **heads)
     return table, full
 

@@ -7,6 +7,8 @@ library (prune/, deploy/, measure/).
 
 from __future__ import annotations
 
+import os
+import shutil
 import time
 
 import torch
@@ -162,14 +164,14 @@ def _adaptive_search(ctx: Context, loaded: Loaded, scores) -> dict:
     else:
         total = count_params(loaded.model)
         budget = int(p.target_params * total)
-        _budget_reachable(ctx, scores, loaded.widths(), budget, total, heads=p.heads)
+        _budget_reachable(ctx, scores, loaded, budget, total, heads=p.heads)
         advance = ctx.reporter.task("search: threshold for the parameter budget", None)
 
         def run_counted(target: Loaded, threshold: float):
             advance(1)
             return run(target, threshold)
 
-        pruned, res, threshold, tried = budget_widths(ctx.original, budget, run_counted,
+        pruned, res, threshold, tried = budget_widths(loaded.shared_copy, budget, run_counted,
                                                       tolerance=int(BUDGET_TOLERANCE * count_params(loaded.model)))
         extra = dict(threshold=threshold, target_params=p.target_params, budget_params=budget,
                      thresholds_tried=tried, block_forwards_all_thresholds=sum(t[2] for t in tried))
@@ -211,12 +213,13 @@ def _head_scores(ctx: Context, loaded: Loaded):
     return got
 
 
-def _budget_reachable(ctx: Context, scores, original: list[int], budget: int, total: int, heads: bool = False) -> None:
+def _budget_reachable(ctx: Context, scores, loaded: Loaded, budget: int, total: int, heads: bool = False) -> None:
     """Refuse, before any search, a parameter budget under the smallest model pruning can reach
     (every block at its smallest allowed width, and with prune.heads one head: embeddings and the
     head stay)."""
     p = ctx.recipe.prune
-    least, floor = smallest_params(ctx.original, scores, p.align, heads)
+    least, floor = smallest_params(loaded.shared_copy, scores, p.align, heads)
+    original = loaded.widths()
     if least > budget:
         import math
 
@@ -242,7 +245,7 @@ def _uniform_check(ctx: Context, original: Loaded, pruned: Loaded, scores, budge
             return model_losses(models[0], models[1:], ctx.data().validation, loss=loss,
                                 batch_size=ctx.recipe.data.batch_size, device=ctx.device)
 
-    got = uniform_check(original, pruned, ctx.original, scores, budget, ctx.recipe.prune.align, losses)
+    got = uniform_check(original, pruned, original.shared_copy, scores, budget, ctx.recipe.prune.align, losses)
     if got["chosen"] == "uniform":
         ctx.reporter.log(f"search: the same width in every block ({got['widths'][0]} of {original.widths()[0]} "
                          f"neurons) departs less from the original than the threshold search's widths at this budget "
@@ -289,9 +292,10 @@ def stage_rebuild(ctx: Context) -> None:
 
 
 def stage_distill(ctx: Context) -> None:
-    """Recover what pruning cost: the pruned model learns the original's outputs (distill.epochs > 0)."""
+    """Recover what pruning cost: the pruned model learns the original's outputs (distill.epochs > 0).
+    Sharded (distill.sharding), the epoch checkpoints are a torch.distributed.checkpoint folder."""
     from amp_deploy.files import hash_file, hash_obj
-    from amp_deploy.prune.distill import default_loss, distill
+    from amp_deploy.prune.distill import ShardedCheckpoint, default_loss, distill, plan_sharding
 
     d, f = ctx.recipe.distill, ctx.folder
     if d.epochs == 0:
@@ -302,40 +306,102 @@ def stage_distill(ctx: Context) -> None:
     data_settings = {k: v for k, v in ctx.recipe.to_dict()["data"].items() if k != "workers"}  # same images
     fingerprint = hash_obj({"distill": ctx.recipe.to_dict()["distill"], "data": data_settings,
                             "rebuilt": hash_file(f.rebuilt)})
-    resume = f.read_distill_checkpoint(fingerprint, ctx.reporter.log)
-    if resume is not None:
-        ctx.reporter.log(f"distill: resuming after epoch {resume.epoch} of {d.epochs} (from {f.distill_checkpoint.name})")
-    rank, _ = rank_world()
-    start = time.perf_counter()
-    loss = default_loss(student.output) if d.loss == "auto" else d.loss
-    train = dict(batch_size=d.batch_size, warmup=d.warmup, weight_decay=d.weight_decay, loss=loss,
-                 temperature=d.temperature, seed=ctx.recipe.data.seed, device=ctx.device,
-                 augment=_augmentation(ctx) if d.augment else None, autocast=ctx.device.type == "cuda")
-    probe = resume.probe if resume is not None else None
-    if d.lr == "auto" and probe is None:
-        probe = _probe_lr(ctx, student.model, teacher.model, images, train)
-    lr = probe["lr"] if d.lr == "auto" else d.lr
+    rank, world = rank_world()
+    precision = d.precision if d.precision != "auto" else ("bf16" if ctx.device.type == "cuda" else "fp32")
+    plan = plan_sharding(d.sharding, world, student=count_params(student.model), teacher=count_params(teacher.model),
+                         precision=precision, capacity=_device_capacity(ctx.device))
+    sharded = plan["sharding"] == "fsdp"
+    with _process_group(sharded, ctx.device.type):
+        ckpt = ShardedCheckpoint(f.distill_checkpoint_sharded, fingerprint) if sharded else None
+        if sharded:
+            meta = ckpt.peek()
+            resume = None
+            done = meta["epoch"] if meta else 0
+            probe = meta.get("probe") if meta else None
+        else:
+            resume = f.read_distill_checkpoint(fingerprint, ctx.reporter.log)
+            done = resume.epoch if resume else 0
+            probe = resume.probe if resume is not None else None
+        if done:
+            name = (ckpt.path if sharded else f.distill_checkpoint).name
+            ctx.reporter.log(f"distill: resuming after epoch {done} of {d.epochs} (from {name})")
+        start = time.perf_counter()
+        loss = default_loss(student.output) if d.loss == "auto" else d.loss
+        train = dict(batch_size=d.batch_size, warmup=d.warmup, weight_decay=d.weight_decay, loss=loss,
+                     temperature=d.temperature, seed=ctx.recipe.data.seed, device=ctx.device,
+                     augment=_augmentation(ctx) if d.augment else None, precision=precision,
+                     sharding=plan["sharding"], blocks=student.blocks, checkpointing=d.checkpointing)
+        if d.lr == "auto" and probe is None:
+            probe = _probe_lr(ctx, student.model, teacher.model, images, train)
+        lr = probe["lr"] if d.lr == "auto" else d.lr
+        if ckpt is not None:
+            ckpt.extra = {"probe": probe}
 
-    def save(state) -> None:
-        state.probe = probe
-        if rank == 0:
-            f.write_distill_checkpoint(state, fingerprint)
+        def save(state) -> None:
+            state.probe = probe
+            if rank == 0 and not sharded:
+                f.write_distill_checkpoint(state, fingerprint)
 
-    state = distill(student.model, teacher.model, images, epochs=d.epochs, lr=lr, resume=resume, on_epoch=save,
-                    on_step=_distill_progress(ctx, len(images), resume.epoch if resume else 0), **train)
+        state = distill(student.model, teacher.model, images, epochs=d.epochs, lr=lr, resume=resume, on_epoch=save,
+                        on_step=_distill_progress(ctx, len(images), done), checkpoint=ckpt, **train)
     if rank != 0:
         return None  # rank 0 alone writes
+    if sharded:  # the student was sharded in place: its gathered weights into a fresh copy of the rebuilt model
+        student = load_pruned_model(f.rebuilt)
+        student.model.load_state_dict(state.student)
     student.model.cpu()
     search = f.read_search()
     save_pruned(student, f.pruned, search["original_widths"], search.get("original_heads"))
     skipped = getattr(split, "skipped", 0)  # unreadable files met in the last epoch (every rank reads them all)
     f.write_distill_log({"epochs": d.epochs, "images": len(images), "skipped_unreadable": skipped,
                          "losses": state.losses,
-                         "resumed_after_epoch": resume.epoch if resume else None,
+                         "resumed_after_epoch": done or None,
                          "seconds": round(time.perf_counter() - start, 3), "loss": loss, "lr": lr,
-                         "lr_setting": d.lr, "lr_probe": probe})
+                         "lr_setting": d.lr, "lr_probe": probe, "processes": world, "precision": precision,
+                         "checkpointing": d.checkpointing, **plan})
     f.distill_checkpoint.unlink(missing_ok=True)
+    shutil.rmtree(f.distill_checkpoint_sharded, ignore_errors=True)
     return None
+
+
+def _device_capacity(device) -> int | None:
+    """Bytes one process may use: the GPU's total memory, or the host's available memory shared by
+    the processes of this node (None when unknown)."""
+    import torch
+
+    if device.type == "cuda":
+        return int(torch.cuda.get_device_properties(device).total_memory)
+    from amp_deploy.pipeline.speedup import available_bytes
+
+    free = available_bytes(device)
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    return None if free is None else free // max(1, local)
+
+
+def _process_group(needed: bool, device_type: str):
+    """A one-process group for a sharded distillation run without --nproc (FSDP2 needs one); nothing
+    when a group exists or none is needed."""
+    import contextlib
+
+    import torch.distributed as dist
+
+    if not needed or dist.is_initialized():
+        return contextlib.nullcontext()
+
+    @contextlib.contextmanager
+    def group():
+        import socket
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        dist.init_process_group("nccl" if device_type == "cuda" else "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+        try:
+            yield
+        finally:
+            dist.destroy_process_group()
+
+    return group()
 
 
 def _probe_lr(ctx: Context, student, teacher, images, train: dict) -> dict:

@@ -5,10 +5,15 @@ temperature-softened logits for classifiers, cosine or MSE of the embedding for 
 AdamW, a linear warm-up then cosine decay, stepped per batch from the global step index, so a run
 resumed from a checkpoint continues on exactly the schedule of an uninterrupted one.
 
-Data parallel across processes without a wrapper: every rank draws the same global batch (same
-seeded order and augmentation), takes its contiguous share, divides its summed loss by the global
-batch size, and the gradients are all-reduced by sum: each step equals one process's step on the
-whole global batch, whatever the number of processes.
+Data parallel across processes: every rank draws the same global batch (same seeded order and
+augmentation), takes its contiguous share, divides its summed loss by the global batch size, and the
+gradients are summed over the ranks: each step equals one process's step on the whole global batch,
+whatever the number of processes. Unsharded (`sharding="none"`), every rank holds the whole student,
+its AdamW state and the teacher, and the gradients are all-reduced. Sharded (`sharding="fsdp"`,
+FSDP2's `fully_shard`), each transformer block and the rest of each model are FSDP units: a rank
+holds 1/N of the student's weights, gradients and optimizer state (and of the frozen teacher's
+weights), gathering one block's weights at a time; the gradients are reduce-scattered by sum, and
+the epoch checkpoints are sharded (torch.distributed.checkpoint).
 """
 
 from __future__ import annotations
@@ -26,6 +31,8 @@ from amp_deploy.errors import UserError, require_finite
 from amp_deploy.prune.score import rank_world
 
 DistillLoss = Literal["kl", "cosine", "mse"]
+Sharding = Literal["none", "fsdp"]
+Precision = Literal["fp32", "bf16"]
 Augment = Callable[[torch.Tensor, torch.Generator], torch.Tensor]
 
 
@@ -91,7 +98,9 @@ def distill(student: nn.Module, teacher: nn.Module, images, *, epochs: int, lr: 
             autocast: bool = False, resume: DistillState | None = None,
             on_epoch: Callable[[DistillState], None] = lambda s: None,
             on_step: Callable[[int, float], None] = lambda n, loss: None,
-            max_steps: int | None = None) -> DistillState:
+            max_steps: int | None = None, sharding: Sharding = "none", blocks: str | None = None,
+            checkpointing: bool = False, precision: Precision | None = None,
+            checkpoint: ShardedCheckpoint | None = None) -> DistillState:
     """Train `student` (in place) to reproduce `teacher` on `images`; return the final state.
 
     Args:
@@ -109,19 +118,44 @@ def distill(student: nn.Module, teacher: nn.Module, images, *, epochs: int, lr: 
         seed: seeds the order and the augmentation of every epoch.
         device: where to train (CPU by default).
         augment: `fn(batch, generator) -> batch`, e.g. one-pixel shifts for digits.
-        autocast: bf16 autocast (CUDA).
-        resume: a state saved by `on_epoch`: training continues after its last finished epoch.
-        on_epoch: called with the state after every epoch (the caller saves the checkpoint).
+        autocast: bf16 autocast (the same as precision="bf16"; kept for callers of before).
+        resume: a state saved by `on_epoch`: training continues after its last finished epoch
+            (unsharded; a sharded run resumes from `checkpoint`).
+        on_epoch: called with the state after every epoch (the caller saves the checkpoint; sharded:
+            the state carries no tensors, `checkpoint` holds them).
         on_step: called with (images in this step, loss) for progress.
         max_steps: stop after this many steps, the schedule (warm-up, decay) fitted to them: a probe.
+        sharding: "none" (every rank holds everything) or "fsdp" (FSDP2, every block its own unit;
+            needs torch.distributed initialised, one process or more).
+        blocks: the path of the block list inside both models (the FSDP units; checkpointing).
+        checkpointing: recompute each block's activations in the backward pass instead of keeping
+            them (activation checkpointing): less memory, about a third more compute.
+        precision: "bf16": the forward and backward in bfloat16 (unsharded: autocast; sharded: FSDP's
+            bf16 parameters and gradient reductions), the master weights and AdamW state in fp32;
+            "fp32": everything in float32.
+        checkpoint: sharded runs: where the epoch checkpoints are saved and resumed from.
+
+    Sharded, the returned state's `student` is the full state dict on rank 0 (on the CPU) and empty on
+    the other ranks; `student` itself is left sharded (its parameters are DTensors).
     """
     device = device or torch.device("cpu")
     rank, world = rank_world()
+    bf16 = precision == "bf16" or (precision is None and autocast)
     student.to(device).train()
     teacher.to(device).eval().requires_grad_(False)
+    restore = _checkpoint_blocks(student, blocks) if checkpointing else (lambda: None)
+    if sharding == "fsdp":
+        if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+            raise UserError("distill.sharding fsdp: needs torch.distributed (amp-deploy build --nproc N, or torchrun)")
+        _fully_shard(student, blocks, bf16)
+        _fully_shard(teacher, blocks, bf16)
     opt = torch.optim.AdamW(param_groups(student, weight_decay), lr=lr, weight_decay=weight_decay)
-    state = DistillState(student.state_dict(), opt.state_dict(), 0)
-    if resume is not None:
+    sharded = sharding == "fsdp"
+    state = DistillState({} if sharded else student.state_dict(), {} if sharded else opt.state_dict(), 0)
+    if sharded and checkpoint is not None:
+        resume = checkpoint.load(student, opt)
+        state = resume or state
+    elif resume is not None:
         student.load_state_dict(resume.student)
         opt.load_state_dict(resume.optimizer)
         state = resume
@@ -143,19 +177,179 @@ def distill(student: nn.Module, teacher: nn.Module, images, *, epochs: int, lr: 
             for g in opt.param_groups:
                 g["lr"] = lr_at(epoch * per_epoch + i, total, warm, lr)
             step_loss = _step(student, teacher, opt, batch.tensor_split(world)[rank], len(batch), loss,
-                              temperature, device, autocast, world)
+                              temperature, device, bf16 and not sharded, world, sharded)
             if not math.isfinite(step_loss):
                 raise UserError(f"distill: the loss became {step_loss} at epoch {epoch + 1}, step {i + 1}: the "
                                 f"training diverged; lower distill.lr (now {lr:g})")
             summed += step_loss * len(batch)
             count += len(batch)
             on_step(len(batch), step_loss)
-        if not all(torch.isfinite(p).all() for p in student.parameters()):  # never keep a non-finite model
+        if not _all_finite(student, world if sharded else 1):  # never keep a non-finite model
             raise UserError(f"distill: the weights hold NaN or Inf after epoch {epoch + 1}: the training diverged; "
                             f"lower distill.lr (now {lr:g})")
-        state = DistillState(student.state_dict(), opt.state_dict(), epoch + 1, [*state.losses, summed / max(count, 1)])
+        losses = [*state.losses, summed / max(count, 1)]
+        if sharded:
+            state = DistillState({}, {}, epoch + 1, losses, state.probe)
+            if checkpoint is not None:
+                checkpoint.save(student, opt, state)
+        else:
+            state = DistillState(student.state_dict(), opt.state_dict(), epoch + 1, losses, state.probe)
         on_epoch(state)
+    restore()
+    if sharded:
+        state.student = full_state_dict(student)
     return state
+
+
+def _checkpoint_blocks(model: nn.Module, blocks: str | None) -> Callable[[], None]:
+    """Activation checkpointing of every block (its forward recomputed in the backward pass); returns
+    what undoes it. Set on the block itself, so an FSDP unit's hooks (on the block's call) gather its
+    weights before the recomputation as before the forward."""
+    from torch.utils.checkpoint import checkpoint
+
+    if blocks is None:
+        raise UserError("distill.checkpointing: the model's block list is unknown")
+    wrapped = []
+    for block in model.get_submodule(blocks):
+        inner = block.forward
+
+        def forward(*args, _inner=inner, **kwargs):
+            if not torch.is_grad_enabled():
+                return _inner(*args, **kwargs)
+            return checkpoint(_inner, *args, use_reentrant=False, **kwargs)
+
+        block.forward = forward
+        wrapped.append(block)
+
+    def restore() -> None:
+        for b in wrapped:
+            del b.forward  # the class's forward again
+
+    return restore
+
+
+def _fully_shard(model: nn.Module, blocks: str | None, bf16: bool) -> None:
+    """FSDP2 on `model`: each block its own unit, then the rest. FSDP averages the gradients over the
+    ranks (a sum with a custom factor needs PREMUL_SUM, which gloo lacks): `_step` scales the loss by
+    the world size, so the reduced gradient is the sum the unsharded path all-reduces. A model sharded
+    already (the probe's teacher) stays."""
+    from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+
+    if isinstance(model, FSDPModule):
+        return
+    if blocks is None:
+        raise UserError("distill.sharding fsdp: the model's block list is unknown")
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.bfloat16) if bf16 else MixedPrecisionPolicy()
+    for block in model.get_submodule(blocks):
+        fully_shard(block, mp_policy=mp)
+    fully_shard(model, mp_policy=mp)
+
+
+def _all_finite(model: nn.Module, world: int) -> bool:
+    """Every weight finite (a sharded model: every rank's shards, agreed over the ranks)."""
+    local = all(torch.isfinite(p.to_local() if hasattr(p, "to_local") else p).all() for p in model.parameters())
+    if world == 1:
+        return bool(local)
+    flag = torch.tensor([1.0 if local else 0.0])
+    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
+    return bool(flag.item() > 0)
+
+
+def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """A sharded model's whole state dict, gathered to rank 0 on the CPU (empty on the other ranks);
+    collective: every rank calls it."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+class ShardedCheckpoint:
+    """The epoch checkpoint of a sharded distillation: a folder written by torch.distributed.checkpoint
+    (each rank its shards of the student and of AdamW's state) and `meta.json` (settings fingerprint,
+    epochs finished, losses, `extra`). Written beside the final folder and renamed into place by rank 0
+    once every rank has written (a kill leaves the previous epoch's checkpoint whole). On several
+    nodes the output folder must be on a file system every node sees."""
+
+    def __init__(self, path, fingerprint: str, extra: dict | None = None) -> None:
+        from pathlib import Path
+
+        self.path, self.fingerprint, self.extra = Path(path), fingerprint, extra or {}
+
+    def peek(self) -> dict | None:
+        """The checkpoint's meta.json when it belongs to these settings (None otherwise)."""
+        import json
+
+        try:
+            meta = json.loads((self.path / "meta.json").read_text())
+        except (OSError, ValueError):
+            return None
+        return meta if meta.get("fingerprint") == self.fingerprint else None
+
+    def save(self, model: nn.Module, opt: torch.optim.Optimizer, state: DistillState) -> None:
+        import json
+        import shutil
+
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        from amp_deploy.files import fault_point
+
+        rank, _ = rank_world()
+        tmp = self.path.with_name(f".{self.path.name}.{state.epoch}.tmpdir")
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        torch.distributed.barrier()
+        msd, osd = get_state_dict(model, opt)
+        dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(tmp))
+        torch.distributed.barrier()
+        if rank == 0:
+            meta = {"fingerprint": self.fingerprint, "epoch": state.epoch, "losses": state.losses, **self.extra}
+            (tmp / "meta.json").write_text(json.dumps(meta))
+            fault_point(self.path)
+            old = self.path.with_name(f".{self.path.name}.old.tmpdir")
+            if self.path.exists():
+                self.path.rename(old)
+            tmp.rename(self.path)
+            shutil.rmtree(old, ignore_errors=True)
+        torch.distributed.barrier()
+
+    def load(self, model: nn.Module, opt: torch.optim.Optimizer) -> DistillState | None:
+        """Into the sharded `model` and `opt` (collective); None when there is no checkpoint of these
+        settings."""
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+        meta = self.peek()
+        if meta is None:
+            return None
+        msd, osd = get_state_dict(model, opt)
+        into = {"model": msd, "optim": osd}
+        dcp.load(into, checkpoint_id=str(self.path))
+        set_state_dict(model, opt, model_state_dict=into["model"], optim_state_dict=into["optim"])
+        return DistillState({}, {}, int(meta["epoch"]), list(meta["losses"]), meta.get("probe"))
+
+
+FIT_SHARE = 0.8  # the unsharded plan fits when its weights and optimizer state take at most this much of a device
+# (the rest for activations, the allocator's slack and the runtime)
+
+
+def plan_sharding(setting: str, world: int, *, student: int, teacher: int, precision: str,
+                  capacity: int | None) -> dict[str, Any]:
+    """distill.sharding resolved, with the memory it was resolved on (bytes per process, weights and
+    optimizer state, before activations). Unsharded: the student's fp32 weights, gradients and AdamW's
+    two moments (16 bytes a parameter) and the fp32 teacher (4); sharded, each of those over `world`
+    processes. auto: fsdp when several processes run and the unsharded plan takes more than FIT_SHARE
+    of `capacity` (one device's memory)."""
+    unsharded = 16 * student + 4 * teacher
+    sharded = -(-unsharded // max(1, world))
+    if setting == "auto":
+        big = capacity is not None and unsharded > FIT_SHARE * capacity
+        chosen = "fsdp" if world > 1 and big else "none"
+    else:
+        chosen = setting
+    return {"sharding": chosen, "sharding_setting": setting,
+            "memory_plan": {"unsharded_bytes": unsharded, "sharded_bytes": sharded, "capacity_bytes": capacity,
+                            "processes": world}}
 
 
 LR_CANDIDATES = (3e-5, 1e-4, 3e-4)  # fine-tuning a pretrained backbone .. training a small model from scratch
@@ -212,15 +406,20 @@ def _epoch_batches(images, order: torch.Tensor, batch_size: int, per_epoch: int)
 
 
 def _step(student: nn.Module, teacher: nn.Module, opt: torch.optim.Optimizer, shard: torch.Tensor, global_n: int,
-          kind: DistillLoss, temperature: float, device: torch.device, autocast: bool, world: int) -> float:
+          kind: DistillLoss, temperature: float, device: torch.device, autocast: bool, world: int,
+          sharded: bool = False) -> float:
     """One optimizer step on the global batch; returns its mean loss (over every rank's images).
 
     A rank whose share is empty (the last batch of an epoch has fewer images than processes) runs no
     forward but still joins every all-reduce with zero gradients; across processes every parameter
     that trains has a gradient (zeros where unused), so all ranks reduce the same tensors in order.
+    Sharded, every rank must run the forward and backward (they gather and reduce-scatter the
+    weights): an empty share runs one image whose loss counts zero.
     """
     opt.zero_grad(set_to_none=True)
     summed = torch.zeros((), dtype=torch.float64, device=device)
+    if sharded and not len(shard):
+        _zero_step(student, teacher, shard.shape[1:], kind, temperature, device)
     if len(shard):
         shard = shard.to(device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
@@ -232,14 +431,25 @@ def _step(student: nn.Module, teacher: nn.Module, opt: torch.optim.Optimizer, sh
             raise UserError("distill: the pruned model's outputs became NaN or Inf: the training diverged; "
                             "lower distill.lr")
         total = distill_loss(kind, out, target, temperature).sum()
-        (total / global_n).backward()
+        (total * (world if sharded else 1) / global_n).backward()  # sharded: FSDP divides by the world
         summed = total.detach().double()
-    if world > 1:
+    if world > 1 and not sharded:
         for p in student.parameters():
             if p.requires_grad:
                 if p.grad is None:
                     p.grad = torch.zeros_like(p)
                 torch.distributed.all_reduce(p.grad)
         torch.distributed.all_reduce(summed)
+    elif world > 1:
+        torch.distributed.all_reduce(summed)
     opt.step()
     return float(summed) / global_n
+
+
+def _zero_step(student: nn.Module, teacher: nn.Module, shape: torch.Size, kind: DistillLoss, temperature: float,
+               device: torch.device) -> None:
+    """A sharded rank with no images this step: the collectives of a forward and backward, no gradient."""
+    x = torch.zeros(1, *shape, device=device)
+    with torch.no_grad():
+        target = teacher(x)
+    (distill_loss(kind, student(x), target, temperature).sum() * 0.0).backward()

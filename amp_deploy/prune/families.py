@@ -125,6 +125,14 @@ class Loaded:
         blocks = self.block_list()
         return [blocks[i].get_submodule(s.proj).in_features // s.head_dim for i, s in enumerate(self.attn)]
 
+    def shared_copy(self) -> Loaded:
+        """A copy whose modules are new but whose weights are this model's own tensors (no weights copied):
+        what a search prunes and throws away. Pruning replaces a block's modules (and an attention's bias
+        tensors) with sliced ones and never writes into a weight, so this model is left as it was; moving
+        or training the copy would move or train both."""
+        memo = {id(t): t for t in (*self.model.parameters(), *self.model.buffers())}
+        return copy.deepcopy(self, memo)
+
 
 # --- site finders: one per MLP shape, tried in order on each block's `mlp` ------------------------
 
