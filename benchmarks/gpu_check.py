@@ -407,7 +407,7 @@ def sharded_worker(out: str, smoke: bool, precision: str) -> None:
         apply_widths(student, scores, [int(w * 0.6) for w in student.widths()])
         _peak_reset(device)
         t0 = time.perf_counter()
-        state = distill(student.model, teacher.model, data.calibration.images, epochs=1, lr=1e-4,
+        state = distill(student.model, teacher.model, data.calibration, epochs=1, lr=1e-4,
                         batch_size=8 if smoke else 32, warmup=0.1, weight_decay=0.05, loss="cosine", seed=0,
                         device=device, sharding="fsdp", blocks=student.blocks, checkpointing=True, precision=precision)
         _sync(device)
@@ -416,7 +416,7 @@ def sharded_worker(out: str, smoke: bool, precision: str) -> None:
         peaks = [torch.zeros_like(peak) for _ in range(dist.get_world_size())]
         dist.all_gather(peaks, peak)
         if dist.get_rank() == 0:
-            steps = -(-len(data.calibration.images) // (8 if smoke else 32))
+            steps = -(-len(data.calibration) // (8 if smoke else 32))
             save_file({k: v.contiguous() for k, v in state.student.items()}, out + ".safetensors")
             Path(out + ".json").write_text(json.dumps({
                 "processes": dist.get_world_size(), "precision": precision, "model": spec[0],
@@ -426,6 +426,13 @@ def sharded_worker(out: str, smoke: bool, precision: str) -> None:
         dist.barrier()
     finally:
         dist.destroy_process_group()
+
+
+def _worker_error(res: subprocess.CompletedProcess) -> str:
+    """The failed rank's own last error line (torchrun's summary ends in a row of '=' that says nothing)."""
+    lines = [ln.split("]:", 1)[-1].strip() for ln in (res.stderr or res.stdout or "").splitlines()]
+    errors = [ln for ln in lines if re.match(r"^[A-Za-z_.]*(Error|Exception)\b", ln)]
+    return (errors or [ln for ln in lines if ln.strip("= ")] or ["no output"])[-1][:300]
 
 
 def section_sharded(device: torch.device, smoke: bool, record: dict) -> dict:
@@ -449,8 +456,7 @@ def section_sharded(device: torch.device, smoke: bool, record: dict) -> dict:
             res = subprocess.run(cmd, capture_output=True, text=True, timeout=240,
                                  env={**os.environ, "OMP_NUM_THREADS": "1"})
             if res.returncode != 0:
-                raise RuntimeError(f"torchrun {procs} x {precision}: exit {res.returncode}: "
-                                   f"{(res.stderr or res.stdout).strip().splitlines()[-1:]}")
+                raise RuntimeError(f"torchrun {procs} x {precision}: exit {res.returncode}: {_worker_error(res)}")
             row = json.loads(Path(out + ".json").read_text())
             if procs > 1 and precision == "fp32":
                 a, b = load_file(str(Path(tmp) / "p1-fp32.safetensors")), load_file(out + ".safetensors")

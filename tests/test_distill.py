@@ -77,10 +77,7 @@ def test_a_sharded_build_without_nproc_distils_the_same_student_in_one_process(d
         res = build(QUICKSTART, "--out", out, *FAST, *HALF, "distill.epochs=2", *extra)
         assert res.exit_code == 0, res.output
         assert "score: inputs unchanged, skipped" in res.output
-    a, b = load_file(plain / "pruned.safetensors"), load_file(sharded / "pruned.safetensors")
-    assert a.keys() == b.keys()
-    for k in a:
-        torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-5)
+    _same_weights(plain, sharded, rtol=1e-4, atol=1e-5)
     log = json.loads((sharded / "distill.json").read_text())
     assert log["sharding"] == "fsdp" and log["sharding_setting"] == "fsdp" and log["processes"] == 1
     assert log["checkpointing"] is True and log["precision"] == "fp32"
@@ -88,6 +85,14 @@ def test_a_sharded_build_without_nproc_distils_the_same_student_in_one_process(d
     assert log["memory_plan"]["unsharded_bytes"] == 16 * params["pruned"] + 4 * params["original"]
     assert json.loads((plain / "distill.json").read_text())["sharding"] == "none"  # auto, one process: unsharded
     assert not (sharded / "distill.ckpt.dcp").exists()
+
+
+def _same_weights(a_out, b_out, rtol: float, atol: float) -> None:
+    """The two builds' pruned.safetensors hold the same tensors within the tolerances."""
+    a, b = load_file(a_out / "pruned.safetensors"), load_file(b_out / "pruned.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=rtol, atol=atol)
 
 
 def _cli(out, *extra, env=None):
@@ -108,10 +113,7 @@ def test_kill_9_during_distillation_resumes_from_the_last_finished_epoch(tmp_pat
     again = _cli(broken, "distill.epochs=6")
     assert again.returncode == 0, again.stderr
     assert "distill: resuming after epoch 3 of 6" in again.stderr
-    a, b = load_file(whole / "pruned.safetensors"), load_file(broken / "pruned.safetensors")
-    assert a.keys() == b.keys()
-    for k in a:
-        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
+    _same_weights(whole, broken, rtol=1e-5, atol=1e-6)
     ra, rb = _report(whole), _report(broken)
     assert ra["fidelity"]["accuracy_pruned"] == rb["fidelity"]["accuracy_pruned"]
     assert rb["distill"]["resumed_after_epoch"] == 3
