@@ -182,11 +182,35 @@ def check(recipe: Annotated[Path | None, typer.Argument(help="Recipe YAML file."
             preflight(parsed)  # what the schema cannot see: model names, weights files, image counts
         except UserError as e:
             problems.append(str(e))
+        try:
+            _print_plan(parsed)  # the plan needs the model section only: printed beside other problems too
+        except UserError as e:
+            problems.append(str(e))
     if problems:
         for p in problems:
             err.print(f"{recipe}: {p}", soft_wrap=True, markup=False)
         raise typer.Exit(2)
     out.print(f"{recipe}: ok")
+
+
+def _print_plan(recipe) -> None:
+    """The memory plan of every stage, for the recipe's machine section (or this machine); a UserError
+    where a stage does not fit."""
+    from amp_deploy.pipeline.memory import device_memory, plan_rows, recipe_plan, refuse_unfit
+
+    m = recipe.machine
+    device, procs = (m.device, m.processes) if m else ("cpu", 1)
+    cap = int(m.memory_gib * 2**30) if m else device_memory("cpu")
+    plans = recipe_plan(recipe, device, procs, capacity=cap)
+    where = (f"{procs} x {m.memory_gib:g} GiB {device} (the recipe's machine section)" if m
+             else f"this machine's CPU, {cap / 2**30:.1f} GiB available")
+    table = Table(title=f"memory plan: peak per device, {where}")
+    for col in ("stage", "device", "peak", "terms", "note"):
+        table.add_column(col, overflow="fold")
+    for row in plan_rows(plans):
+        table.add_row(*row)
+    _log_console().print(table)
+    refuse_unfit(plans, {device: cap} if cap else {}, procs)
 
 
 @app.command()

@@ -354,6 +354,15 @@ class QuantizeSpec(_Strict):
                        "in float; default: NNCF's generic placement)")
 
 
+class MachineSpec(_Strict):
+    """The machine a recipe is written for: `amp-deploy check` plans each stage's memory for it (a build
+    plans for the machine it runs on, with its --device and --nproc)."""
+
+    device: Literal["cpu", "cuda"] = _f("cuda", "the device type of the stages that use one")
+    processes: int = _f(1, "processes, one per GPU (amp-deploy build --nproc)", ge=1)
+    memory_gib: float = _f(description="memory of one device in GiB (a GPU's; the host's for cpu)", gt=0)
+
+
 class Recipe(_Strict):
     """A whole recipe: what to prune, on which images, how, and how to ship and validate it."""
 
@@ -370,6 +379,8 @@ class Recipe(_Strict):
     runtimes: list[RuntimeName] = _f(description="runtimes to validate: " + " | ".join(RuntimeName.__args__),
                                      factory=lambda: ["onnxruntime", "tensorrt"])
     validate_: ValidateSpec = _f(description="latency, parity and fidelity measurement", factory=ValidateSpec, alias="validate")
+    machine: MachineSpec | None = _f(None, "the machine the recipe is planned for (amp-deploy check prints each "
+                                          "stage's memory for it); none: this machine")
 
     @model_validator(mode="after")
     def _check(self) -> Recipe:

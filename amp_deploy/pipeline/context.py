@@ -99,6 +99,7 @@ class Context:
     device: torch.device
     reporter: Reporter = field(default_factory=Quiet)
     nproc: int = 1  # processes for the score stage (torchrun)
+    plan_baseline: int | None = None  # the memory plan's process baseline (bytes), taken before any model loads
     _original: Loaded | None = field(default=None, repr=False)
     _data: Data | None = field(default=None, repr=False)
 

@@ -28,6 +28,7 @@ def run_stages(ctx: Context, names: Sequence[str], force: bool = False) -> dict[
     """
     folder, say = ctx.folder, ctx.reporter
     preflight(ctx.recipe, ctx.device.type)
+    plan = memory_plan(ctx, names)
     prepare_out(folder.root)
     with FolderLock(folder.root):
         for p in remove_stray_temps(folder.root):
@@ -44,8 +45,39 @@ def run_stages(ctx: Context, names: Sequence[str], force: bool = False) -> dict[
                 status[stage.name] = "skipped"
                 continue
             _require_previous(ctx, manifest, stage, keys)
-            status[stage.name] = _run_one(ctx, manifest, stage, keys[stage.name])
+            planned = _planned(ctx, stage.name) or plan.get(stage.name)
+            status[stage.name] = _run_one(ctx, manifest, stage, keys[stage.name], planned)
         return status
+
+
+def memory_plan(ctx: Context, names: Sequence[str]) -> dict[str, dict]:
+    """Each stage's planned peak on this build's devices, refused with one line before any work where
+    one of the named stages does not fit (nothing is written)."""
+    from amp_deploy.pipeline.memory import (device_memory, local_processes, planned_peaks, process_rss, recipe_plan,
+                                            refuse_unfit)
+
+    dev = ctx.device.type
+    share = ctx.nproc if dev == "cpu" else 1  # --nproc processes on one host share its memory
+    cap = device_memory(dev)
+    cap = None if cap is None else cap // max(1, share, local_processes() if dev == "cpu" else 1)
+    ctx.plan_baseline = process_rss()  # before any model is loaded: what a stage in a process of its own starts with
+    plans = [p for p in recipe_plan(ctx.recipe, dev, ctx.nproc, capacity=cap, baseline=ctx.plan_baseline)
+             if p.stage in names]
+    refuse_unfit(plans, {dev: cap} if cap else {}, ctx.nproc)
+    return planned_peaks(plans)
+
+
+def _planned(ctx: Context, stage: str) -> dict | None:
+    """A stage's plan again, with the searched widths where the search has run (the build's own plan
+    took the original's widths, an upper bound)."""
+    if stage in ("score", "search") or not ctx.folder.search.is_file():
+        return None
+    from amp_deploy.pipeline.memory import planned_peaks, recipe_plan
+
+    widths = ctx.folder.read_search().get("widths")
+    plans = planned_peaks(recipe_plan(ctx.recipe, ctx.device.type, ctx.nproc, widths=widths,
+                                      baseline=ctx.plan_baseline))
+    return plans.get(stage)
 
 
 def _reset_peak_memory(ctx: Context) -> bool:
@@ -85,7 +117,7 @@ def _peak_memory(ctx: Context, reset: bool) -> dict[str, float | None]:
             "peak_cuda_mib": None if cuda is None else round(cuda, 1)}
 
 
-def _run_one(ctx: Context, manifest: Manifest, stage: Stage, key: str) -> str:
+def _run_one(ctx: Context, manifest: Manifest, stage: Stage, key: str, planned: dict | None = None) -> str:
     start = time.perf_counter()
     reset = _reset_peak_memory(ctx)
     parallel = (stage.parallel(ctx.recipe) if callable(stage.parallel) else stage.parallel) and ctx.nproc > 1
@@ -98,6 +130,9 @@ def _run_one(ctx: Context, manifest: Manifest, stage: Stage, key: str) -> str:
         unrecorded = _guarded(ctx, stage)
     seconds = time.perf_counter() - start
     memory = None if parallel else _peak_memory(ctx, reset)  # torchrun's ranks: not here
+    if memory is not None and planned is not None:
+        memory["planned_peak_mib"] = round(planned["peak_bytes"] / 2**20, 1)
+        memory["planned_terms_mib"] = {k: round(v / 2**20, 1) for k, v in planned["terms"].items()}
     ctx.reporter.clear_tasks()
     if unrecorded:  # finished without a result worth keeping: the next build tries again
         ctx.reporter.log(f"{stage.name}: {unrecorded} (not recorded as done; the next build tries again)")

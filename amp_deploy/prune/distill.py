@@ -130,8 +130,9 @@ def distill(student: nn.Module, teacher: nn.Module, images, *, epochs: int, lr: 
         blocks: the path of the block list inside both models (the FSDP units; checkpointing).
         checkpointing: recompute each block's activations in the backward pass instead of keeping
             them (activation checkpointing): less memory, about a third more compute.
-        precision: "bf16": the forward and backward in bfloat16 (unsharded: autocast; sharded: FSDP's
-            bf16 parameters and gradient reductions), the master weights and AdamW state in fp32;
+        precision: "bf16": the forward and backward in bfloat16 under autocast (sharded, FSDP's bf16
+            parameters and gradient reductions too: autocast casts what FSDP does not, the float32
+            buffers of rotary embeddings in EVA's attention), the master weights and AdamW state in fp32;
             "fp32": everything in float32.
         checkpoint: sharded runs: where the epoch checkpoints are saved and resumed from.
 
@@ -177,7 +178,7 @@ def distill(student: nn.Module, teacher: nn.Module, images, *, epochs: int, lr: 
             for g in opt.param_groups:
                 g["lr"] = lr_at(epoch * per_epoch + i, total, warm, lr)
             step_loss = _step(student, teacher, opt, batch.tensor_split(world)[rank], len(batch), loss,
-                              temperature, device, bf16 and not sharded, world, sharded)
+                              temperature, device, bf16, world, sharded)
             if not math.isfinite(step_loss):
                 raise UserError(f"distill: the loss became {step_loss} at epoch {epoch + 1}, step {i + 1}: the "
                                 f"training diverged; lower distill.lr (now {lr:g})")
@@ -357,15 +358,19 @@ LR_CANDIDATES = (3e-5, 1e-4, 3e-4)  # fine-tuning a pretrained backbone .. train
 
 @torch.no_grad()
 def distill_eval(student: nn.Module, teacher: nn.Module, images: torch.Tensor, *, batch_size: int,
-                 loss: DistillLoss, temperature: float = 1.0, device: torch.device | None = None) -> float:
-    """The mean distillation loss of `student` against `teacher` over `images` (eval mode)."""
+                 loss: DistillLoss, temperature: float = 1.0, device: torch.device | None = None,
+                 bf16: bool = False) -> float:
+    """The mean distillation loss of `student` against `teacher` over `images` (eval mode; `bf16`: under
+    autocast, as the training ran)."""
     device = device or torch.device("cpu")
     student.to(device).eval()
     teacher.to(device).eval()
     summed = 0.0
     for i in range(0, len(images), batch_size):
         x = images[i:i + batch_size].to(device)
-        summed += float(distill_loss(loss, student(x), teacher(x), temperature).sum())
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            out, target = student(x), teacher(x)
+        summed += float(distill_loss(loss, out, target, temperature).sum())
     return summed / max(1, len(images))
 
 
@@ -388,7 +393,8 @@ def probe_lr(student: nn.Module, teacher: nn.Module, images, held_out: torch.Ten
             on_rate(lr, math.inf)
             continue
         losses[repr(lr)] = distill_eval(trial, teacher, held_out, batch_size=train["batch_size"], loss=train["loss"],
-                                        temperature=train.get("temperature", 1.0), device=train.get("device"))
+                                        temperature=train.get("temperature", 1.0), device=train.get("device"),
+                                        bf16=train.get("precision") == "bf16" or bool(train.get("autocast")))
         on_rate(lr, losses[repr(lr)])
         del trial
     best = min(candidates, key=lambda lr: (losses[repr(lr)] if math.isfinite(losses[repr(lr)]) else math.inf, lr))
@@ -419,7 +425,7 @@ def _step(student: nn.Module, teacher: nn.Module, opt: torch.optim.Optimizer, sh
     opt.zero_grad(set_to_none=True)
     summed = torch.zeros((), dtype=torch.float64, device=device)
     if sharded and not len(shard):
-        _zero_step(student, teacher, shard.shape[1:], kind, temperature, device)
+        _zero_step(student, teacher, shard.shape[1:], kind, temperature, device, autocast)
     if len(shard):
         shard = shard.to(device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
@@ -447,9 +453,11 @@ def _step(student: nn.Module, teacher: nn.Module, opt: torch.optim.Optimizer, sh
 
 
 def _zero_step(student: nn.Module, teacher: nn.Module, shape: torch.Size, kind: DistillLoss, temperature: float,
-               device: torch.device) -> None:
+               device: torch.device, autocast: bool = False) -> None:
     """A sharded rank with no images this step: the collectives of a forward and backward, no gradient."""
     x = torch.zeros(1, *shape, device=device)
-    with torch.no_grad():
-        target = teacher(x)
-    (distill_loss(kind, student(x), target, temperature).sum() * 0.0).backward()
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+        with torch.no_grad():
+            target = teacher(x)
+        out = student(x)
+    (distill_loss(kind, out, target, temperature).sum() * 0.0).backward()
