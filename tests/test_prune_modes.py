@@ -136,6 +136,24 @@ def test_a_search_in_two_gloo_processes_settles_the_widths_and_heads_of_one(tmp_
     assert a["uniform_check"]["loss"] == pytest.approx(b["uniform_check"]["loss"], rel=1e-6, abs=1e-9)
 
 
+def test_a_latency_budget_search_in_two_gloo_processes_splits_its_loss_curves_and_times_on_one(tmp_path):
+    """A latency budget under --nproc 2: the loss curves are split over the ranks and all-reduced (the
+    same as one process's, within float noise); the table and the checks are timed by rank 0 alone and
+    sent to the other rank (both settle one choice: search.json is written once, by rank 0)."""
+    recipe = load_recipe(QUICKSTART, ["prune.target_speedup=1.05", "prune.latency.widths=3",
+                                      "prune.latency.iterations=5", "prune.latency.warmup=1",
+                                      "prune.latency.corrections=1", "data.calibration=64", "data.validation=64"])
+    one, two = tmp_path / "one", tmp_path / "two"
+    for out, nproc in ((one, 1), (two, 2)):  # score and search only: the later stages are not what is tested
+        run_stages(Context.create(recipe, out, "cpu", nproc=nproc), ("score", "search"))
+    a, b = (json.loads((d / "search.json").read_text())["latency_budget"] for d in (one, two))
+    ca, cb = a["curves"], b["curves"]
+    assert ca["base_loss"] == pytest.approx(cb["base_loss"], rel=1e-6, abs=1e-9)
+    assert sum(ca["losses"], []) == pytest.approx(sum(cb["losses"], []), rel=1e-5, abs=1e-6)
+    assert b["table"]["rounds"] == a["table"]["rounds"] and len(b["checks"]) >= 1
+    assert b["seconds"]["table"] > 0
+
+
 def test_a_pruned_checkpoint_can_be_pruned_again(quickstart, tmp_path):
     import yaml
 

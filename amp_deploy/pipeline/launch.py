@@ -42,6 +42,7 @@ def main(argv: list[str] | None = None) -> None:
     `amp-deploy build RECIPE --out OUT` on one node skips it.
     """
     import argparse
+    import datetime
     import time
 
     from amp_deploy.pipeline.context import Context
@@ -62,7 +63,9 @@ def main(argv: list[str] | None = None) -> None:
         dev = torch.device("cuda", local)
     else:
         dev = torch.device("cpu")
-    dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+    # A latency-budget search times on rank 0 alone while the other ranks wait in a broadcast: a table
+    # of TensorRT engines for a giant tower takes far longer than the default 10 (NCCL) or 30 minutes.
+    dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", timeout=datetime.timedelta(hours=8))
     try:
         recipe = load_recipe(args.recipe or Path(args.out) / "recipe.yaml", args.overrides)
         ctx = Context.create(recipe, args.out, dev)

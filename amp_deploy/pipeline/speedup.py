@@ -35,6 +35,7 @@ from amp_deploy.pipeline.context import Context, compile_settings
 from amp_deploy.prune import budget as B
 from amp_deploy.prune.families import Loaded
 from amp_deploy.prune.rebuild import apply_heads, apply_widths
+from amp_deploy.prune.score import rank_world
 
 TIMING_CALIBRATION = 16  # int8 candidates are calibrated on this many images: scales change no latency
 
@@ -202,14 +203,19 @@ def latency_search(ctx: Context, loaded: Loaded, scores,
         hcands = [B.candidate_heads(h, lat.widths) for h in original_heads]
     depth, k = len(original), len(cands[0]) + (len(hcands[0]) - 1 if hcands else 0)
     x = timing_input(ctx, lat.batch)
-    work = Path(tempfile.mkdtemp(prefix=".latency-", suffix=".tmpdir", dir=ctx.folder.root))
+    # Under --nproc the loss curves are split over the ranks (the search's evaluator all-reduces them);
+    # the timing runs on rank 0 alone, the others waiting, and its table and checks are sent to every rank.
+    timer = rank_world()[0] == 0
+    work = Path(tempfile.mkdtemp(prefix=".latency-", suffix=".tmpdir", dir=ctx.folder.root)) if timer else None
     try:
-        make = runner_factory(ctx, loaded.input_size, work)
+        make = runner_factory(ctx, loaded.input_size, work) if timer else None
         start = time.perf_counter()
         model_bytes = sum(t.numel() * t.element_size() for t in loaded.model.state_dict().values())
         stay_open = keep_open(model_bytes, k, ctx.device if lat.runtime in ("torch", "tensorrt", "onnxruntime-cuda")
                               else torch.device("cpu"))
-        table, full_runner = _table(ctx, make, scores, cands, x, stay_open, head_scores, hcands)
+        table, full_runner = _table(ctx, make, scores, cands, x, stay_open, head_scores, hcands) if timer else (None,
+                                                                                                                None)
+        table = _from_rank0(table)
         seconds = {"table": round(time.perf_counter() - start, 3)}
         target = p.target_speedup
         if target is None:
@@ -231,10 +237,12 @@ def latency_search(ctx: Context, loaded: Loaded, scores,
                 f"prune.target_{'speedup' if p.target_speedup else 'latency_ms'}: a {target:.3g}x speedup is out of "
                 f"reach on {lat.runtime} {lat.precision} at batch {lat.batch}: with every MLP at its smallest candidate "
                 f"width ({cands[0][0]} of {original[0]}){smallest} the measured table predicts {reach:.3g}x ({rest})")
-        rounds = _checks(ctx, make, full_runner, scores, table, curves, target, reach, x, head_scores)
+        rounds = _from_rank0(_checks(ctx, make, full_runner, scores, table, curves, target, reach, x, head_scores)
+                             if timer else None)
     finally:
         gc.collect()
-        shutil.rmtree(work, ignore_errors=True)
+        if work is not None:
+            shutil.rmtree(work, ignore_errors=True)
     whole = hcands and [h[-1] for h in hcands]
     pruning = [r for r in rounds if r["widths"] != original or r.get("heads", whole) != whole] or rounds
     best = min(pruning, key=lambda r: abs(r["measured_speedup"] / target - 1))  # the full model answers no budget
@@ -251,6 +259,16 @@ def latency_search(ctx: Context, loaded: Loaded, scores,
             "runners_kept_open": stay_open,
             "seconds": {**seconds, "checks": round(sum(r["seconds"] for r in rounds), 3)},
         })
+
+
+def _from_rank0(value):
+    """Rank 0's `value` on every rank (one process: the value itself). Sent between the build's own
+    processes over their process group, never read from a file."""
+    if rank_world()[1] == 1:
+        return value
+    box = [value]
+    torch.distributed.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 TABLE_PASSES = 3  # the table's rounds are split into passes over every candidate: drift spreads over all of them

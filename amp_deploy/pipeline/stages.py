@@ -629,7 +629,7 @@ STAGES: tuple[Stage, ...] = (
           lambda f: [f.scores], stage_score, parallel=True,
           reads=("model.pretrained", "data.path", "data.class_names"), device_bound=True),
     Stage("search", search_depends, lambda f: [f.search], stage_search, machine_bound=latency_budget, device_bound=True,
-          parallel=lambda r: not latency_budget(r)),
+          parallel=True),
     Stage("rebuild", ("distill.epochs",), lambda f: [f.rebuilt], stage_rebuild),
     Stage("distill", ("distill", "data"), lambda f: [f.pruned, f.distill_log] if f.distilled else [], stage_distill,
           parallel=True, reads=("distill.path",), device_bound=True),
