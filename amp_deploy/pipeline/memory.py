@@ -76,27 +76,28 @@ def _extra_tokens(model: torch.nn.Module) -> int:
 
 
 def device_memory(device: str) -> int | None:
-    """Bytes of one device here: the GPU's total memory, or the host's available memory."""
+    """Bytes of one device here: the GPU's total memory, or the host's available memory (and what
+    this process holds already)."""
     if device == "cuda":
         return int(torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory)
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024 + process_rss()
-    except OSError:
-        pass
-    return None
+    free = proc_kib("/proc/meminfo", "MemAvailable")
+    return None if free is None else (free << 10) + process_rss()
 
 
 def process_rss() -> int:
     """This process's resident memory (bytes; 0 where /proc is missing)."""
+    return (proc_kib("/proc/self/status", "VmRSS") or 0) << 10
+
+
+def proc_kib(path: str, field: str) -> int | None:
+    """A kB figure of a /proc file (meminfo, status); None where it is missing (not Linux)."""
     try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
+        for line in Path(path).read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
     except OSError:
         pass
-    return 0
+    return None
 
 
 def recipe_plan(recipe: Recipe, device: str, processes: int, widths: list[int] | None = None,

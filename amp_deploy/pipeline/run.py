@@ -99,13 +99,10 @@ def _peak_memory(ctx: Context, reset: bool) -> dict[str, float | None]:
     processes not included), and the CUDA allocator's peak on a GPU."""
     import resource
 
-    rss = None
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                rss = int(line.split()[1]) / 1024
-    except OSError:
-        pass
+    from amp_deploy.pipeline.memory import proc_kib
+
+    rss = proc_kib("/proc/self/status", "VmHWM")
+    rss = None if rss is None else rss / 1024
     if rss is None:  # no procfs: the process's peak so far (kB on Linux, bytes on macOS)
         rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (1024 * 1024 if sys.platform == "darwin" else 1024)
     cuda = None

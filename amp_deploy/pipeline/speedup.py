@@ -280,13 +280,10 @@ def available_bytes(device: torch.device) -> int | None:
     MemAvailable (Linux); None when unknown."""
     if device.type == "cuda":
         return int(torch.cuda.mem_get_info(device)[0])
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
+    from amp_deploy.pipeline.memory import proc_kib
+
+    free = proc_kib("/proc/meminfo", "MemAvailable")
+    return None if free is None else free << 10
 
 
 def keep_open(model_bytes: int, candidates: int, device: torch.device) -> bool:
