@@ -14,7 +14,8 @@ What the terms count (bytes; `e` is 2 under bf16, 4 in fp32):
   and the norms, and 2 x N x H in the MLP (its two matrix products' inputs); the score stage's
   Taylor hooks keep a third N x H. With checkpointing, each block's input and one block's whole set
   at a time. Plus the gradient of one block's activations in flight.
-- the search's cache: the input of every block for every validation image (L x V x N x D x e),
+- the search's cache: the input of every block for every validation image (L x V x N x D x 4: the search
+  evaluates in fp32),
   on the GPU up to CACHE_ON_DEVICE_BYTES, beyond that in host memory.
 - distillation: the student's fp32 weights, gradients and AdamW's two moments (16 bytes a
   parameter; sharded: 1/P of them, plus the largest block gathered in bf16 or fp32), the teacher
@@ -146,10 +147,10 @@ def plan_stages(shape: ModelShape, *, device: str, processes: int, baseline: int
     plans = [StagePlan("score", device, {**base, **held, "activations": block_activations(
         shape, shape.widths, score_batch, e, checkpointing=checkpointing, hooks=True)},
         fix="prune.checkpointing: true, data.batch_size, or more processes (--nproc)")]
-    cache = shape.blocks * validation * shape.tokens * shape.dim * e
+    cache = shape.blocks * validation * shape.tokens * shape.dim * 4  # the search evaluates in fp32, CUDA too
     on_device = min(cache, CACHE_ON_DEVICE_BYTES) if cuda else cache
     plans.append(StagePlan("search", device, {**base, **held, "cached block inputs": on_device,
-                                              "activations": forward_activations(shape, shape.widths, search_batch, e)},
+                                              "activations": forward_activations(shape, shape.widths, search_batch, 4)},
                            fix="data.validation (the cache holds every block's input for each validation image), "
                                "data.batch_size",
                            note=f"host: {gib(cache - on_device)} of cached inputs" if cache > on_device else ""))
