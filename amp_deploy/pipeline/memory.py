@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -84,6 +83,14 @@ def device_memory(device: str) -> int | None:
     return None if free is None else (free << 10) + process_rss()
 
 
+def device_capacity(device: str, sharing: int = 1) -> int | None:
+    """Bytes one process may plan on: a GPU's memory, or the host's available memory shared by the
+    `sharing` processes of this node (None when unknown). The memory plan and distill.sharding auto
+    decide on the same figure."""
+    total = device_memory(device)
+    return None if total is None else total // (max(1, sharing) if device == "cpu" else 1)
+
+
 def process_rss() -> int:
     """This process's resident memory (bytes; 0 where /proc is missing)."""
     return (proc_kib("/proc/self/status", "VmRSS") or 0) << 10
@@ -111,7 +118,7 @@ def recipe_plan(recipe: Recipe, device: str, processes: int, widths: list[int] |
     d, v = recipe.distill, recipe.validate_
     distill = None
     if d.epochs:
-        precision = d.precision if d.precision != "auto" else ("bf16" if device == "cuda" else "fp32")
+        precision = distill_precision(d.precision, device)
         student = shape.params_at(widths) if widths else shape.params
         sharding = plan_sharding(d.sharding, processes, student=student, teacher=shape.params, precision=precision,
                                  capacity=capacity)["sharding"]
@@ -119,12 +126,18 @@ def recipe_plan(recipe: Recipe, device: str, processes: int, widths: list[int] |
                    "bf16": precision == "bf16"}
     cpu_rows = [r for r in recipe.runtimes if r in ("onnxruntime", "openvino", "openvino-bf16")]
     compiles = "tensorrt" in recipe.runtimes
-    return plan_stages(shape, device=device, processes=processes, baseline=process_rss() if baseline is None else baseline, widths=widths,
+    baseline = process_rss() if baseline is None else baseline
+    return plan_stages(shape, device=device, processes=processes, baseline=baseline, widths=widths,
                        score_batch=recipe.data.batch_size, checkpointing=recipe.prune.checkpointing,
                        validation=recipe.data.validation, holdout=recipe.data.holdout,
                        search_batch=recipe.data.batch_size, distill=distill,
                        workspace_mib=recipe.compile.workspace_mib if compiles else None,
                        validate_batch=max(v.batch_sizes), cpu_sessions=len(cpu_rows))
+
+
+def distill_precision(setting: str, device: str) -> str:
+    """distill.precision resolved: auto is bf16 on CUDA, fp32 on the CPU."""
+    return setting if setting != "auto" else ("bf16" if device == "cuda" else "fp32")
 
 
 def refuse_unfit(plans: list[StagePlan], capacity: dict[str, int], processes: int) -> None:
@@ -149,7 +162,3 @@ def plan_rows(plans: list[StagePlan]) -> list[tuple[str, ...]]:
 
 def planned_peaks(plans: list[StagePlan]) -> dict[str, dict[str, Any]]:
     return {p.stage: p.as_dict() for p in plans}
-
-
-def local_processes() -> int:
-    return int(os.environ.get("LOCAL_WORLD_SIZE", "1"))

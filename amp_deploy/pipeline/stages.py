@@ -295,6 +295,7 @@ def stage_distill(ctx: Context) -> None:
     """Recover what pruning cost: the pruned model learns the original's outputs (distill.epochs > 0).
     Sharded (distill.sharding), the epoch checkpoints are a torch.distributed.checkpoint folder."""
     from amp_deploy.files import hash_file, hash_obj
+    from amp_deploy.pipeline.memory import device_capacity, distill_precision
     from amp_deploy.prune.distill import ShardedCheckpoint, default_loss, distill, plan_sharding
 
     d, f = ctx.recipe.distill, ctx.folder
@@ -307,9 +308,10 @@ def stage_distill(ctx: Context) -> None:
     fingerprint = hash_obj({"distill": ctx.recipe.to_dict()["distill"], "data": data_settings,
                             "rebuilt": hash_file(f.rebuilt)})
     rank, world = rank_world()
-    precision = d.precision if d.precision != "auto" else ("bf16" if ctx.device.type == "cuda" else "fp32")
+    precision = distill_precision(d.precision, ctx.device.type)
     plan = plan_sharding(d.sharding, world, student=count_params(student.model), teacher=count_params(teacher.model),
-                         precision=precision, capacity=_device_capacity(ctx.device))
+                         precision=precision,
+                         capacity=device_capacity(ctx.device.type, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
     sharded = plan["sharding"] == "fsdp"
     with _process_group(sharded, ctx.device.type):
         ckpt = ShardedCheckpoint(f.distill_checkpoint_sharded, fingerprint) if sharded else None
@@ -362,20 +364,6 @@ def stage_distill(ctx: Context) -> None:
     f.distill_checkpoint.unlink(missing_ok=True)
     shutil.rmtree(f.distill_checkpoint_sharded, ignore_errors=True)
     return None
-
-
-def _device_capacity(device) -> int | None:
-    """Bytes one process may use: the GPU's total memory, or the host's available memory shared by
-    the processes of this node (None when unknown)."""
-    import torch
-
-    if device.type == "cuda":
-        return int(torch.cuda.get_device_properties(device).total_memory)
-    from amp_deploy.pipeline.speedup import available_bytes
-
-    free = available_bytes(device)
-    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-    return None if free is None else free // max(1, local)
 
 
 def _process_group(needed: bool, device_type: str):

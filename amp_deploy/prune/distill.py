@@ -141,7 +141,7 @@ def distill(student: nn.Module, teacher: nn.Module, images, *, epochs: int, lr: 
     """
     device = device or torch.device("cpu")
     rank, world = rank_world()
-    bf16 = precision == "bf16" or (precision is None and autocast)
+    bf16 = _bf16(precision, autocast)
     student.to(device).train()
     teacher.to(device).eval().requires_grad_(False)
     restore = _checkpoint_blocks(student, blocks) if checkpointing else (lambda: None)
@@ -227,6 +227,11 @@ def _checkpoint_blocks(model: nn.Module, blocks: str | None) -> Callable[[], Non
             del b.forward  # the class's forward again
 
     return restore
+
+
+def _bf16(precision: str | None, autocast: bool) -> bool:
+    """Whether a run is in bf16: distill.precision, or (callers of before) the autocast flag."""
+    return precision == "bf16" or (precision is None and autocast)
 
 
 def _fully_shard(model: nn.Module, blocks: str | None, bf16: bool) -> None:
@@ -394,7 +399,7 @@ def probe_lr(student: nn.Module, teacher: nn.Module, images, held_out: torch.Ten
             continue
         losses[repr(lr)] = distill_eval(trial, teacher, held_out, batch_size=train["batch_size"], loss=train["loss"],
                                         temperature=train.get("temperature", 1.0), device=train.get("device"),
-                                        bf16=train.get("precision") == "bf16" or bool(train.get("autocast")))
+                                        bf16=_bf16(train.get("precision"), train.get("autocast", False)))
         on_rate(lr, losses[repr(lr)])
         del trial
     best = min(candidates, key=lambda lr: (losses[repr(lr)] if math.isfinite(losses[repr(lr)]) else math.inf, lr))
