@@ -366,7 +366,8 @@ def _summary(report_path: Path) -> None:
     if lb := rep.get("latency_budget"):
         v = lb.get("validate", {})
         seen = f"{v['measured_speedup']:.3f}x" if v.get("status") == "ok" else f"{v.get('status')} ({v.get('reason')})"
-        out.print(f"latency budget: {lb['target_speedup']:.3f}x asked on {lb['runtime']} {lb['precision']} at batch "
+        over = " over the fp32 original" if lb.get("baseline") == "fp32" else ""
+        out.print(f"latency budget: {lb['target_speedup']:.3f}x asked{over} on {lb['runtime']} {lb['precision']} at batch "
                   f"{lb['batch']}: predicted {lb['predicted_speedup']:.3f}x, search's check {lb['measured_speedup']:.3f}x, "
                   f"validate {seen}", soft_wrap=True)
     for n in notes:

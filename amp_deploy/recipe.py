@@ -120,6 +120,11 @@ class LatencySpec(_Strict):
         "fp32", "the precision the speedup is asked in: onnxruntime fp32 | int8 (ONNX Runtime static INT8, as "
                 "quantize.formats onnxruntime-int8), onnxruntime-cuda fp32, torch fp32 | fp16 | bf16, tensorrt fp32 | fp16, "
                 "openvino fp32 | bf16 | int8 (NNCF, as quantize.formats openvino-int8)")
+    baseline: Literal["same", "fp32"] = _f(
+        "same", "what the speedup is over: same (the original in the budget's runtime and precision) | fp32 (the "
+                "original in fp32 on the same runtime, what an int8, bf16 or fp16 build replaces: the full model's "
+                "speedup from its precision is measured, interleaved, and every end-to-end check is timed against the "
+                "fp32 original; no effect with precision fp32)")
     widths: int = _f(12, "candidate widths per block (evenly spaced up to the full width, on the prune.align grid); "
                          "the latency table and the loss curves are measured at these", ge=2, le=64)
     iterations: int = _f(30, "timed rounds for the latency table (every candidate interleaved with the full model); "

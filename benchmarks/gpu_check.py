@@ -44,7 +44,6 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import print_table  # noqa: E402
 
 from amp_deploy.data import load_synthetic_data  # noqa: E402
 from amp_deploy.files import write_text  # noqa: E402

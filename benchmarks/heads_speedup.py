@@ -5,7 +5,8 @@
 
 For each target T and each method (`mlp`: the authors' AMP, widths only; `joint`: `prune.heads=true`):
 1. `amp-deploy build RECIPE prune.target_speedup=T` on the recipe's `prune.latency` (ONNX Runtime CPU
-   fp32 at batch 8 by default; `--int8`: ONNX Runtime INT8, the build's own QDQ file timed), with
+   fp32 at batch 8 by default; `--int8`: ONNX Runtime INT8, the build's own QDQ file timed, the target
+   over the fp32 original, `prune.latency.baseline=fp32`), with
    `distill.epochs` = `--distill-epochs`, into OUT/<method>-T. A target the method cannot reach is
    refused by the build with what it reaches; the row says so.
 2. Every pruned file timed against the ORIGINAL model on ONNX Runtime fp32, two at a time, interleaved
@@ -32,14 +33,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks._common import print_table, write_json  # noqa: E402
-
 from amp_deploy.checkpoint import load_pruned_model  # noqa: E402
 from amp_deploy.deploy.runtimes import onnxruntime_runner  # noqa: E402
 from amp_deploy.measure import metrics as M  # noqa: E402
 from amp_deploy.pipeline.context import Context  # noqa: E402
 from amp_deploy.prune.score import Divergence  # noqa: E402
 from amp_deploy.recipe import load_recipe  # noqa: E402
+from benchmarks._common import print_table, write_json  # noqa: E402
 
 METHODS = {"mlp": "prune.heads=false", "joint": "prune.heads=true"}
 
@@ -117,7 +117,7 @@ def main() -> None:
     base = ["runtimes=[onnxruntime]", "validate.batch_sizes=[8]", "prune.target_params=null",
             f"distill.epochs={a.distill_epochs}"]
     if a.int8:
-        base += ["prune.latency.precision=int8", "quantize.formats=[onnxruntime-int8]"]
+        base += ["prune.latency.precision=int8", "prune.latency.baseline=fp32", "quantize.formats=[onnxruntime-int8]"]
     recipe = load_recipe(a.recipe, [])
     builds: dict[str, tuple[dict | None, str]] = {}
     reach: dict[str, float] = {}  # per method, the reach a finished build's table measured (same machine)

@@ -49,7 +49,6 @@ from _common import print_table, write_json  # noqa: E402
 from amp_deploy.data import load_folder_data  # noqa: E402
 from amp_deploy.measure.metrics import knn_correct, knn_top1, predict  # noqa: E402
 from amp_deploy.prune.distill import distill, hflip, probe_lr  # noqa: E402
-from amp_deploy.recipe import DistillSpec  # noqa: E402
 from amp_deploy.prune.families import count_params, load_transformers  # noqa: E402
 from amp_deploy.prune.rebuild import apply_widths  # noqa: E402
 from amp_deploy.prune.score import (  # noqa: E402
@@ -61,6 +60,7 @@ from amp_deploy.prune.score import (  # noqa: E402
     taylor_scores,
 )
 from amp_deploy.prune.search import adaptive_widths, budget_widths, uniform_for_params  # noqa: E402
+from amp_deploy.recipe import DistillSpec  # noqa: E402
 
 CPU = torch.device("cpu")
 # variants measured at one budget only (CPU time): the level search shows its falling loss at the first

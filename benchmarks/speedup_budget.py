@@ -29,12 +29,11 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks._common import print_table, write_json  # noqa: E402
-
 from amp_deploy.deploy.runtimes import onnxruntime_runner  # noqa: E402
 from amp_deploy.measure import metrics as M  # noqa: E402
 from amp_deploy.pipeline.context import Context  # noqa: E402
 from amp_deploy.recipe import load_recipe  # noqa: E402
+from benchmarks._common import print_table, write_json  # noqa: E402
 
 
 def build(recipe: str, out: Path, *overrides: str) -> dict:

@@ -308,3 +308,53 @@ def test_the_tensorrt_latency_path_builds_engines_as_the_compile_stage_does(monk
     assert settings.precision == "fp16" and settings.strongly_typed and settings.batch_opt == 8
     graph = onnx.load(str(onnx_path)).graph
     assert graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT16  # the graph carries the precision
+
+
+def test_a_budget_over_the_fp32_original_checks_against_it_and_scales_the_table(monkeypatch, tmp_path):
+    """prune.latency.baseline fp32: the table is in the budget's precision (here a simulated int8 that
+    runs the full model 2x faster than fp32, and whose latency falls with the MLP widths as the table
+    says), the target is over the fp32 original. The knapsack is asked for target / 2, every check is
+    timed against the fp32 runner, and the records are over fp32."""
+    from amp_deploy.deploy import runtimes as R
+    from amp_deploy.pipeline import speedup as S
+    from amp_deploy.pipeline.context import Context
+
+    widths = [16, 32, 48, 64]
+    depth = 4
+    ratio = {16: 0.4, 32: 0.6, 48: 0.8, 64: 1.0}  # int8 latency of every block at w, over the full int8 model
+    table = B.latency_table(widths, depth, {w: [ratio[w] * 10.0] * 3 for w in widths[:-1]},
+                            {w: [10.0] * 3 for w in widths[:-1]})
+    curves = B.Curves([widths] * depth, [[0.3, 0.2, 0.1, 0.0] for _ in range(depth)], 0.0)
+
+    def int8_ms(ws):  # what the simulated int8 runtime takes for a model of these widths
+        return 10.0 * (1 - sum(1 - ratio[w] for w in ws) / depth)
+
+    fp32 = R.Runner(lambda x: x, {"ms": 20.0})  # the fp32 original: twice the int8 original
+    asked = []
+
+    def make(build, tag):
+        return lambda: R.Runner(lambda x: x, {"ms": int8_ms(asked[-1].widths)})
+
+    real_choose = B.choose_widths
+    monkeypatch.setattr(B, "choose_widths", lambda t, c, aim: asked.append(real_choose(t, c, aim)) or asked[-1])
+    monkeypatch.setattr(S, "_pruned", lambda *a, **k: None)
+    monkeypatch.setattr(S.M, "latency", lambda runners, x, warmup, n: {
+        k: {"samples": [r.info["ms"]] * n, "p50": r.info["ms"]} for k, r in runners.items()})
+    r = load_recipe(QUICKSTART, ["prune.target_speedup=3.0", "prune.latency.baseline=fp32",
+                                 "prune.latency.precision=int8", "quantize.formats=[onnxruntime-int8]"])
+    ctx = Context.create(r, tmp_path / "o")
+    rounds = S._checks(ctx, make, fp32, None, table, curves, 3.0, B.max_speedup(table, curves) * 2.0, None, scale=2.0)
+    first = rounds[0]
+    assert first["aim"] == 3.0 and first["full_ms"] == 20.0  # timed against the fp32 runner
+    assert asked[0].predicted_speedup >= 1.5 * 0.999  # the knapsack was asked for 3.0 / 2
+    assert first["predicted_speedup"] == pytest.approx(asked[0].predicted_speedup * 2.0)
+    assert first["measured_speedup"] == pytest.approx(20.0 / int8_ms(first["widths"]))
+    assert abs(rounds[-1]["measured_speedup"] / 3.0 - 1) <= r.prune.latency.tolerance
+
+
+def test_a_budget_over_the_fp32_original_out_of_reach_says_so(tmp_path):
+    out = tmp_path / "o"
+    res = build(QUICKSTART, "--out", out, *CHEAP, "quantize.formats=[onnxruntime-int8]", "prune.latency.precision=int8",
+                "prune.latency.baseline=fp32", "prune.target_speedup=40")
+    _refused_after_scoring(res, "speedup over the original in fp32 on onnxruntime is out of reach on onnxruntime int8")
+    assert not (out / "search.json").exists()

@@ -8,19 +8,18 @@ import pytest
 import torch
 from torch import nn
 
-from tests.conftest import assert_not_degenerate, spread_init
-
 from amp_deploy import load_pruned
 from amp_deploy.checkpoint import save_pruned
 from amp_deploy.data import load_synthetic_data
 from amp_deploy.deploy.export import export_onnx
 from amp_deploy.deploy.runtimes import onnxruntime_runner
 from amp_deploy.errors import UserError
+from amp_deploy.measure.metrics import count_flops
 from amp_deploy.prune.families import find_sites, load_model
 from amp_deploy.prune.rebuild import apply_widths, keep_top
-from amp_deploy.measure.metrics import count_flops
 from amp_deploy.prune.score import DEFAULT_TEMPERATURE, Divergence, default_view, loss_fn, taylor_scores
 from amp_deploy.prune.search import adaptive_widths, uniform_widths
+from tests.conftest import assert_not_degenerate, spread_init
 
 HF_SMALL = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 128,
             "image_size": 32, "patch_size": 8}

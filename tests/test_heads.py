@@ -7,9 +7,6 @@ import numpy as np
 import pytest
 import torch
 
-from tests.conftest import assert_not_degenerate
-from tests.test_families import FAMILIES, _load
-
 from amp_deploy import load_pruned
 from amp_deploy.checkpoint import save_pruned
 from amp_deploy.data import load_synthetic_data
@@ -18,6 +15,8 @@ from amp_deploy.deploy.runtimes import onnxruntime_runner
 from amp_deploy.prune.rebuild import apply_heads, apply_widths, head_channels, keep_top, set_attention
 from amp_deploy.prune.score import DEFAULT_TEMPERATURE, Divergence, default_view, loss_fn, taylor_scores
 from amp_deploy.prune.search import adaptive_widths
+from tests.conftest import assert_not_degenerate
+from tests.test_families import FAMILIES, _load
 
 HEADED = list(FAMILIES)  # every family the tool prunes has heads it can cut
 
@@ -148,9 +147,8 @@ def test_a_build_with_heads_reports_and_reloads_them(tmp_path):
 
     from typer.testing import CliRunner
 
-    from tests.conftest import FAST, build, tiny_recipe
-
     from amp_deploy.cli import app
+    from tests.conftest import FAST, build, tiny_recipe
 
     recipe = tiny_recipe(tmp_path, prune={"threshold": 0.05, "steps": 3, "heads": True, "target_params": 0.6})
     out = tmp_path / "out"
@@ -259,11 +257,10 @@ def test_a_threshold_search_with_heads_records_the_original_heads_not_the_cut_on
 
     from typer.testing import CliRunner
 
-    from tests.conftest import FAST, build, tiny_recipe
-
     from amp_deploy.checkpoint import read_metadata
     from amp_deploy.cli import app
     from amp_deploy.prune.families import load_model
+    from tests.conftest import FAST, build, tiny_recipe
 
     recipe = tiny_recipe(tmp_path, prune={"threshold": 0.5, "steps": 3, "heads": True})
     out = tmp_path / "out"

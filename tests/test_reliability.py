@@ -15,10 +15,10 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
-from amp_deploy.pipeline.lock import FolderLock
-from amp_deploy.pipeline.stages import STAGE_NAMES
 from amp_deploy.data import load_folder_data, to_rgb
 from amp_deploy.errors import UserError
+from amp_deploy.pipeline.lock import FolderLock
+from amp_deploy.pipeline.stages import STAGE_NAMES
 from amp_deploy.prune.families import read_state_dict
 
 from .conftest import FAST, QUICKSTART, assert_one_line_error, build, tiny_recipe

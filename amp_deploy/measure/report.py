@@ -241,6 +241,9 @@ def _budget_md(rep: dict) -> list[str]:
     heads = bool(lb["table"].get("heads"))
     asked = (f"{lb['target_latency_ms']:g} ms ({lb['target_speedup']:.3f}x)" if lb.get("target_latency_ms")
              else f"{lb['target_speedup']:g}x")
+    if lb.get("baseline") == "fp32":
+        asked += (f" over the original in fp32 (prune.latency.baseline; the original runs "
+                  f"{lb['baseline_ratio']:.3f}x faster in {lb['precision']}, measured)")
     lines = ["## Latency budget", "",
              f"Asked: {asked} on {lb['runtime']} {lb['precision']} at batch {lb['batch']} (reachable: "
              f"{lb['max_speedup']:.2f}x with every MLP at its smallest candidate width"
@@ -249,6 +252,9 @@ def _budget_md(rep: dict) -> list[str]:
              f"| predicted (latency table, additive) | {lb['predicted_speedup']:.3f}x |",
              f"| measured by the search (end-to-end check) | {lb['measured_speedup']:.3f}x |",
              f"| measured by validate | {seen} |", "",
+             *([f"Speedups over the original in fp32: the table's predictions times {lb['baseline_ratio']:.3f}; "
+                "the checks time each chosen model against the fp32 original.", ""]
+               if lb.get("baseline") == "fp32" else []),
              f"Target {'met' if lb['met'] else 'MISSED'} within {lb['tolerance']:.0%} by the search's check.", "",
              "End-to-end checks (each asks the knapsack for `aim`; the next aim corrects the last miss):", "",
              "| check | aim | predicted | measured | summed loss increase | widths |" + (" heads |" if heads else ""),
@@ -282,7 +288,7 @@ def _how_md(rep: dict) -> str:
     lb = rep.get("latency_budget")
     if lb:
         return (f"latency budget {lb['target_speedup']:.3g}x on {lb['runtime']} {lb['precision']} at batch "
-                f"{lb['batch']}")
+                f"{lb['batch']}" + (" over the fp32 original" if lb.get("baseline") == "fp32" else ""))
     if pr.get("target_params") is not None:
         t = pr.get("threshold")
         return f"parameter budget {pr['target_params']:g}" + (f", threshold {t:.3g}" if t is not None else "")

@@ -10,10 +10,10 @@ from typing import Protocol
 
 import torch
 
-from amp_deploy.pipeline.folder import BuildFolder
 from amp_deploy.checkpoint import load_any
 from amp_deploy.data import Data, Split, Stream, default_workers, load_data
 from amp_deploy.errors import UserError
+from amp_deploy.pipeline.folder import BuildFolder
 from amp_deploy.prune.families import Loaded
 from amp_deploy.recipe import Recipe
 

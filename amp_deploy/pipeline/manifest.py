@@ -30,8 +30,8 @@ from typing import Any
 import torch
 
 from amp_deploy._version import __version__
-from amp_deploy.pipeline.context import Stage
 from amp_deploy.files import hash_file_cached, hash_obj, path_digest, write_json
+from amp_deploy.pipeline.context import Stage
 from amp_deploy.recipe import Recipe
 
 MANIFEST_SCHEMA = "amp-deploy.manifest/1"

@@ -11,13 +11,13 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from amp_deploy.errors import GateFailed, GateUndecided, StageFailed, UserError, first_line
+from amp_deploy.files import remove_stray_temps
 from amp_deploy.pipeline.context import Context, Stage
 from amp_deploy.pipeline.lock import FolderLock
 from amp_deploy.pipeline.manifest import Manifest, input_digests, stage_keys
 from amp_deploy.pipeline.preflight import preflight, prepare_out
 from amp_deploy.pipeline.stages import STAGES
-from amp_deploy.errors import GateFailed, GateUndecided, StageFailed, UserError, first_line
-from amp_deploy.files import remove_stray_temps
 from amp_deploy.recipe import dump_recipe
 
 

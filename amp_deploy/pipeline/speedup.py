@@ -14,6 +14,12 @@ build), times them interleaved, and runs the measure -> choose -> check -> corre
    model (interleaved); when the measured speedup is off by more than `latency.tolerance`, the
    knapsack is asked for a corrected speedup (`latency.corrections` times at most). The check
    closest to the target wins.
+
+`prune.latency.baseline: fp32` asks the speedup over the original in fp32 on the same runtime (an
+INT8 build against the fp32 model it replaces): the original in fp32 and in the budget's precision
+are timed interleaved once (their ratio turns the table's predictions into speedups over fp32), and
+the end-to-end checks time each chosen model against the fp32 original, so the correction closes on
+what the user asked.
 """
 
 from __future__ import annotations
@@ -71,16 +77,18 @@ def unavailable_reason(lat, device_type: str) -> str | None:
 Opener = Callable[[], Runner]  # opens a prepared candidate's runner (and only then holds its weights)
 
 
-def runner_factory(ctx: Context, input_size: tuple[int, int, int], work: Path
+def runner_factory(ctx: Context, input_size: tuple[int, int, int], work: Path, precision: str | None = None
                    ) -> Callable[[Callable[[], nn.Module], str], Opener]:
     """A function that prepares a model for the budget's runtime as the build would (exported,
     quantized or compiled into `work`) and returns what opens its runner. Only the files stay: the
     model is built by `build()` when needed and dropped, and a runner holds weights only once opened
-    (`_table` decides whether runners stay open between passes)."""
+    (`_table` decides whether runners stay open between passes). `precision`: another precision than
+    the budget's on the same runtime (the fp32 baseline of `prune.latency.baseline: fp32`)."""
     from amp_deploy.deploy import runtimes as R
     from amp_deploy.deploy.export import export_onnx
 
     lat, e, v = ctx.recipe.prune.latency, ctx.recipe.export, ctx.recipe.validate_
+    prec = precision or lat.precision
 
     def exported(model: nn.Module, tag: str, precision: str = "fp32") -> Path:
         return export_onnx(model.cpu().float(), work / f"{tag}.onnx", input_size, opset=e.opset,
@@ -88,17 +96,17 @@ def runner_factory(ctx: Context, input_size: tuple[int, int, int], work: Path
                            exporter=e.exporter, precision=precision)
 
     if lat.runtime == "torch":
-        dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(lat.precision)
+        dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(prec)
 
         def torch_model(build: Callable[[], nn.Module], tag: str) -> Opener:
             return lambda: R.torch_runner(_Cast(build(), dtype) if dtype else build(), v.threads, ctx.device)
 
         return torch_model
     if lat.runtime == "tensorrt":
-        return _tensorrt_factory(ctx, input_size, work, exported)
+        return _tensorrt_factory(ctx, input_size, work, exported, prec)
     if lat.runtime == "openvino":
-        return _openvino_factory(ctx, work, exported)
-    if lat.precision == "int8":
+        return _openvino_factory(ctx, work, exported, prec)
+    if prec == "int8":
         from amp_deploy.deploy import quantize as Q
 
         q = ctx.recipe.quantize
@@ -122,15 +130,16 @@ def runner_factory(ctx: Context, input_size: tuple[int, int, int], work: Path
     return onnx
 
 
-def _openvino_factory(ctx: Context, work: Path, exported) -> Callable[[Callable[[], nn.Module], str], Opener]:
+def _openvino_factory(ctx: Context, work: Path, exported, precision: str
+                      ) -> Callable[[Callable[[], nn.Module], str], Opener]:
     """IR converted (or quantized by NNCF, for int8) as the export and quantize stages make it, compiled
     with the precision pinned (int8: the quantized products in int8, the rest in f32)."""
     from amp_deploy.deploy import openvino as OV
     from amp_deploy.deploy import runtimes as R
 
-    lat, v = ctx.recipe.prune.latency, ctx.recipe.validate_
+    v = ctx.recipe.validate_
     batches = None
-    if lat.precision == "int8":
+    if precision == "int8":
         from amp_deploy.deploy import quantize as Q
 
         batches = Q.calibration_batches(ctx.data().calibration.batches(ctx.recipe.data.batch_size),
@@ -142,12 +151,12 @@ def _openvino_factory(ctx: Context, work: Path, exported) -> Callable[[Callable[
             OV.convert_onnx(onnx_path, xml)
         else:
             OV.quantize_nncf(onnx_path, xml, batches, model_type=ctx.recipe.quantize.openvino_model_type)
-        return lambda: R.openvino_runner(xml, v.threads, "fp32" if batches is not None else lat.precision)
+        return lambda: R.openvino_runner(xml, v.threads, "fp32" if batches is not None else precision)
 
     return make
 
 
-def _tensorrt_factory(ctx: Context, input_size, work: Path, exported
+def _tensorrt_factory(ctx: Context, input_size, work: Path, exported, precision: str
                       ) -> Callable[[Callable[[], nn.Module], str], Opener]:
     """Engines built as the compile stage builds them (strongly typed from a graph in the precision)."""
     import dataclasses
@@ -155,12 +164,12 @@ def _tensorrt_factory(ctx: Context, input_size, work: Path, exported
     from amp_deploy.deploy import runtimes as R
     from amp_deploy.deploy.tensorrt_engine import build_engine
 
-    lat, c = ctx.recipe.prune.latency, ctx.recipe.compile
-    settings = dataclasses.replace(compile_settings(ctx, input_size), precision=lat.precision)
+    c = ctx.recipe.compile
+    settings = dataclasses.replace(compile_settings(ctx, input_size), precision=precision)
 
     def make(build: Callable[[], nn.Module], tag: str) -> Opener:
-        typed = lat.precision != "fp32" and c.strongly_typed
-        onnx_path = exported(build(), tag, lat.precision if typed else "fp32")
+        typed = precision != "fp32" and c.strongly_typed
+        onnx_path = exported(build(), tag, precision if typed else "fp32")
         plan = work / f"{tag}.plan"
         build_engine(onnx_path, plan, settings, ctx.folder.root if c.timing_cache else None)
         return lambda: R.tensorrt_runner(plan)
@@ -216,29 +225,40 @@ def latency_search(ctx: Context, loaded: Loaded, scores,
         table, full_runner = _table(ctx, make, scores, cands, x, stay_open, head_scores, hcands) if timer else (None,
                                                                                                                 None)
         table = _from_rank0(table)
+        baseline, base_runner = None, full_runner
+        if lat.baseline == "fp32" and lat.precision != "fp32":
+            baseline, base_runner = _fp32_baseline(ctx, loaded.input_size, work, full_runner, x) if timer \
+                else (None, None)
+            baseline = _from_rank0(baseline)
         seconds = {"table": round(time.perf_counter() - start, 3)}
+        ratio = baseline["ratio"] if baseline else 1.0  # the budget precision's full model over fp32's
+        over = f"the original in fp32 on {lat.runtime}" if baseline else "the original"
         target = p.target_speedup
         if target is None:
-            target = table.full_ms / p.target_latency_ms
-            if target <= 1:
+            if table.full_ms <= p.target_latency_ms:
                 raise UserError(f"prune.target_latency_ms: {p.target_latency_ms:g} ms is met by the full model "
                                 f"({table.full_ms:.3f} ms on {lat.runtime} {lat.precision} at batch {lat.batch}): "
                                 "nothing to prune")
+            target = table.full_ms / p.target_latency_ms * ratio
+        elif target <= ratio:
+            raise UserError(f"prune.target_speedup: {target:g}x over {over} is met by the full model in "
+                            f"{lat.precision} ({ratio:.3f}x, measured): nothing to prune")
         advance = ctx.reporter.task("search: loss curves, block by block", depth)
         start = time.perf_counter()
         curves = curves_of(loaded, cands, hcands)
         seconds["curves"] = round(time.perf_counter() - start, 3)
         advance(depth)
-        reach = B.max_speedup(table, curves)
+        reach = B.max_speedup(table, curves) * ratio  # over the baseline
         if target > reach:
             smallest = (f" and {hcands[0][0]} of {hcands[0][-1]} heads" if hcands else "")
             rest = "embeddings and norms stay" if hcands else "attention and the rest of the model stay"
             raise UserError(
-                f"prune.target_{'speedup' if p.target_speedup else 'latency_ms'}: a {target:.3g}x speedup is out of "
-                f"reach on {lat.runtime} {lat.precision} at batch {lat.batch}: with every MLP at its smallest candidate "
-                f"width ({cands[0][0]} of {original[0]}){smallest} the measured table predicts {reach:.3g}x ({rest})")
-        rounds = _from_rank0(_checks(ctx, make, full_runner, scores, table, curves, target, reach, x, head_scores)
-                             if timer else None)
+                f"prune.target_{'speedup' if p.target_speedup else 'latency_ms'}: a {target:.3g}x speedup over {over} "
+                f"is out of reach on {lat.runtime} {lat.precision} at batch {lat.batch}: with every MLP at its smallest "
+                f"candidate width ({cands[0][0]} of {original[0]}){smallest} the measured table predicts {reach:.3g}x "
+                f"({rest})")
+        rounds = _from_rank0(_checks(ctx, make, base_runner, scores, table, curves, target, reach, x, head_scores,
+                                     scale=ratio) if timer else None)
     finally:
         gc.collect()
         if work is not None:
@@ -252,6 +272,8 @@ def latency_search(ctx: Context, loaded: Loaded, scores,
         block_forwards_naive=curves.block_forwards, steps=[], loss_fell=[], threshold=None,
         latency_budget={
             "runtime": lat.runtime, "batch": lat.batch, "precision": lat.precision, "target_speedup": target,
+            "baseline": "fp32" if baseline else "same", **({"baseline_ratio": ratio, "baseline_timing": baseline}
+                                                           if baseline else {}),
             "target_latency_ms": p.target_latency_ms, "max_speedup": reach,
             "predicted_speedup": best["predicted_speedup"], "measured_speedup": best["measured_speedup"],
             "met": abs(best["measured_speedup"] / target - 1) <= lat.tolerance, "tolerance": lat.tolerance,
@@ -259,6 +281,22 @@ def latency_search(ctx: Context, loaded: Loaded, scores,
             "runners_kept_open": stay_open,
             "seconds": {**seconds, "checks": round(sum(r["seconds"] for r in rounds), 3)},
         })
+
+
+def _fp32_baseline(ctx: Context, input_size, work: Path, full: Runner, x) -> tuple[dict, Runner]:
+    """`prune.latency.baseline: fp32`: the original in fp32 on the budget's runtime, timed interleaved
+    with the original in the budget's precision (twice the table's rounds); its runner stays open for
+    the end-to-end checks, which time every chosen model against it. `ratio`: how much faster the
+    original runs in the budget's precision (the table's speedups times it are speedups over fp32)."""
+    lat = ctx.recipe.prune.latency
+    make = runner_factory(ctx, input_size, work, precision="fp32")
+    try:
+        fp32 = make(lambda: ctx.original().model, "baseline-fp32")()
+    except Unavailable as err:
+        raise UserError(f"prune.latency.baseline fp32: {lat.runtime} fp32 cannot run here: {first_line(err)}") from None
+    stats = M.latency({"fp32": fp32, "full": full}, x, lat.warmup, 2 * lat.iterations)
+    ratio = M.median_ratio(stats["fp32"]["samples"], stats["full"]["samples"])
+    return {"ratio": ratio, "fp32_ms": stats["fp32"]["p50"], "full_ms": stats["full"]["p50"]}, fp32
 
 
 def _from_rank0(value):
@@ -350,21 +388,24 @@ def _table(ctx: Context, make, scores, cands: list[list[int]], x, stay_open: boo
 
 
 def _checks(ctx: Context, make, full: Runner, scores, table: B.LatencyTable, curves: B.Curves, target: float,
-            reach: float, x, head_scores=None) -> list[dict]:
-    """Choose, measure end to end, correct: one record per check."""
+            reach: float, x, head_scores=None, scale: float = 1.0) -> list[dict]:
+    """Choose, measure end to end, correct: one record per check. `full` is the baseline every check
+    is timed against: the original in the budget's precision, or (`scale`: how much faster that runs
+    than the original in fp32, `prune.latency.baseline: fp32`) the fp32 original; `target`, `reach`,
+    the aims and the predictions are speedups over the baseline (the table's times `scale`)."""
     lat = ctx.recipe.prune.latency
     rounds: list[dict] = []
     aim = target
     advance = ctx.reporter.task("search: end-to-end check of the chosen widths", lat.corrections + 1)
     for n in range(lat.corrections + 1):
-        aim = min(max(aim, 1.0), reach)  # a check that overshot can correct the aim below 1x: no model is faster
-        choice = B.choose_widths(table, curves, aim)
+        aim = min(max(aim, scale), reach)  # a check that overshot can correct the aim below the full model's
+        choice = B.choose_widths(table, curves, aim / scale)
         start = time.perf_counter()
         runner = make(lambda c=choice: _pruned(ctx, scores, c.widths, head_scores, c.heads), f"check{n}")()
         stats = M.latency({"full": full, "pruned": runner}, x, lat.warmup, 2 * lat.iterations)
         measured = 1.0 / M.median_ratio(stats["pruned"]["samples"], stats["full"]["samples"])
         rounds.append({"aim": aim, "widths": choice.widths, **({"heads": choice.heads} if choice.heads else {}),
-                       "predicted_speedup": choice.predicted_speedup,
+                       "predicted_speedup": choice.predicted_speedup * scale,
                        "measured_speedup": measured, "loss_increase": choice.loss_increase,
                        "full_ms": stats["full"]["p50"], "pruned_ms": stats["pruned"]["p50"],
                        "seconds": round(time.perf_counter() - start, 3)})

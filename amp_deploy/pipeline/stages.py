@@ -13,11 +13,11 @@ import time
 
 import torch
 
-from amp_deploy.pipeline.context import Context, Stage, compile_settings
-from amp_deploy.pipeline.validate_stage import stage_validate
 from amp_deploy.checkpoint import load_pruned_model, save_pruned
 from amp_deploy.data import Split
 from amp_deploy.errors import UserError, first_line
+from amp_deploy.pipeline.context import Context, Stage, compile_settings
+from amp_deploy.pipeline.validate_stage import stage_validate
 from amp_deploy.prune.families import Loaded, count_params
 from amp_deploy.prune.rebuild import apply_heads, apply_widths
 from amp_deploy.prune.score import (
@@ -549,11 +549,10 @@ def stage_compile(ctx: Context) -> str | None:
 
 
 def _build_engines(ctx: Context) -> dict:
-    from amp_deploy.deploy.tensorrt_engine import build_engine
-
     import dataclasses
 
     from amp_deploy.deploy.quantize import precision_of, runtime_of
+    from amp_deploy.deploy.tensorrt_engine import build_engine
 
     c, f = ctx.recipe.compile, ctx.folder
     qdq = [fmt for fmt in ctx.recipe.quantize.formats if runtime_of(fmt) == "tensorrt"]

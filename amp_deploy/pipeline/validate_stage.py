@@ -12,7 +12,6 @@ from typing import Any
 
 import torch
 
-from amp_deploy.pipeline.context import Context
 from amp_deploy.checkpoint import load_pruned_model
 from amp_deploy.deploy.runtimes import Runner
 from amp_deploy.deploy.session_memory import SessionSpec
@@ -26,6 +25,7 @@ from amp_deploy.measure.report import (
     environment,
 )
 from amp_deploy.measure.validation import fidelity, runtime_row
+from amp_deploy.pipeline.context import Context
 from amp_deploy.prune.families import count_params
 
 
@@ -306,7 +306,24 @@ def latency_budget_section(budget: dict | None, runtimes: dict[str, Any]) -> dic
             o, q = (row["latency_ms"][k][b]["samples"] for k in ("original", "pruned"))
             out["validate"] = {"row": name, "status": "ok", "measured_speedup": M.median_ratio(o, q),
                                "p50_speedup": row["latency_ms"]["original"][b]["p50"] / row["latency_ms"]["pruned"][b]["p50"]}
+            if budget.get("baseline") == "fp32":
+                out["validate"] = _over_fp32(budget, runtimes, out["validate"], b)
     return out
+
+
+def _over_fp32(budget: dict, runtimes: dict[str, Any], seen: dict, b: str) -> dict:
+    """Validate's speedup for `prune.latency.baseline: fp32`: the pruned model in the budget's
+    precision against the original on the same runtime's fp32 row. The two rows are timed in loops of
+    their own, so this is the ratio of their p50s (each row's own interleaved ratio stays beside it)."""
+    fp32 = budget_row({**budget, "precision": "fp32"}, runtimes)
+    row = runtimes.get(fp32) if fp32 else None
+    if row is None or row.get("status") != "ok" or b not in row["latency_ms"]["original"]:
+        return {**seen, "status": "not measured", "reason": f"no {budget['runtime']} fp32 row at batch {b} to time "
+                "the original in fp32 (add it to runtimes)"}
+    pruned = runtimes[seen["row"]]["latency_ms"]["pruned"][b]["p50"]
+    return {**seen, "same_precision_speedup": seen["measured_speedup"], "baseline_row": fp32,
+            "measured_speedup": row["latency_ms"]["original"][b]["p50"] / pruned,
+            "how": f"p50 of the original on {fp32} over the pruned model's p50 on {seen['row']} (two loops)"}
 
 
 def _prune_section(ctx: Context, search: dict) -> dict[str, Any]:

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 
 from amp_deploy.errors import UserError, require_finite
 from amp_deploy.numerics import fp32_reference
-from amp_deploy.prune.families import Loaded, Output
+from amp_deploy.prune.families import Loaded
 
 Criterion = Literal["entropy", "ce", "magnitude", "random"]
 # per image |token sum of a*g| (the reference's default), per token |a*g| (its commented-out
