@@ -1,10 +1,12 @@
 """The pruned checkpoint: one safetensors file that rebuilds its exact architecture with no pickle.
 
-Its metadata holds the base model spec (source, name, factory kwargs), the MLP sites and the kept
-width of every block (and, where heads were cut, each block's head count): `load_pruned` builds the
-base architecture with random weights, slices every MLP to those widths (and every attention to those
-heads), then loads the tensors. A checkpoint with no head counts keeps every head. `load_any` loads a model from a recipe's model
-section, one of our own checkpoints included.
+Its metadata holds the base model spec (source, name, factory kwargs), the MLP sites and the shape
+of every block (`shapes`: its MLP width and attention head count, `prune.shape`), and the shapes it
+was pruned from: `load_pruned` builds the base architecture with random weights, cuts every block to
+its shape, then loads the tensors. `widths` is written beside the shapes for scripts that read it
+(DESIGN.md); amp-deploy reads the shapes, and a checkpoint from before them (widths, and heads where
+cut) as those. `load_any` loads a model from a recipe's model section, one of our own checkpoints
+included.
 """
 
 from __future__ import annotations
@@ -18,35 +20,37 @@ from torch import nn
 from amp_deploy.errors import UserError
 from amp_deploy.files import atomic_path
 from amp_deploy.prune.families import Loaded, load_model, safetensors_metadata, site_dicts
-from amp_deploy.prune.rebuild import apply_heads, apply_widths
+from amp_deploy.prune.rebuild import apply_shapes
+from amp_deploy.prune.shape import BlockShape, from_record, to_json, widths_of
 
 FORMAT = "amp-deploy.pruned/1"
 ModelSource = Literal["timm", "open_clip", "transformers", "checkpoint"]  # the factories, and a pruned.safetensors of ours
 
 
-def save_pruned(loaded: Loaded, path: str | Path, original_widths: list[int],
-                original_heads: list[int] | None = None) -> None:
-    """Write `loaded` (pruned) to `path` atomically, with what rebuilds it in the metadata (and what
-    it was pruned from: the original widths, and heads where known)."""
+def save_pruned(loaded: Loaded, path: str | Path, original: list[BlockShape]) -> None:
+    """Write `loaded` (pruned) to `path` atomically, with what rebuilds it in the metadata (and the
+    shapes it was pruned from)."""
     from safetensors.torch import save_file
 
+    shapes = loaded.shapes()
     meta = {
         "format": FORMAT,
         "base": json.dumps(loaded.spec),
         "blocks": loaded.blocks,
         "sites": json.dumps(site_dicts(loaded.sites)),
-        "widths": json.dumps(loaded.widths()),
-        "original_widths": json.dumps(original_widths),
+        "shapes": json.dumps(to_json(shapes)),
+        "original_shapes": json.dumps(to_json(original)),
+        "widths": json.dumps(widths_of(shapes)),  # for scripts (DESIGN.md); the shapes are what is read
         "output": loaded.output,
     }
-    heads = loaded.heads()
-    if heads is not None:
-        meta["heads"] = json.dumps(heads)
-    if original_heads is not None:
-        meta["original_heads"] = json.dumps(original_heads)
     state = {k: v.detach().contiguous().cpu() for k, v in loaded.model.state_dict().items()}
     with atomic_path(path) as tmp:
         save_file(state, str(tmp), metadata=meta)
+
+
+def checkpoint_shapes(meta: dict[str, str]) -> tuple[list[BlockShape], list[BlockShape] | None]:
+    """A checkpoint's shapes and the shapes it was pruned from (None where not recorded)."""
+    return from_record(meta), from_record(meta, "original_")
 
 
 def read_metadata(path: str | Path) -> dict[str, str]:
@@ -67,9 +71,7 @@ def load_pruned_model(path: str | Path) -> Loaded:
     meta = read_metadata(path)
     base = json.loads(meta["base"])
     loaded = load_model(base["source"], base["name"], False, base["kwargs"], base.get("mlp_sites"))
-    apply_widths(loaded, None, json.loads(meta["widths"]))
-    if "heads" in meta:
-        apply_heads(loaded, None, json.loads(meta["heads"]))
+    apply_shapes(loaded, checkpoint_shapes(meta)[0])
     try:
         loaded.model.load_state_dict(load_file(str(path)), strict=True)
     except RuntimeError as e:

@@ -217,22 +217,22 @@ def _print_plan(recipe) -> None:
 @_handled
 def inspect(path: Annotated[Path, typer.Argument(help="A pruned.safetensors or an output folder.")]) -> None:
     """Show widths, parameters and FLOPs of a pruned checkpoint or an output folder."""
-    from amp_deploy.checkpoint import load_pruned_model, read_metadata
+    from amp_deploy.checkpoint import checkpoint_shapes, load_pruned_model, read_metadata
     from amp_deploy.measure.metrics import count_flops
     from amp_deploy.prune.families import count_params
 
     ckpt = path / "pruned.safetensors" if path.is_dir() else path
     meta = read_metadata(ckpt)
     loaded = load_pruned_model(ckpt)
-    original = json.loads(meta["original_widths"])
-    heads = json.loads(meta["heads"]) if "heads" in meta else None
-    full_heads = json.loads(meta.get("original_heads", "null"))  # None: not recorded (saved outside a build)
+    shapes, original = checkpoint_shapes(meta)
+    original = original or shapes  # not recorded (saved outside a build)
+    heads = any(s.heads is not None for s in shapes)
     table = Table(title=f"{ckpt}")
     for col in ("block", "original width", "pruned width", "kept", *(("heads",) if heads else ())):
         table.add_column(col, justify="right")
-    for i, (a, b) in enumerate(zip(original, loaded.widths())):
-        cell = () if not heads else (f"{heads[i]} of {full_heads[i]}" if full_heads else str(heads[i]),)
-        table.add_row(str(i), str(a), str(b), f"{b / a:.0%}", *cell)
+    for i, (a, b) in enumerate(zip(original, shapes)):
+        cell = () if not heads else (f"{b.heads} of {a.heads}" if a.heads is not None else str(b.heads),)
+        table.add_row(str(i), str(a.width), str(b.width), f"{b.width / a.width:.0%}", *cell)
     out.print(table)
     out.print(f"model: {json.loads(meta['base'])['name']}  parameters: {count_params(loaded.model):,}  "
               f"FLOPs/image: {count_flops(loaded.model, loaded.input_size):,}")

@@ -28,6 +28,7 @@ from amp_deploy.deploy.runtimes import onnxruntime_runner  # noqa: E402
 from amp_deploy.measure import metrics as M  # noqa: E402
 from amp_deploy.measure.compare import change_test, round_ratios  # noqa: E402
 from amp_deploy.pipeline.context import Context  # noqa: E402
+from amp_deploy.pipeline.stages import search_shapes  # noqa: E402
 from amp_deploy.prune.rebuild import apply_widths  # noqa: E402
 from amp_deploy.recipe import load_recipe  # noqa: E402
 
@@ -50,8 +51,8 @@ def ratio_to(row: dict) -> float:
 def enlarged(ctx: Context, growth: float, path: Path) -> Path:
     """The pruned widths grown by `growth` of the gap to the original's, exported to `path`."""
     loaded = ctx.original()
-    search = ctx.folder.read_search()
-    widths = [min(o, int(round(w + growth * (o - w)))) for w, o in zip(search["widths"], search["original_widths"])]
+    shapes, original = search_shapes(ctx.folder.read_search())
+    widths = [min(o.width, int(round(s.width + growth * (o.width - s.width)))) for s, o in zip(shapes, original)]
     apply_widths(loaded, ctx.folder.read_scores(ctx.recipe.prune.taylor), widths)
     loaded.model.cpu().float().eval()
     from amp_deploy.deploy.export import export_onnx

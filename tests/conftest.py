@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -121,3 +122,14 @@ def assert_not_degenerate(outputs: torch.Tensor | None = None, scores: list[torc
         assert top > 1e-9, f"scores degenerate: largest {top:.2e}"
     if widths is not None and floor is not None:
         assert widths != floor, f"every block cut to the search's floor {floor}"
+
+
+def read_search(out) -> dict:
+    """An output folder's search.json, with its shapes (and the original's) also read out as lists of
+    widths and head counts for the assertions (`heads` None where no heads were searched)."""
+    from amp_deploy.prune.shape import from_record, heads_of, widths_of
+
+    search = json.loads((Path(out) / "search.json").read_text())
+    shapes, original = from_record(search), from_record(search, "original_")
+    return {**search, "widths": widths_of(shapes), "heads": heads_of(shapes),
+            "original_widths": widths_of(original), "original_heads": heads_of(original)}

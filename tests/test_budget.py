@@ -19,7 +19,7 @@ from amp_deploy.prune.score import Divergence
 from amp_deploy.prune.search import _Evaluator
 from amp_deploy.recipe import load_recipe
 
-from .conftest import QUICKSTART, assert_one_line_error, build
+from .conftest import QUICKSTART, assert_one_line_error, build, read_search
 from .test_score_search import EmbedNet
 
 # Cheap settings for a latency-budget build of the quickstart model (timing is not what is tested).
@@ -185,14 +185,14 @@ def test_a_quickstart_build_to_a_target_speedup_reports_predicted_and_measured(t
 
     res = build(QUICKSTART, "--out", out, *CHEAP, "prune.target_speedup=1.05")
     assert res.exit_code == 0, res.output
-    search = json.loads((out / "search.json").read_text())
+    search = read_search(out)
     lb = search["latency_budget"]
     table = lb["table"]
     assert table["widths"] == [64, 128, 192, 256] and table["fitted"][-1] == 1.0
     assert lb["curves"]["widths"] == [[64, 128, 192, 256]] * 4
     first = lb["checks"][0]
     assert first["aim"] == 1.05 and first["predicted_speedup"] >= 1.05 * 0.999
-    assert len(lb["checks"]) <= 2 and search["widths"] in [c["widths"] for c in lb["checks"]]
+    assert len(lb["checks"]) <= 2 and search["shapes"] in [c["shapes"] for c in lb["checks"]]
     assert all(w in table["widths"] for w in search["widths"]) and search["widths"] != [256] * 4
     report = json.loads((out / "report.json").read_text())
     v = report["latency_budget"]["validate"]
@@ -348,7 +348,7 @@ def test_a_budget_over_the_fp32_original_checks_against_it_and_scales_the_table(
     assert first["aim"] == 3.0 and first["full_ms"] == 20.0  # timed against the fp32 runner
     assert asked[0].predicted_speedup >= 1.5 * 0.999  # the knapsack was asked for 3.0 / 2
     assert first["predicted_speedup"] == pytest.approx(asked[0].predicted_speedup * 2.0)
-    assert first["measured_speedup"] == pytest.approx(20.0 / int8_ms(first["widths"]))
+    assert first["measured_speedup"] == pytest.approx(20.0 / int8_ms([w for w, _ in first["shapes"]]))
     assert abs(rounds[-1]["measured_speedup"] / 3.0 - 1) <= r.prune.latency.tolerance
 
 

@@ -19,6 +19,7 @@ from amp_deploy.prune.families import find_sites, load_model
 from amp_deploy.prune.rebuild import apply_widths, keep_top
 from amp_deploy.prune.score import DEFAULT_TEMPERATURE, Divergence, default_view, loss_fn, taylor_scores
 from amp_deploy.prune.search import adaptive_widths, uniform_widths
+from amp_deploy.prune.shape import shapes_of
 from tests.conftest import assert_not_degenerate, spread_init
 
 HF_SMALL = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 128,
@@ -117,7 +118,7 @@ def test_family_prunes_round_trips_and_exports(key, form, tmp_path):
     apply_widths(pruned, scores, widths)
     _check_same_neurons(reference, pruned, scores, widths)
     assert 0 < count_flops(pruned.model, pruned.input_size) < count_flops(reference.model, reference.input_size)
-    save_pruned(pruned, tmp_path / "p.safetensors", original)
+    save_pruned(pruned, tmp_path / "p.safetensors", shapes_of(original))
     back = load_pruned(tmp_path / "p.safetensors")
     x = data.holdout.images
     with torch.no_grad():

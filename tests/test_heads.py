@@ -15,7 +15,7 @@ from amp_deploy.deploy.runtimes import onnxruntime_runner
 from amp_deploy.prune.rebuild import apply_heads, apply_widths, head_channels, keep_top, set_attention
 from amp_deploy.prune.score import DEFAULT_TEMPERATURE, Divergence, default_view, loss_fn, taylor_scores
 from amp_deploy.prune.search import adaptive_widths
-from tests.conftest import assert_not_degenerate
+from tests.conftest import assert_not_degenerate, read_search
 from tests.test_families import FAMILIES, _load
 
 HEADED = list(FAMILIES)  # every family the tool prunes has heads it can cut
@@ -111,7 +111,7 @@ def test_heads_cut_ragged_round_trip_and_export(key, tmp_path):
         out = loaded.model(x)
         assert out.shape == reference.model(x).shape and torch.isfinite(out).all()
         assert not torch.allclose(out, reference.model(x), atol=1e-3)  # heads really went
-    save_pruned(loaded, tmp_path / "p.safetensors", reference.widths())
+    save_pruned(loaded, tmp_path / "p.safetensors", reference.shapes())
     back = load_pruned(tmp_path / "p.safetensors")
     with torch.no_grad():
         assert torch.equal(back(x), out)
@@ -155,7 +155,7 @@ def test_a_build_with_heads_reports_and_reloads_them(tmp_path):
     res = build(recipe, "--out", out, *FAST)
     assert res.exit_code == 0, res.output
     rep = json.loads((out / "report.json").read_text())
-    search = json.loads((out / "search.json").read_text())
+    search = read_search(out)
     assert rep["heads"]["pruned"] == search["heads"] and rep["heads"]["original"] == search["original_heads"]
     assert rep["params"]["pruned"] <= 0.6 * rep["params"]["original"]
     back = load_pruned(out / "pruned.safetensors")
@@ -206,14 +206,15 @@ def test_a_latency_budget_with_heads_measures_both_axes_and_chooses_both(tmp_pat
     out = tmp_path / "o"
     res = build(QUICKSTART, "--out", out, *CHEAP, "prune.heads=true", "prune.target_speedup=1.05")
     assert res.exit_code == 0, res.output
-    search = json.loads((out / "search.json").read_text())
+    search = read_search(out)
     lb = search["latency_budget"]
     t = lb["table"]  # the heads axis is timed with every MLP one candidate below whole, and starts from that model
     assert t["heads"]["heads"] == [1, 2, 3, 4] and t["heads"]["mlp_width"] == t["widths"][-2]
     assert t["heads"]["fitted"][-1] == t["fitted"][-2] and max(t["heads"]["fitted"]) <= t["fitted"][-2]
     assert t["heads"]["block_saving"][-1] == 0.0
     assert lb["curves"]["heads"] == [[1, 2, 3, 4]] * 4 and len(lb["curves"]["head_losses"]) == 4
-    assert all("heads" in c for c in lb["checks"]) and search["heads"] in [c["heads"] for c in lb["checks"]]
+    assert all(h is not None for c in lb["checks"] for _, h in c["shapes"])  # every check chose a head count
+    assert search["shapes"] in [c["shapes"] for c in lb["checks"]]
     assert search["original_heads"] == [4] * 4
     rep = json.loads((out / "report.json").read_text())
     assert rep["heads"]["pruned"] == search["heads"]
@@ -266,11 +267,12 @@ def test_a_threshold_search_with_heads_records_the_original_heads_not_the_cut_on
     out = tmp_path / "out"
     res = build(recipe, "--out", out, *FAST)
     assert res.exit_code == 0, res.output
-    search = json.loads((out / "search.json").read_text())
+    search = read_search(out)
     full = load_model("timm", "test_vit", False, {"depth": 2, "img_size": 32, "num_classes": 10}).heads()
     assert search["original_heads"] == full and search["heads"] != full  # heads were cut at this threshold
     meta = read_metadata(out / "pruned.safetensors")
-    assert json.loads(meta["original_heads"]) == full and json.loads(meta["heads"]) == search["heads"]
+    assert json.loads(meta["original_shapes"]) == search["original_shapes"] and json.loads(meta["shapes"]) == \
+        search["shapes"] and [h for _, h in search["shapes"]] == search["heads"]
     shown = CliRunner().invoke(app, ["inspect", str(out)])
     assert shown.exit_code == 0 and f"{search['heads'][0]} of {full[0]}" in shown.output, shown.output
 

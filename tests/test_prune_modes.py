@@ -12,14 +12,14 @@ from amp_deploy.pipeline.run import run_stages
 from amp_deploy.pipeline.stages import PRUNE_STAGES
 from amp_deploy.recipe import load_recipe
 
-from .conftest import QUICKSTART, build, tiny_recipe
+from .conftest import QUICKSTART, build, read_search, tiny_recipe
 
 
 def _prune(tmp_path, *overrides):
     recipe = load_recipe(QUICKSTART, list(overrides))
     out = tmp_path / "out"
     run_stages(Context.create(recipe, out, "cpu"), PRUNE_STAGES)
-    return json.loads((out / "search.json").read_text()), out
+    return read_search(out), out
 
 
 def _params(out):
@@ -129,7 +129,7 @@ def test_a_search_in_two_gloo_processes_settles_the_widths_and_heads_of_one(tmp_
     assert build(recipe, "--out", one).exit_code == 0
     res = build(recipe, "--out", two, "--nproc", "2")
     assert res.exit_code == 0, res.output
-    a, b = (json.loads((d / "search.json").read_text()) for d in (one, two))
+    a, b = (read_search(d) for d in (one, two))
     assert a["widths"] == b["widths"] and a["heads"] == b["heads"] and a["threshold"] == b["threshold"]
     assert [t[:2] for t in a["thresholds_tried"]] == [t[:2] for t in b["thresholds_tried"]]
     assert a["losses"] == pytest.approx(b["losses"], rel=1e-6, abs=1e-9)
@@ -165,6 +165,6 @@ def test_a_pruned_checkpoint_can_be_pruned_again(quickstart, tmp_path):
         "prune": {"threshold": 0.02}}))
     out = tmp_path / "out"
     run_stages(Context.create(load_recipe(recipe), out, "cpu"), PRUNE_STAGES)
-    search = json.loads((out / "search.json").read_text())
+    search = read_search(out)
     assert search["original_widths"] == first
     assert all(w <= h for w, h in zip(search["widths"], first)) and search["widths"] != first

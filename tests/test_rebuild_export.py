@@ -9,6 +9,7 @@ from amp_deploy.checkpoint import save_pruned
 from amp_deploy.deploy.export import export_onnx
 from amp_deploy.deploy.runtimes import onnxruntime_runner
 from amp_deploy.prune.rebuild import apply_widths, keep_top
+from amp_deploy.prune.shape import shapes_of
 
 
 def _prune_randomly(loaded, seed=0):
@@ -42,7 +43,7 @@ def test_ragged_round_trip_is_bit_identical(tiny_vit, tmp_path):
     original, scores, widths = _prune_randomly(tiny_vit, seed=1)
     assert len(set(widths)) > 1  # ragged
     apply_widths(tiny_vit, scores, widths)
-    save_pruned(tiny_vit, tmp_path / "p.safetensors", original)
+    save_pruned(tiny_vit, tmp_path / "p.safetensors", shapes_of(original))
     model = load_pruned(tmp_path / "p.safetensors")
     x = torch.randn(2, *tiny_vit.input_size)
     with torch.no_grad():

@@ -174,13 +174,14 @@ def test_the_attention_implementation_survives_the_pruned_checkpoint(tmp_path):
     from amp_deploy.checkpoint import load_pruned_model, save_pruned
     from amp_deploy.prune.families import load_model
     from amp_deploy.prune.rebuild import apply_widths
+    from amp_deploy.prune.shape import shapes_of
 
     cfg = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64,
            "patch_size": 8, "image_size": 32}
     loaded = load_model("transformers", "ViTModel", False, {"config": cfg, "attn_implementation": "eager",
                                                             "processor": {"size": {"height": 32, "width": 32}}})
     apply_widths(loaded, None, [40, 24])
-    save_pruned(loaded, tmp_path / "p.safetensors", [64, 64])
+    save_pruned(loaded, tmp_path / "p.safetensors", shapes_of([64, 64]))
     back = load_pruned_model(tmp_path / "p.safetensors")
     assert back.model.model.config._attn_implementation == "eager"
     assert back.input_size == loaded.input_size and back.widths() == [40, 24]

@@ -23,6 +23,7 @@ from typing import Any
 
 from amp_deploy.errors import UserError
 from amp_deploy.measure.report import SCHEMA
+from amp_deploy.prune.shape import from_json, from_report, heads_of, to_json, widths_of
 
 ALPHA = 0.01  # the regression test's significance level
 BOOTSTRAP = 2000  # resamples for the interval of the change
@@ -181,8 +182,7 @@ def compare(reports: list[dict[str, Any]], fail_on_regression: float | None = No
     if not rows:
         warnings.append("no runtime and batch size was measured in both the baseline and another report")
     summary = {label: {"path": rep["_path"], "params": rep["params"].get("pruned"), "flops": rep["flops"].get("pruned"),
-                       "widths": rep["widths"].get("pruned"),
-                       "heads": (rep.get("heads") or {}).get("pruned"),  # reports before heads were cut: none
+                       "shapes": to_json(from_report(rep, "pruned")),  # reports before heads: widths, heads null
                        "accuracy": rep["fidelity"].get("accuracy_pruned"),
                        "cosine_mean": rep["fidelity"].get("cosine_mean")}
                for label, rep in zip(labels, reports)}
@@ -234,14 +234,16 @@ def _judge(rows: list[dict], unmeasured: list[dict], pct: float, regressions: li
 
 
 def render_md(cmp: dict[str, Any]) -> str:
-    heads = any(s.get("heads") for s in cmp["summary"].values())
+    shapes = {label: from_json(s["shapes"]) for label, s in cmp["summary"].items()}
+    heads = any(heads_of(v) for v in shapes.values())
     lines = [f"| report | params | FLOPs | accuracy % | cosine mean | widths |{' heads |' if heads else ''}",
              f"|---|---:|---:|---:|---:|---|{'---|' if heads else ''}"]
     for label, s in cmp["summary"].items():
         acc = "n/a" if s["accuracy"] is None else f"{s['accuracy']:.2f}"
-        head_cell = f" {' '.join(map(str, s['heads'])) if s.get('heads') else 'n/a'} |" if heads else ""
+        h = heads_of(shapes[label])
+        head_cell = f" {' '.join(map(str, h)) if h else 'n/a'} |" if heads else ""
         lines.append(f"| {label} | {s['params']:,} | {s['flops']:,} | {acc} | {s['cosine_mean']:.5f} | "
-                     f"{' '.join(map(str, s['widths']))} |{head_cell}")
+                     f"{' '.join(map(str, widths_of(shapes[label])))} |{head_cell}")
     lines += ["", "| vs A | runtime | model | batch | p50 ms (A -> X) | change | 95% CI | p99 ms (A -> X) | "
               "images/s change |", "|---|---|---|---:|---:|---:|---:|---:|---:|"]
     for r in cmp["rows"]:

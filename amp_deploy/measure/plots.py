@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from amp_deploy.files import atomic_path
+from amp_deploy.prune.shape import BlockShape, from_report, heads_of, widths_of
 
 
 def _save(fig, path: Path) -> None:
@@ -58,8 +59,7 @@ def write_plots(report: dict[str, Any], folder: Path) -> list[str]:
         written.append("distill.png")
 
     if report.get("latency_budget"):
-        written.append(_budget_plot(plt, report["latency_budget"], report["widths"]["pruned"], folder,
-                                    (report.get("heads") or {}).get("pruned")))
+        written.append(_budget_plot(plt, report["latency_budget"], from_report(report, "pruned"), folder))
 
     cos = report["fidelity"].get("cosines") or []
     if cos:
@@ -73,11 +73,12 @@ def write_plots(report: dict[str, Any], folder: Path) -> list[str]:
     return written
 
 
-def _budget_plot(plt, lb: dict[str, Any], widths: list[int], folder: Path, heads: list[int] | None = None) -> str:
+def _budget_plot(plt, lb: dict[str, Any], shapes: list[BlockShape], folder: Path) -> str:
     """The latency table (measured and fitted ratio per width, and per head count where the table has
-    a heads axis) with the chosen widths (and heads) marked."""
+    a heads axis) with the chosen shapes' widths (and heads) marked."""
     t = lb["table"]
-    axes_of = [("widths", "MLP width of every block", widths)]
+    heads = heads_of(shapes)
+    axes_of = [("widths", "MLP width of every block", widths_of(shapes))]
     if t.get("heads") and heads:
         axes_of.append(("heads", "attention heads of every block", heads))
     fig, axes = plt.subplots(1, len(axes_of), figsize=(5.5 * len(axes_of), 3.4), squeeze=False)

@@ -12,6 +12,9 @@ from typing import Any
 
 import torch
 
+from amp_deploy.prune.shape import from_record, from_report, heads_of, widths_of
+from amp_deploy.prune.shape import heads_cut as shape_heads_cut
+
 SCHEMA = "amp-deploy.report/1"
 REDUCED = ("fp16", "bf16", "tf32")  # runtime precisions judged with validate.parity_reduced
 QUANTIZED = ("int8", "fp8")  # judged with quantize.gate.PRECISION instead
@@ -260,9 +263,10 @@ def _budget_md(rep: dict) -> list[str]:
              "| check | aim | predicted | measured | summed loss increase | widths |" + (" heads |" if heads else ""),
              "|---:|---:|---:|---:|---:|---|" + ("---|" if heads else "")]
     for i, c in enumerate(lb["checks"]):
+        shapes = from_record(c)  # a check of a report from before shapes: its widths (and heads)
         lines.append(f"| {i + 1} | {c['aim']:.3f}x | {c['predicted_speedup']:.3f}x | {c['measured_speedup']:.3f}x | "
-                     f"{c['loss_increase']:.4g} | {' '.join(map(str, c['widths']))} |"
-                     + (f" {' '.join(map(str, c.get('heads', [])))} |" if heads else ""))
+                     f"{c['loss_increase']:.4g} | {' '.join(map(str, widths_of(shapes)))} |"
+                     + (f" {' '.join(map(str, heads_of(shapes) or []))} |" if heads else ""))
     t = lb["table"]
     lines += ["", f"Latency table: every block at one width, {t['rounds']} interleaved rounds with the full model "
               f"({t['full_ms']:.3f} ms); ratio = median of per-round latency ratios; fitted = made monotone; "
@@ -299,8 +303,7 @@ def _how_md(rep: dict) -> str:
 
 def heads_cut(rep: dict) -> bool:
     """Whether the report's model had attention heads cut (reports from before heads: no)."""
-    h = rep.get("heads") or {}
-    return bool(h.get("pruned")) and h["pruned"] != h["original"]
+    return shape_heads_cut(from_report(rep, "original"), from_report(rep, "pruned"))
 
 
 def render_md(rep: dict) -> str:
@@ -361,15 +364,15 @@ def render_md(rep: dict) -> str:
                   f"{_mib(mem['original']['host_peak_bytes'])} -> {_mib(mem['pruned']['host_peak_bytes'])}.", ""]
         lines += [f"> host memory of the {k} model not measured: {m['host_peak_missing']}" for k, m in mem.items()
                   if m.get("host_peak_missing")]
-    w, h = rep["widths"], rep.get("heads") or {}
+    shapes = list(zip(from_report(rep, "original"), from_report(rep, "pruned")))
     if heads_cut(rep):  # both axes per block
         lines += ["## MLP width and attention heads per block", "",
                   "| block | original | pruned | kept | heads |", "|---:|---:|---:|---:|---:|"]
-        lines += [f"| {i} | {a} | {b} | {b / a:.0%} | {hp} of {ho} |" for i, (a, b, ho, hp)
-                  in enumerate(zip(w["original"], w["pruned"], h["original"], h["pruned"]))]
+        lines += [f"| {i} | {a.width} | {b.width} | {b.width / a.width:.0%} | {b.heads} of {a.heads} |"
+                  for i, (a, b) in enumerate(shapes)]
     else:
         lines += ["## MLP width per block", "", "| block | original | pruned | kept |", "|---:|---:|---:|---:|"]
-        lines += [f"| {i} | {a} | {b} | {b / a:.0%} |" for i, (a, b) in enumerate(zip(w["original"], w["pruned"]))]
+        lines += [f"| {i} | {a.width} | {b.width} | {b.width / a.width:.0%} |" for i, (a, b) in enumerate(shapes)]
     if rep.get("plots"):
         lines += ["", "## Plots", ""] + [f"![{Path(p).stem}]({p})" for p in rep["plots"]]
     lines.append("")

@@ -70,8 +70,9 @@ def _planned(ctx: Context, stage: str) -> dict | None:
     if stage in ("score", "search") or not ctx.folder.search.is_file():
         return None
     from amp_deploy.pipeline.memory import planned_peaks, recipe_plan
+    from amp_deploy.prune.shape import from_record, widths_of
 
-    widths = ctx.folder.read_search().get("widths")
+    widths = widths_of(from_record(ctx.folder.read_search()) or []) or None
     plans = planned_peaks(recipe_plan(ctx.recipe, ctx.device.type, ctx.nproc, widths=widths,
                                       baseline=ctx.plan_baseline))
     return plans.get(stage)

@@ -40,8 +40,9 @@ from amp_deploy.measure import metrics as M
 from amp_deploy.pipeline.context import Context, compile_settings
 from amp_deploy.prune import budget as B
 from amp_deploy.prune.families import Loaded
-from amp_deploy.prune.rebuild import apply_heads, apply_widths
+from amp_deploy.prune.rebuild import apply_shapes
 from amp_deploy.prune.score import rank_world
+from amp_deploy.prune.shape import BlockShape, shapes_of, to_json
 
 TIMING_CALIBRATION = 16  # int8 candidates are calibrated on this many images: scales change no latency
 
@@ -183,11 +184,9 @@ def timing_input(ctx: Context, batch: int):
     return M.batch_of(x.float(), batch)
 
 
-def _pruned(ctx: Context, scores, widths: list[int], head_scores=None, heads: list[int] | None = None) -> nn.Module:
+def _pruned(ctx: Context, shapes: list[BlockShape], scores, head_scores=None) -> nn.Module:
     loaded = ctx.original()
-    apply_widths(loaded, scores, widths)
-    if heads is not None:
-        apply_heads(loaded, head_scores, heads)
+    apply_shapes(loaded, shapes, scores, head_scores)
     return loaded.model
 
 
@@ -263,11 +262,11 @@ def latency_search(ctx: Context, loaded: Loaded, scores,
         gc.collect()
         if work is not None:
             shutil.rmtree(work, ignore_errors=True)
-    whole = hcands and [h[-1] for h in hcands]
-    pruning = [r for r in rounds if r["widths"] != original or r.get("heads", whole) != whole] or rounds
+    whole = to_json(loaded.shapes() if hcands else shapes_of(original))
+    pruning = [r for r in rounds if r["shapes"] != whole] or rounds
     best = min(pruning, key=lambda r: abs(r["measured_speedup"] / target - 1))  # the full model answers no budget
     return dict(
-        widths=best["widths"], **({"heads": best["heads"], "head_steps": []} if hcands else {}),
+        shapes=best["shapes"], **({"head_steps": []} if hcands else {}),
         base_loss=curves.base_loss, losses=[], block_forwards=curves.block_forwards,
         block_forwards_naive=curves.block_forwards, steps=[], loss_fell=[], threshold=None,
         latency_budget={
@@ -342,12 +341,12 @@ def _table(ctx: Context, make, scores, cands: list[list[int]], x, stay_open: boo
     opened once and kept until the table is done; without, it is opened for each pass and closed after
     it (one candidate in memory at a time)."""
     lat = ctx.recipe.prune.latency
-    full_widths = [c[-1] for c in cands]
-    entries = {("w", c): lambda w=[b[j] for b in cands]: _pruned(ctx, scores, w)
+    whole = shapes_of([c[-1] for c in cands])
+    entries = {("w", c): lambda w=[b[j] for b in cands]: _pruned(ctx, shapes_of(w), scores)
                for j, c in enumerate(cands[0][:-1])}
     base = [c[-2] if len(c) > 1 else c[-1] for c in cands]  # the heads axis is timed at these MLP widths
     if hcands:
-        entries |= {("h", c): lambda h=[b[j] for b in hcands]: _pruned(ctx, scores, base, head_scores, h)
+        entries |= {("h", c): lambda h=[b[j] for b in hcands]: _pruned(ctx, shapes_of(base, h), scores, head_scores)
                     for j, c in enumerate(hcands[0][:-1])}
     axes = f"{len(cands[0])} widths" + (f" and {len(hcands[0])} head counts" if hcands else "")
     advance = ctx.reporter.task(f"search: latency table ({axes} on {lat.runtime} {lat.precision}, "
@@ -357,7 +356,7 @@ def _table(ctx: Context, make, scores, cands: list[list[int]], x, stay_open: boo
         for key, model in entries.items():
             openers[key] = make(model, f"{key[0]}{key[1]}")
             advance(1)
-        full = make(lambda: _pruned(ctx, scores, full_widths), f"w{full_widths[0]}")()  # stays open for the checks
+        full = make(lambda: _pruned(ctx, whole, scores), f"w{whole[0].width}")()  # stays open for the checks
         advance(1)
     except Unavailable as err:
         raise UserError(f"prune.latency.runtime {lat.runtime}: cannot run here: {first_line(err)}") from None
@@ -401,10 +400,10 @@ def _checks(ctx: Context, make, full: Runner, scores, table: B.LatencyTable, cur
         aim = min(max(aim, scale), reach)  # a check that overshot can correct the aim below the full model's
         choice = B.choose_widths(table, curves, aim / scale)
         start = time.perf_counter()
-        runner = make(lambda c=choice: _pruned(ctx, scores, c.widths, head_scores, c.heads), f"check{n}")()
+        runner = make(lambda c=choice: _pruned(ctx, c.shapes, scores, head_scores), f"check{n}")()
         stats = M.latency({"full": full, "pruned": runner}, x, lat.warmup, 2 * lat.iterations)
         measured = 1.0 / M.median_ratio(stats["pruned"]["samples"], stats["full"]["samples"])
-        rounds.append({"aim": aim, "widths": choice.widths, **({"heads": choice.heads} if choice.heads else {}),
+        rounds.append({"aim": aim, "shapes": to_json(choice.shapes),
                        "predicted_speedup": choice.predicted_speedup * scale,
                        "measured_speedup": measured, "loss_increase": choice.loss_increase,
                        "full_ms": stats["full"]["p50"], "pruned_ms": stats["pruned"]["p50"],

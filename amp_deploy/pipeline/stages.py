@@ -19,7 +19,7 @@ from amp_deploy.errors import UserError, first_line
 from amp_deploy.pipeline.context import Context, Stage, compile_settings
 from amp_deploy.pipeline.validate_stage import stage_validate
 from amp_deploy.prune.families import Loaded, count_params
-from amp_deploy.prune.rebuild import apply_heads, apply_widths
+from amp_deploy.prune.rebuild import apply_shapes
 from amp_deploy.prune.score import (
     DEFAULT_TEMPERATURE,
     TAYLOR_KINDS,
@@ -43,6 +43,7 @@ from amp_deploy.prune.search import (
     uniform_widths,
     width_grid,
 )
+from amp_deploy.prune.shape import BlockShape, from_record, heads_of, shapes_of, to_json
 
 
 def stage_score(ctx: Context) -> None:
@@ -129,10 +130,9 @@ def stage_search(ctx: Context) -> None:
     if all(len(width_grid(h, p.align)) < 2 for h in original):
         raise UserError(f"prune.align: {p.align} is at least every block's MLP width ({max(original)}): no neuron can "
                         f"be removed; choose prune.align below {min(original)}")
-    result: dict = {"original_widths": original, "original_heads": loaded.heads(), "search": p.search,
-                    "threshold": p.threshold}
+    result: dict = {"original_shapes": to_json(loaded.shapes()), "search": p.search, "threshold": p.threshold}
     if p.search == "uniform":
-        result.update(widths=uniform_widths(original, p.keep_ratio, p.align), block_forwards=0,
+        result.update(shapes=to_json(shapes_of(uniform_widths(original, p.keep_ratio, p.align))), block_forwards=0,
                       block_forwards_naive=0)
     else:
         result.update(_adaptive_search(ctx, loaded, scores))
@@ -184,12 +184,12 @@ def _adaptive_search(ctx: Context, loaded: Loaded, scores) -> dict:
         raise UserError(f"prune.target_params: {p.target_params:g}: the threshold search found no widths within "
                         f"{extra['budget_params']:,} parameters (closest {count_params(pruned.model):,} at threshold "
                         f"{extra['threshold']:.3g}); ask for a larger budget or prune.search=uniform")
-    heads = None if chosen else res.heads  # the uniform check's widths keep every head
-    out = dict(widths=chosen or res.widths, base_loss=res.base_loss, losses=res.losses, block_forwards=res.block_forwards,
+    shapes = shapes_of(chosen) if chosen else res.shapes  # the uniform check's widths keep every head
+    out = dict(shapes=to_json(shapes), base_loss=res.base_loss, losses=res.losses, block_forwards=res.block_forwards,
                block_forwards_naive=res.block_forwards_naive, steps=res.steps, loss_fell=res.fell,
                search_loss=p.search_loss if criterion != "ce" else "ce", **extra)
     if p.heads:
-        out.update(heads=heads or loaded.heads(), head_steps=res.head_steps)
+        out.update(head_steps=res.head_steps)
     return out
 
 
@@ -280,15 +280,20 @@ def falling_loss_warning(fell: list[dict]) -> str:
             "criterion, not by redundancy; prune.search_loss=divergence holds each block to the original instead")
 
 
+def search_shapes(search: dict) -> tuple[list[BlockShape], list[BlockShape]]:
+    """search.json's chosen shapes and the original's (a search.json from before shapes: its widths,
+    and heads where searched)."""
+    return from_record(search), from_record(search, "original_")
+
+
 def stage_rebuild(ctx: Context) -> None:
     loaded = ctx.original()
     scores = ctx.folder.read_scores(ctx.recipe.prune.taylor)
-    search = ctx.folder.read_search()
-    apply_widths(loaded, scores, search["widths"])
-    if search.get("heads"):
-        apply_heads(loaded, ctx.folder.read_head_scores(ctx.recipe.prune.taylor), search["heads"])
+    shapes, original = search_shapes(ctx.folder.read_search())
+    head_scores = ctx.folder.read_head_scores(ctx.recipe.prune.taylor) if heads_of(shapes) else None
+    apply_shapes(loaded, shapes, scores, head_scores)
     loaded.model.cpu()
-    save_pruned(loaded, ctx.folder.rebuilt, search["original_widths"], search.get("original_heads"))
+    save_pruned(loaded, ctx.folder.rebuilt, original)
 
 
 def stage_distill(ctx: Context) -> None:
@@ -352,8 +357,7 @@ def stage_distill(ctx: Context) -> None:
         student = load_pruned_model(f.rebuilt)
         student.model.load_state_dict(state.student)
     student.model.cpu()
-    search = f.read_search()
-    save_pruned(student, f.pruned, search["original_widths"], search.get("original_heads"))
+    save_pruned(student, f.pruned, search_shapes(f.read_search())[1])
     skipped = getattr(split, "skipped", 0)  # unreadable files met in the last epoch (every rank reads them all)
     f.write_distill_log({"epochs": d.epochs, "images": len(images), "skipped_unreadable": skipped,
                          "losses": state.losses,

@@ -27,6 +27,7 @@ from amp_deploy.measure.report import (
 from amp_deploy.measure.validation import fidelity, runtime_row
 from amp_deploy.pipeline.context import Context
 from amp_deploy.prune.families import count_params
+from amp_deploy.prune.shape import report_section
 
 
 def _runner_factories(ctx: Context, models: dict[str, torch.nn.Module],
@@ -227,8 +228,7 @@ def build_report(ctx: Context) -> dict[str, Any]:
         "model": {**original.spec, "output": original.output, "input_size": list(original.input_size)},
         "params": {**params, "ratio": params["pruned"] / params["original"]},
         "flops": {**flops, "ratio": flops["pruned"] / flops["original"]},
-        "widths": {"original": search["original_widths"], "pruned": search["widths"]},
-        "heads": {"original": original.heads(), "pruned": pruned.heads()},
+        **report_section(original.shapes(), pruned.shapes()),  # report.json's widths and heads
         "prune": _prune_section(ctx, search),
         "fidelity": fid,
         "distill": f.read_distill_log() if f.distilled else None,

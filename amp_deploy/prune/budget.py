@@ -45,6 +45,7 @@ from amp_deploy.numerics import fp32_reference, median_ratio
 from amp_deploy.prune.families import Loaded
 from amp_deploy.prune.rebuild import keep_top, set_attention, set_modules, sliced_attention, sliced_modules
 from amp_deploy.prune.search import _Evaluator, width_grid
+from amp_deploy.prune.shape import BlockShape, HasShapes
 
 UNITS = 4000  # knapsack resolution: savings in 1/UNITS of the full model's latency
 
@@ -232,12 +233,11 @@ def loss_curves(loaded: Loaded, scores: list[torch.Tensor], val: Split, candidat
 
 
 @dataclass
-class Choice:
-    widths: list[int]
+class Choice(HasShapes):
+    shapes: list[BlockShape]  # per block, the width and (with a heads axis) the head count
     predicted_ratio: float  # predicted latency / full model's
     loss_increase: float  # summed over blocks (the additive model the knapsack minimises)
     per_block: list[dict] = field(default_factory=list)
-    heads: list[int] | None = None  # per block, with a heads axis
 
     @property
     def predicted_speedup(self) -> float:
@@ -304,13 +304,12 @@ def choose_widths(table: LatencyTable, curves: Curves, speedup: float) -> Choice
         chosen[i] = int(pick[state])
         state = int(came[state])
     picked = [options[i][c] for i, c in enumerate(chosen)]
-    widths = [o[2] for o in picked]
-    heads = [o[3] for o in picked] if curves.heads is not None and table.heads is not None else None
-    savings = [table.saving(o[2]) + (table.head_saving(o[3]) if heads else 0.0) for o in picked]
-    per_block = [{"block": i, "width": o[2], **({"heads": o[3]} if heads else {}), "saving": round(sv, 6),
-                  "loss_increase": o[1]} for i, (o, sv) in enumerate(zip(picked, savings))]
-    return Choice(widths=widths, predicted_ratio=1.0 - sum(savings), loss_increase=float(best[need]),
-                  per_block=per_block, heads=heads)
+    shapes = [BlockShape(o[2], o[3]) for o in picked]
+    savings = [table.saving(s.width) + (table.head_saving(s.heads) if s.heads is not None else 0.0) for s in shapes]
+    per_block = [{"block": i, "width": s.width, **({"heads": s.heads} if s.heads is not None else {}),
+                  "saving": round(sv, 6), "loss_increase": o[1]} for i, (s, o, sv) in enumerate(zip(shapes, picked, savings))]
+    return Choice(shapes=shapes, predicted_ratio=1.0 - sum(savings), loss_increase=float(best[need]),
+                  per_block=per_block)
 
 
 def corrected_aim(history: list[tuple[float, float]], target: float) -> float:

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from amp_deploy.errors import UserError, first_line
+from amp_deploy.prune.shape import BlockShape, shapes_of
 
 Output = Literal["logits", "embedding"]
 FactorySource = Literal["timm", "open_clip", "transformers"]  # model factories; amp_deploy.checkpoint adds our own files
@@ -124,6 +125,10 @@ class Loaded:
             return None
         blocks = self.block_list()
         return [blocks[i].get_submodule(s.proj).in_features // s.head_dim for i, s in enumerate(self.attn)]
+
+    def shapes(self) -> list[BlockShape]:
+        """Each block's MLP width and head count (heads None where they are not known)."""
+        return shapes_of(self.widths(), self.heads())
 
     def shared_copy(self) -> Loaded:
         """A copy whose modules are new but whose weights are this model's own tensors (no weights copied):

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from amp_deploy.prune.families import AttnSite, Loaded, MlpSite
+from amp_deploy.prune.shape import BlockShape, heads_of, widths_of
 
 
 def _rows(linear: nn.Linear, keep: torch.Tensor) -> nn.Linear:
@@ -148,3 +149,14 @@ def apply_heads(loaded: Loaded, scores: list[torch.Tensor] | None, heads: list[i
         if h != now[i]:
             keep = keep_top(scores[i], h) if scores is not None else torch.arange(h)
             set_attention(loaded, i, sliced_attention(loaded.attn_modules(i), loaded.attn[i], keep))
+
+
+def apply_shapes(loaded: Loaded, shapes: list[BlockShape], scores: list[torch.Tensor] | None = None,
+                 head_scores: list[torch.Tensor] | None = None) -> None:
+    """Cut every block to its shape in place: the MLP to its width (top-scored neurons), the attention
+    to its head count (top-scored heads); with no scores, the first ones (a checkpoint being rebuilt).
+    A shape whose heads are None keeps every head."""
+    apply_widths(loaded, scores, widths_of(shapes))
+    heads = heads_of(shapes)
+    if heads is not None and heads != loaded.heads():
+        apply_heads(loaded, head_scores, heads)

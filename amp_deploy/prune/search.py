@@ -29,7 +29,7 @@ from amp_deploy.errors import require_finite
 from amp_deploy.numerics import fp32_reference
 from amp_deploy.prune.families import Loaded, count_params
 from amp_deploy.prune.rebuild import (
-    apply_heads,
+    apply_shapes,
     apply_widths,
     keep_top,
     set_attention,
@@ -38,6 +38,7 @@ from amp_deploy.prune.rebuild import (
     sliced_modules,
 )
 from amp_deploy.prune.score import rank_world
+from amp_deploy.prune.shape import BlockShape, HasShapes, shapes_of
 
 CACHE_ON_DEVICE_BYTES = 4 << 30  # cached block inputs beyond this go to host memory
 
@@ -59,17 +60,16 @@ class _Replay(nn.Module):
 
 
 @dataclass
-class SearchResult:
+class SearchResult(HasShapes):
     """What an adaptive search chose, and what it cost (block forwards per validation batch)."""
 
-    widths: list[int]
+    shapes: list[BlockShape]  # per block, the MLP width and (where searched, prune.heads) the head count
     losses: list[float]  # accepted validation loss after each block (last block first)
     base_loss: float
     block_forwards: int = 0
     block_forwards_naive: int = 0
     steps: list[list[tuple[int, float, bool]]] = field(default_factory=list)  # per block: (w, loss, ok)
     fell: list[dict] = field(default_factory=list)  # blocks whose accepted loss fell by more than the threshold
-    heads: list[int] | None = None  # attention heads per block, where they were searched (prune.heads)
     head_steps: list[list[tuple[int, float, bool]]] = field(default_factory=list)  # per block: (heads, loss, ok)
 
 
@@ -192,30 +192,31 @@ def adaptive_widths(loaded: Loaded, scores: list[torch.Tensor], val: Split, *, l
         on_block: called with (block, width) as each block is settled.
         head_scores: per block, the importance of each attention head: then, once a block's width is
             settled, its head count is bisected the same way (from one head to all, the loss chained
-            on from the width's), and the result has `heads`.
+            on from the width's), and the result's shapes have their head counts.
     """
     with fp32_reference():  # the losses are fp32 references
         ev = _Evaluator(loaded, val, batch_size, loss, device or torch.device("cpu"), cached, autocast)
         prev = ev.first_pass()
-        result = SearchResult(widths=loaded.widths(), losses=[], base_loss=prev)
-        if head_scores is not None:
-            result.heads = loaded.heads()
+        shapes = loaded.shapes() if head_scores is not None else shapes_of(loaded.widths())
+        result = SearchResult(shapes=shapes, losses=[], base_loss=prev)
         naive = ev.depth  # the reference scheme: the whole model for the first pass and every step
         for i in reversed(range(ev.depth)):
             before = prev
-            result.widths[i], prev, trace = _bisect_block(loaded, i, scores[i], ev, prev, threshold, steps, align)
+            width, prev, trace = _bisect_block(loaded, i, scores[i], ev, prev, threshold, steps, align)
+            shapes[i] = shapes[i]._replace(width=width)
             naive += ev.depth * len(trace)
             if head_scores is not None:
-                result.heads[i], prev, head_trace = _bisect_heads(loaded, i, head_scores[i], ev, prev, threshold, steps)
+                heads, prev, head_trace = _bisect_heads(loaded, i, head_scores[i], ev, prev, threshold, steps)
+                shapes[i] = shapes[i]._replace(heads=heads)
                 naive += ev.depth * len(head_trace)
                 result.head_steps.append(head_trace)
             if prev < before - threshold:
-                result.fell.append({"block": i, "width": result.widths[i], "loss_before": before, "loss": prev})
+                result.fell.append({"block": i, "width": width, "loss_before": before, "loss": prev})
             result.losses.append(prev)
             result.steps.append(trace)
             ev.release(i)
             if on_block:
-                on_block(i, result.widths[i])
+                on_block(i, width)
         result.steps.reverse()
         result.head_steps.reverse()
         result.block_forwards, result.block_forwards_naive = ev.block_forwards, naive
@@ -319,9 +320,7 @@ def smallest_params(fresh: Callable[[], Loaded], scores: list[torch.Tensor], ali
     width, and with `heads` one attention head; embeddings and the head stay), and those widths."""
     smallest = fresh()
     floor = uniform_widths(smallest.widths(), 0.0, align)
-    apply_widths(smallest, scores, floor)
-    if heads:
-        apply_heads(smallest, None, [1] * len(floor))
+    apply_shapes(smallest, shapes_of(floor, [1] * len(floor) if heads else None), scores)
     return count_params(smallest.model), floor
 
 
