@@ -12,13 +12,14 @@ from amp_deploy.checkpoint import load_pruned, load_pruned_model, save_pruned
 from amp_deploy.data import Data, Split
 from amp_deploy.errors import GateFailed, UserError
 from amp_deploy.prune.families import Loaded, MlpSite, find_sites, load_model
-from amp_deploy.prune.rebuild import apply_widths, prune_block
+from amp_deploy.prune.rebuild import apply_shapes, apply_widths, prune_block
 from amp_deploy.prune.score import entropy, loss_fn, taylor_scores
 from amp_deploy.prune.search import SearchResult, adaptive_widths, uniform_widths, width_grid
+from amp_deploy.prune.shape import BlockShape
 from amp_deploy.recipe import Recipe, load_recipe
 
 __all__ = [
-    "Data", "GateFailed", "Loaded", "MlpSite", "Recipe", "SearchResult", "Split", "UserError", "__version__",
-    "adaptive_widths", "apply_widths", "entropy", "find_sites", "load_model", "load_pruned", "load_pruned_model",
+    "BlockShape", "Data", "GateFailed", "Loaded", "MlpSite", "Recipe", "SearchResult", "Split", "UserError",
+    "__version__", "adaptive_widths", "apply_shapes", "apply_widths", "entropy", "find_sites", "load_model", "load_pruned", "load_pruned_model",
     "load_recipe", "loss_fn", "prune_block", "save_pruned", "taylor_scores", "uniform_widths", "width_grid",
 ]
