@@ -196,20 +196,24 @@ def check(recipe: Annotated[Path | None, typer.Argument(help="Recipe YAML file."
 def _print_plan(recipe) -> None:
     """The memory plan of every stage, for the recipe's machine section (or this machine); a UserError
     where a stage does not fit."""
-    from amp_deploy.pipeline.memory import device_memory, plan_rows, recipe_plan, refuse_unfit
+    from amp_deploy.pipeline.memory import UNKNOWN_CAPACITY, device_memory, plan_rows, recipe_plan, refuse_unfit
 
     m = recipe.machine
     device, procs = (m.device, m.processes) if m else ("cpu", 1)
     cap = int(m.memory_gib * 2**30) if m else device_memory("cpu")
     plans = recipe_plan(recipe, device, procs, capacity=cap)
     where = (f"{procs} x {m.memory_gib:g} GiB {device} (the recipe's machine section)" if m
-             else f"this machine's CPU, {cap / 2**30:.1f} GiB available")
+             else f"this machine's CPU, {cap / 2**30:.1f} GiB available" if cap
+             else "this machine's CPU, its available memory unknown")
     table = Table(title=f"memory plan: peak per device, {where}")
     for col in ("stage", "device", "peak", "terms", "note"):
         table.add_column(col, overflow="fold")
     for row in plan_rows(plans):
         table.add_row(*row)
     _log_console().print(table)
+    if not cap:
+        _log_console().print(f"memory plan: not judged: {UNKNOWN_CAPACITY}; a machine section (machine.memory_gib) "
+                             "judges it against the machine you name", soft_wrap=True)
     refuse_unfit(plans, {device: cap} if cap else {}, procs)
 
 

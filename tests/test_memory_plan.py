@@ -103,3 +103,16 @@ def test_the_planned_peak_is_within_a_quarter_of_the_measured_one(tmp_path, name
     for stage in ("score", "search", "distill", "export", "validate"):
         measured, planned = stages[stage]["peak_rss_mib"], stages[stage]["planned_peak_mib"]
         assert 0.75 <= planned / measured <= 1.25, (stage, planned, measured, stages[stage]["planned_terms_mib"])
+
+
+def test_where_the_machine_s_memory_is_unknown_the_plan_says_it_was_not_judged(monkeypatch):
+    """A host without /proc/meminfo (not Linux): check prints the plan and says it judged nothing;
+    it never passes a plan it could not judge silently, and never fails on the unknown figure."""
+    from amp_deploy.pipeline import memory
+
+    real = memory.proc_kib
+    monkeypatch.setattr(memory, "proc_kib", lambda path, field: None if path == "/proc/meminfo" else real(path, field))
+    assert memory.device_capacity("cpu") is None
+    res = runner.invoke(app, ["check", str(REPO / "recipes" / "quickstart.yaml")])
+    assert res.exit_code == 0, res.output
+    assert "its available memory unknown" in res.output and "memory plan: not judged" in res.output

@@ -83,6 +83,10 @@ def device_memory(device: str) -> int | None:
     return None if free is None else (free << 10) + process_rss()
 
 
+UNKNOWN_CAPACITY = ("the memory available on this machine is unknown (no /proc/meminfo: not Linux), so no stage is "
+                    "refused for its size")
+
+
 def device_capacity(device: str, sharing: int = 1) -> int | None:
     """Bytes one process may plan on: a GPU's memory, or the host's available memory shared by the
     `sharing` processes of this node (None when unknown). The memory plan and distill.sharding auto

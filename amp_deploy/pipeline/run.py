@@ -53,13 +53,22 @@ def run_stages(ctx: Context, names: Sequence[str], force: bool = False) -> dict[
 def memory_plan(ctx: Context, names: Sequence[str]) -> dict[str, dict]:
     """Each stage's planned peak on this build's devices, refused with one line before any work where
     one of the named stages does not fit (nothing is written)."""
-    from amp_deploy.pipeline.memory import device_capacity, planned_peaks, process_rss, recipe_plan, refuse_unfit
+    from amp_deploy.pipeline.memory import (
+        UNKNOWN_CAPACITY,
+        device_capacity,
+        planned_peaks,
+        process_rss,
+        recipe_plan,
+        refuse_unfit,
+    )
 
     dev = ctx.device.type
     cap = device_capacity(dev, ctx.nproc)  # --nproc processes on one host share its memory
     ctx.plan_baseline = process_rss()  # before any model is loaded: what a stage in a process of its own starts with
     plans = [p for p in recipe_plan(ctx.recipe, dev, ctx.nproc, capacity=cap, baseline=ctx.plan_baseline)
              if p.stage in names]
+    if not cap:
+        ctx.reporter.log(f"memory plan: not judged: {UNKNOWN_CAPACITY}")
     refuse_unfit(plans, {dev: cap} if cap else {}, ctx.nproc)
     return planned_peaks(plans)
 
