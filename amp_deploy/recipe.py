@@ -132,7 +132,9 @@ class LatencySpec(_Strict):
     warmup: int = _f(5, "warm-up rounds before timing", ge=0)
     tolerance: float = _f(0.03, "the measured speedup may differ from the target by this fraction; beyond, the "
                                 "budget is corrected and the widths chosen again", gt=0, lt=1)
-    corrections: int = _f(3, "at most this many corrections after the first end-to-end check", ge=0, le=10)
+    corrections: int = _f(5, "at most this many corrections after the first end-to-end check (each check costs one "
+                             "model prepared and 2 x iterations rounds; the checks stop once one lands within the "
+                             "tolerance)", ge=0, le=10)
 
 
 class PruneSpec(_Strict):

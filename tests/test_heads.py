@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from amp_deploy import load_pruned
-from amp_deploy.checkpoint import save_pruned
+from amp_deploy.checkpoint import load_pruned_model, save_pruned
 from amp_deploy.data import load_synthetic_data
 from amp_deploy.deploy.export import export_onnx
 from amp_deploy.deploy.runtimes import onnxruntime_runner
@@ -169,6 +169,19 @@ def test_a_build_with_heads_reports_and_reloads_them(tmp_path):
         assert "attention heads per block" in md and "attention heads" in res.output
     shown = CliRunner().invoke(app, ["inspect", str(out)])
     assert shown.exit_code == 0 and "heads" in shown.output, shown.output
+    # it resumes like every build: nothing changed, nothing runs again; the pruned weights lost, the
+    # stages from the rebuild on run again onto the same shapes (the scores and the search are kept)
+    again = build(recipe, "--out", out, *FAST)
+    assert again.exit_code == 0, again.output
+    for stage in ("score", "search", "rebuild", "export", "validate"):
+        assert f"{stage}: inputs unchanged, skipped" in again.output, again.output
+    (out / "pruned.safetensors").unlink()
+    (out / "pruned.before_distill.safetensors").unlink(missing_ok=True)
+    again = build(recipe, "--out", out, *FAST)
+    assert again.exit_code == 0, again.output
+    assert "search: inputs unchanged, skipped" in again.output and "rebuild: inputs unchanged" not in again.output
+    assert read_search(out)["shapes"] == search["shapes"] and load_pruned_model(out / "pruned.safetensors").shapes() \
+        == [tuple(s) for s in search["shapes"]]
 
 
 def test_head_loss_curves_equal_a_direct_evaluation_of_each_block_cut_alone(digits_model):
