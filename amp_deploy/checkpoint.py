@@ -48,11 +48,6 @@ def save_pruned(loaded: Loaded, path: str | Path, original: list[BlockShape]) ->
         save_file(state, str(tmp), metadata=meta)
 
 
-def checkpoint_shapes(meta: dict[str, str]) -> tuple[list[BlockShape], list[BlockShape] | None]:
-    """A checkpoint's shapes and the shapes it was pruned from (None where not recorded)."""
-    return from_record(meta), from_record(meta, "original_")
-
-
 def read_metadata(path: str | Path) -> dict[str, str]:
     """The metadata of a pruned checkpoint; a UserError for any other file."""
     path = Path(path)
@@ -71,7 +66,7 @@ def load_pruned_model(path: str | Path) -> Loaded:
     meta = read_metadata(path)
     base = json.loads(meta["base"])
     loaded = load_model(base["source"], base["name"], False, base["kwargs"], base.get("mlp_sites"))
-    apply_shapes(loaded, checkpoint_shapes(meta)[0])
+    apply_shapes(loaded, from_record(meta))
     try:
         loaded.model.load_state_dict(load_file(str(path)), strict=True)
     except RuntimeError as e:

@@ -221,14 +221,16 @@ def _print_plan(recipe) -> None:
 @_handled
 def inspect(path: Annotated[Path, typer.Argument(help="A pruned.safetensors or an output folder.")]) -> None:
     """Show widths, parameters and FLOPs of a pruned checkpoint or an output folder."""
-    from amp_deploy.checkpoint import checkpoint_shapes, load_pruned_model, read_metadata
+    from amp_deploy.checkpoint import load_pruned_model, read_metadata
     from amp_deploy.measure.metrics import count_flops
     from amp_deploy.prune.families import count_params
 
     ckpt = path / "pruned.safetensors" if path.is_dir() else path
     meta = read_metadata(ckpt)
     loaded = load_pruned_model(ckpt)
-    shapes, original = checkpoint_shapes(meta)
+    from amp_deploy.prune.shape import recorded_shapes
+
+    shapes, original = recorded_shapes(meta)
     original = original or shapes  # not recorded (saved outside a build)
     heads = any(s.heads is not None for s in shapes)
     table = Table(title=f"{ckpt}")

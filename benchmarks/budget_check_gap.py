@@ -24,7 +24,7 @@ from amp_deploy.deploy.runtimes import onnxruntime_runner  # noqa: E402
 from amp_deploy.measure import metrics as M  # noqa: E402
 from amp_deploy.pipeline import speedup as S  # noqa: E402
 from amp_deploy.pipeline.context import Context  # noqa: E402
-from amp_deploy.pipeline.stages import search_shapes  # noqa: E402
+from amp_deploy.prune.shape import recorded_shapes  # noqa: E402
 from amp_deploy.recipe import load_recipe  # noqa: E402
 from benchmarks._common import print_table  # noqa: E402
 
@@ -40,7 +40,7 @@ def main() -> None:
     if lat.runtime != "onnxruntime":
         sys.exit(f"{a.build}: the budget runs on {lat.runtime}; this check times ONNX Runtime builds")
     ctx = Context.create(recipe, a.build)
-    shapes = search_shapes(json.loads((a.build / "search.json").read_text()))[0]
+    shapes = recorded_shapes(json.loads((a.build / "search.json").read_text()))[0]
     scores = ctx.folder.read_scores(recipe.prune.taylor)
     heads = ctx.folder.read_head_scores(recipe.prune.taylor) if any(s.heads for s in shapes) else None
     shipped = a.build / ("pruned.onnxruntime-int8.onnx" if lat.precision == "int8" else "pruned.onnx")

@@ -28,8 +28,8 @@ from amp_deploy.deploy.runtimes import onnxruntime_runner  # noqa: E402
 from amp_deploy.measure import metrics as M  # noqa: E402
 from amp_deploy.measure.compare import change_test, round_ratios  # noqa: E402
 from amp_deploy.pipeline.context import Context  # noqa: E402
-from amp_deploy.pipeline.stages import search_shapes  # noqa: E402
 from amp_deploy.prune.rebuild import apply_widths  # noqa: E402
+from amp_deploy.prune.shape import recorded_shapes  # noqa: E402
 from amp_deploy.recipe import load_recipe  # noqa: E402
 
 
@@ -51,7 +51,7 @@ def ratio_to(row: dict) -> float:
 def enlarged(ctx: Context, growth: float, path: Path) -> Path:
     """The pruned widths grown by `growth` of the gap to the original's, exported to `path`."""
     loaded = ctx.original()
-    shapes, original = search_shapes(ctx.folder.read_search())
+    shapes, original = recorded_shapes(ctx.folder.read_search())
     widths = [min(o.width, int(round(s.width + growth * (o.width - s.width)))) for s, o in zip(shapes, original)]
     apply_widths(loaded, ctx.folder.read_scores(ctx.recipe.prune.taylor), widths)
     loaded.model.cpu().float().eval()

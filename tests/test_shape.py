@@ -9,14 +9,22 @@ import torch
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
-from amp_deploy.checkpoint import checkpoint_shapes, load_pruned_model, read_metadata, save_pruned
+from amp_deploy.checkpoint import load_pruned_model, read_metadata, save_pruned
 from amp_deploy.cli import app
 from amp_deploy.measure.compare import compare, load_report, render_md
 from amp_deploy.measure.report import heads_cut
-from amp_deploy.pipeline.stages import search_shapes
 from amp_deploy.prune.families import load_model
 from amp_deploy.prune.rebuild import apply_shapes
-from amp_deploy.prune.shape import BlockShape, from_json, from_record, from_report, heads_of, shapes_of, to_json
+from amp_deploy.prune.shape import (
+    BlockShape,
+    from_json,
+    from_record,
+    from_report,
+    heads_of,
+    recorded_shapes,
+    shapes_of,
+    to_json,
+)
 
 
 def test_shapes_read_from_every_record_kind():
@@ -56,7 +64,7 @@ def test_a_checkpoint_records_shapes_and_one_written_before_them_still_loads(tmp
     path = tmp_path / "p.safetensors"
     save_pruned(loaded, path, original)
     meta = read_metadata(path)
-    assert checkpoint_shapes(meta) == (loaded.shapes(), original)
+    assert recorded_shapes(meta) == (loaded.shapes(), original)
     assert json.loads(meta["widths"]) == loaded.widths()  # for scripts that read the widths (DESIGN.md)
 
     # the same checkpoint as amp-deploy wrote it before shapes: widths, and heads in a list of their own
@@ -73,14 +81,14 @@ def test_a_checkpoint_records_shapes_and_one_written_before_them_still_loads(tmp
     assert shown.exit_code == 0 and f"{loaded.heads()[0]} of {original[0].heads}" in shown.output, shown.output
     # widths alone (before heads were cut at all): every head kept
     widths_only = {k: v for k, v in old.items() if k not in ("heads", "original_heads")}
-    assert checkpoint_shapes(widths_only) == (shapes_of(loaded.widths()), shapes_of([s.width for s in original]))
+    assert recorded_shapes(widths_only) == (shapes_of(loaded.widths()), shapes_of([s.width for s in original]))
 
 
 def test_an_old_search_json_and_old_reports_keep_rebuilding_and_comparing(tmp_path):
-    assert search_shapes({"widths": [96, 128], "original_widths": [192, 192], "heads": [2, 4],
+    assert recorded_shapes({"widths": [96, 128], "original_widths": [192, 192], "heads": [2, 4],
                           "original_heads": [4, 4]}) == ([BlockShape(96, 2), BlockShape(128, 4)],
                                                          [BlockShape(192, 4), BlockShape(192, 4)])
-    assert search_shapes({"widths": [96, 128], "original_widths": [192, 192]}) == (shapes_of([96, 128]),
+    assert recorded_shapes({"widths": [96, 128], "original_widths": [192, 192]}) == (shapes_of([96, 128]),
                                                                                      shapes_of([192, 192]))
     reports = []
     for i, heads in enumerate([None, {"original": [4, 4], "pruned": [2, 4]}]):

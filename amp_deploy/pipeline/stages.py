@@ -43,7 +43,7 @@ from amp_deploy.prune.search import (
     uniform_widths,
     width_grid,
 )
-from amp_deploy.prune.shape import BlockShape, from_record, heads_of, shapes_of, to_json
+from amp_deploy.prune.shape import heads_of, recorded_shapes, shapes_of, to_json
 
 
 def stage_score(ctx: Context) -> None:
@@ -280,16 +280,10 @@ def falling_loss_warning(fell: list[dict]) -> str:
             "criterion, not by redundancy; prune.search_loss=divergence holds each block to the original instead")
 
 
-def search_shapes(search: dict) -> tuple[list[BlockShape], list[BlockShape]]:
-    """search.json's chosen shapes and the original's (a search.json from before shapes: its widths,
-    and heads where searched)."""
-    return from_record(search), from_record(search, "original_")
-
-
 def stage_rebuild(ctx: Context) -> None:
     loaded = ctx.original()
     scores = ctx.folder.read_scores(ctx.recipe.prune.taylor)
-    shapes, original = search_shapes(ctx.folder.read_search())
+    shapes, original = recorded_shapes(ctx.folder.read_search())
     head_scores = ctx.folder.read_head_scores(ctx.recipe.prune.taylor) if heads_of(shapes) else None
     apply_shapes(loaded, shapes, scores, head_scores)
     loaded.model.cpu()
@@ -357,7 +351,7 @@ def stage_distill(ctx: Context) -> None:
         student = load_pruned_model(f.rebuilt)
         student.model.load_state_dict(state.student)
     student.model.cpu()
-    save_pruned(student, f.pruned, search_shapes(f.read_search())[1])
+    save_pruned(student, f.pruned, recorded_shapes(f.read_search())[1])
     skipped = getattr(split, "skipped", 0)  # unreadable files met in the last epoch (every rank reads them all)
     f.write_distill_log({"epochs": d.epochs, "images": len(images), "skipped_unreadable": skipped,
                          "losses": state.losses,

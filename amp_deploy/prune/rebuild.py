@@ -157,6 +157,4 @@ def apply_shapes(loaded: Loaded, shapes: list[BlockShape], scores: list[torch.Te
     to its head count (top-scored heads); with no scores, the first ones (a checkpoint being rebuilt).
     A shape whose heads are None keeps every head."""
     apply_widths(loaded, scores, widths_of(shapes))
-    heads = heads_of(shapes)
-    if heads is not None and heads != loaded.heads():
-        apply_heads(loaded, head_scores, heads)
+    apply_heads(loaded, head_scores, heads_of(shapes))

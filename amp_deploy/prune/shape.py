@@ -55,11 +55,6 @@ def heads_of(shapes: Sequence[BlockShape]) -> list[int] | None:
     return None if any(s.heads is None for s in shapes) else [s.heads for s in shapes]
 
 
-def with_heads(shapes: Sequence[BlockShape], heads: Sequence[int] | None) -> list[BlockShape]:
-    """The same widths with these head counts (None: unchanged)."""
-    return list(shapes) if heads is None else shapes_of(widths_of(shapes), heads)
-
-
 def to_json(shapes: Sequence[BlockShape]) -> list[list[int | None]]:
     return [[s.width, s.heads] for s in shapes]
 
@@ -87,6 +82,12 @@ def from_record(record: Mapping[str, Any], prefix: str = "") -> list[BlockShape]
     return shapes_of(value(f"{prefix}widths"), value(f"{prefix}heads"))
 
 
+def recorded_shapes(record: Mapping[str, Any]) -> tuple[list[BlockShape] | None, list[BlockShape] | None]:
+    """A record's shapes and the shapes it was pruned from (`original_`): search.json and a
+    checkpoint's metadata, either as written now or from before shapes (None where not recorded)."""
+    return from_record(record), from_record(record, "original_")
+
+
 def report_section(original: Sequence[BlockShape], pruned: Sequence[BlockShape]) -> dict[str, Any]:
     """report.json's documented `widths` and `heads` sections from the shapes."""
     return {"widths": {"original": widths_of(original), "pruned": widths_of(pruned)},
@@ -102,8 +103,3 @@ def from_report(rep: Mapping[str, Any], which: str) -> list[BlockShape]:
 def heads_cut(original: Sequence[BlockShape], pruned: Sequence[BlockShape]) -> bool:
     """Whether any block lost attention heads."""
     return any(p.heads is not None and o.heads is not None and p.heads < o.heads for o, p in zip(original, pruned))
-
-
-def describe(shapes: Sequence[BlockShape]) -> str:
-    """`1152/5 864/6 ...` (width/heads per block), or the widths alone where heads are unknown."""
-    return " ".join(str(s.width) if s.heads is None else f"{s.width}/{s.heads}" for s in shapes)
