@@ -149,7 +149,8 @@ def test_the_latency_search_is_keyed_by_what_its_table_was_timed_with_and_the_de
     key = lambda *o, device="cpu": M.stage_keys(load_recipe(QUICKSTART, [*budget, *o]), STAGES,  # noqa: E731
                                                 device=device)["search"]
     base = key()
-    for override in ("export.batch.max=16", "validate.threads=1", "quantize.calibration=8", "compile.workspace_mib=512"):
+    for override in ("export.batch.max=16", "validate.threads=1", "quantize.calibration=8", "compile.workspace_mib=512",
+                     "prune.latency.baseline=fp32", "prune.latency.corrections=2"):
         assert key(override) != base, override
     assert key(device="cuda") != base
     plain = lambda *o: M.stage_keys(load_recipe(QUICKSTART, list(o)), STAGES)["search"]  # noqa: E731
