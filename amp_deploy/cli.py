@@ -276,8 +276,9 @@ class Format(str, Enum):
 @_handled
 def compare_cmd(reports: Annotated[list[Path], typer.Argument(help="report.json files or output folders; the first is the baseline.")],
                 fail_on_regression: Annotated[float | None, typer.Option(
-                    "--fail-on-regression", metavar="PCT", help="Exit 1 when a pruned model is slower than the baseline's by more than PCT percent "
-                         "(one-sided Mann-Whitney U on the timing samples, p < 0.01).")] = None,
+                    "--fail-on-regression", metavar="PCT", help="Exit 1 when a pruned model's 95% interval of the change lies wholly above PCT percent "
+                         "slower than the baseline's, 0 when every one lies wholly below, 3 when the rounds timed "
+                         "cannot tell (it says how many would).")] = None,
                 fmt: Annotated[Format, typer.Option("--format", help="table, md (for a pull request) or json.")] = Format.table) -> None:
     """Compare reports side by side: latency per runtime and batch size, size, widths, fidelity."""
     from amp_deploy.measure.compare import compare, gate_threshold, load_report, render_md

@@ -177,6 +177,15 @@ class PruneSpec(_Strict):
                             "same threshold; with target_speedup/target_latency_ms the latency table gains a heads axis and "
                             "the knapsack chooses (width, heads) per block; at least one head per block stays, head "
                             "size unchanged. false (the authors' AMP): the MLPs alone")
+    compensate: Literal["ridge", "bias", "none"] = _f(
+        "ridge", "after a cut, re-fit the layer that reads the cut units (the MLP's output layer; with heads, the "
+                 "attention's output projection) to what the unpruned layer produced on the calibration images: ridge "
+                 "(least squares of weights and bias, damped toward the weights as cut) | bias (the removed units' mean "
+                 "folded into the bias, FLAP's) | none (the weights as cut, the authors' AMP). The search prices every "
+                 "candidate with its re-fit; a re-fit that reconstructs worse on the validation images is declined")
+    compensate_damping: float = _f(0.01, "ridge damping as a fraction of the mean of the Gram matrix's diagonal "
+                                         "(no unit: the same for every model)", gt=0)
+    compensate_tokens: int = _f(64, "tokens per image (a seeded sample) in the re-fit's statistics", ge=1)
     steps: int = _f(6, "bisection steps per block", ge=1, le=20)
     align: int = _f(1, "kept widths are multiples of this (e.g. 64 for tensor cores)", ge=1)
     cache: bool = _f(True, "replay the hidden states entering each block during the search (false: the "
@@ -225,8 +234,11 @@ class DistillSpec(_Strict):
     warmup: float = _f(1.0, "epochs of linear learning-rate warm-up (at most half of all steps, so that a short "
                             "run decays too)", ge=0)
     weight_decay: float = _f(0.05, "AdamW's decoupled weight decay", ge=0)
-    loss: Literal["auto", "kl", "cosine", "mse"] = _f("auto", "auto: kl on logits (classifiers), cosine on the "
-                                                              "embedding (embedding models)")
+    loss: Literal["auto", "tokens", "output", "kl", "cosine", "mse"] = _f(
+        "auto", "tokens: the output loss (kl on logits for classifiers, cosine on the embedding) plus every token "
+                "(CLS and patches) of the last block before the final norm, squared error relative to the "
+                "original's (the authors' distillation); output: the output loss alone; kl, cosine, mse: that loss "
+                "on the output alone; auto: tokens")
     temperature: float = _f(1.0, "softens teacher and student logits for the kl loss", gt=0)
     augment: bool = _f(True, "augmentation that fits the data: one-pixel shifts for digits, horizontal "
                              "flips for image folders, none for synthetic images")

@@ -104,11 +104,12 @@ def main() -> None:
 
             same, slo = judge(again), judge(slow)
             rows.append((base, again, slow, same, slo))
-            verdict = lambda t: "FAIL" if t["regression"] else "pass"  # noqa: E731
+            verdict = lambda t: {"regression": "FAIL", "pass": "pass"}.get(t["verdict"], "undecided")  # noqa: E731
+            ci = lambda t: f"{t['ci95_pct'][0]:+.1f}..{t['ci95_pct'][1]:+.1f}%"  # noqa: E731
             print(f"| {t + 1} | {p50(base):.3f} | {p50(again):.3f} ({(p50(again) / p50(base) - 1) * 100:+.1f}%, "
-                  f"{same[0]['p_value']:.2g}, {same[1]['p_value']:.2g}) | {verdict(same[0])} | {verdict(same[1])} | "
-                  f"{p50(slow):.3f} ({(p50(slow) / p50(base) - 1) * 100:+.1f}%, {slo[0]['p_value']:.2g}, "
-                  f"{slo[1]['p_value']:.2g}) | {verdict(slo[0])} | {verdict(slo[1])} |", flush=True)
+                  f"{ci(same[0])}, {ci(same[1])}) | {verdict(same[0])} | {verdict(same[1])} | "
+                  f"{p50(slow):.3f} ({(p50(slow) / p50(base) - 1) * 100:+.1f}%, {ci(slo[0])}, "
+                  f"{ci(slo[1])}) | {verdict(slo[0])} | {verdict(slo[1])} |", flush=True)
     n = len(rows)
     for label, i in (("same build twice", 3), ("slower build", 4)):
         raw = sum(r[i][0]["regression"] for r in rows)

@@ -15,6 +15,8 @@ For each target T and each method (`mlp`: the authors' AMP, widths only; `joint`
 3. Fidelity on the build's holdout, before distillation (pruned.before_distill.safetensors) and after:
    cosine of the embedding to the original's, the search's divergence (image-image, inverse temperature
    of the recipe, batches of 128) and k-NN top-1 (bank: the calibration images), from the same models.
+`--set KEY=VALUE ...`: recipe overrides for every build (`prune.compensate=none distill.loss=output`: the
+method before compensation and token distillation).
 `--size 224`: the same weights (original and each pruned model) exported again at 224x224 (DINOv2
 interpolates its position embeddings) and timed there the same way (fp32). Run on an idle machine.
 """
@@ -113,12 +115,14 @@ def main() -> None:
     ap.add_argument("--iterations", type=int, default=30)
     ap.add_argument("--reuse", action="store_true", help="keep builds that have a report.json")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--set", nargs="*", default=[], help="recipe overrides for every build (e.g. prune.compensate=none "
+                                                        "distill.loss=output: the method before compensation)")
     a = ap.parse_args()
     base = ["runtimes=[onnxruntime]", "validate.batch_sizes=[8]", "prune.target_params=null",
-            f"distill.epochs={a.distill_epochs}"]
+            f"distill.epochs={a.distill_epochs}", *a.set]
     if a.int8:
         base += ["prune.latency.precision=int8", "prune.latency.baseline=fp32", "quantize.formats=[onnxruntime-int8]"]
-    recipe = load_recipe(a.recipe, [])
+    recipe = load_recipe(a.recipe, a.set)
     builds: dict[str, tuple[dict | None, str]] = {}
     reach: dict[str, float] = {}  # per method, the reach a finished build's table measured (same machine)
     for t in sorted(a.targets):

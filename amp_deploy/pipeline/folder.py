@@ -56,6 +56,11 @@ class BuildFolder:
         return self.root / "pruned.before_distill.safetensors" if self.distilled else self.pruned
 
     @property
+    def compensate_log(self) -> Path:
+        """What the rebuild's re-fit did (prune.compensate): per block and site, errors and declines."""
+        return self.root / "compensate.json"
+
+    @property
     def distill_checkpoint(self) -> Path:
         return self.root / "distill.ckpt.safetensors"
 
@@ -200,6 +205,12 @@ class BuildFolder:
 
     def read_distill_log(self) -> dict[str, Any] | None:
         return json.loads(self.distill_log.read_text()) if self.distill_log.is_file() else None
+
+    def write_compensate_log(self, log: dict[str, Any]) -> None:
+        write_json(self.compensate_log, log)
+
+    def read_compensate_log(self) -> dict[str, Any] | None:
+        return json.loads(self.compensate_log.read_text()) if self.compensate_log.is_file() else None
 
     def write_search(self, result: dict[str, Any]) -> None:
         write_json(self.search, result)

@@ -148,15 +148,18 @@ def _adaptive_search(ctx: Context, loaded: Loaded, scores) -> dict:
                           _text(ctx, loaded))
 
     head_scores = _head_scores(ctx, loaded) if p.heads else None
+    comp = compensator(ctx, loaded, heads=p.heads)
 
     def run(target: Loaded, threshold: float, on_block=None):
         with loss_features(target, view_of(ctx, target)):
             return adaptive_widths(target, scores, data.validation, loss=loss, threshold=threshold,
                                    batch_size=ctx.recipe.data.batch_size, steps=p.steps, align=p.align,
-                                   device=ctx.device, cached=p.cache, on_block=on_block, head_scores=head_scores)
+                                   device=ctx.device, cached=p.cache, on_block=on_block, head_scores=head_scores,
+                                   comp=comp)
 
     if p.target_speedup is not None or p.target_latency_ms is not None:
-        return _latency_search(ctx, loaded, scores, loss, head_scores)
+        out = _latency_search(ctx, loaded, scores, loss, head_scores, comp)
+        return {**out, "compensation": _search_compensation(comp)}
     extra: dict = {}
     if p.target_params is None:
         advance = ctx.reporter.task("search: widths, last block first", len(loaded.sites))
@@ -176,21 +179,34 @@ def _adaptive_search(ctx: Context, loaded: Loaded, scores) -> dict:
         extra = dict(threshold=threshold, target_params=p.target_params, budget_params=budget,
                      thresholds_tried=tried, block_forwards_all_thresholds=sum(t[2] for t in tried))
         if p.uniform_check and (getattr(loss, "reference", False) or criterion == "ce"):  # a level is no departure
-            extra["uniform_check"] = _uniform_check(ctx, loaded, pruned, scores, budget, loss)
+            extra["uniform_check"] = _uniform_check(ctx, loaded, pruned, scores, budget, loss, comp)
     if res.fell:
         ctx.reporter.log(falling_loss_warning(res.fell))
-    chosen = extra["uniform_check"]["widths"] if extra.get("uniform_check", {}).get("chosen") == "uniform" else None
-    if p.target_params is not None and chosen is None and count_params(pruned.model) > extra["budget_params"]:
-        raise UserError(f"prune.target_params: {p.target_params:g}: the threshold search found no widths within "
-                        f"{extra['budget_params']:,} parameters (closest {count_params(pruned.model):,} at threshold "
-                        f"{extra['threshold']:.3g}); ask for a larger budget or prune.search=uniform")
+    check = extra.get("uniform_check", {})
+    chosen = check["widths"] if check.get("chosen") == "uniform" else None
+    if p.target_params is not None:  # whatever was chosen, it is within the budget or the build stops
+        got = check["params"] if chosen else count_params(pruned.model)
+        if got > extra["budget_params"]:
+            raise UserError(f"prune.target_params: {p.target_params:g}: the search found no shapes within "
+                            f"{extra['budget_params']:,} parameters (closest {got:,} at threshold "
+                            f"{extra['threshold']:.3g}); ask for a larger budget or prune.search=uniform")
     shapes = shapes_of(chosen) if chosen else res.shapes  # the uniform check's widths keep every head
     out = dict(shapes=to_json(shapes), base_loss=res.base_loss, losses=res.losses, block_forwards=res.block_forwards,
                block_forwards_naive=res.block_forwards_naive, steps=res.steps, loss_fell=res.fell,
-               search_loss=p.search_loss if criterion != "ce" else "ce", **extra)
+               search_loss=p.search_loss if criterion != "ce" else "ce", compensation=_search_compensation(comp),
+               **extra)
     if p.heads:
         out.update(head_steps=res.head_steps)
     return out
+
+
+def _search_compensation(comp) -> dict:
+    """The search's re-fits, in brief: the mode and the seconds they cost (statistics, solves)."""
+    if comp is None:
+        return {"mode": "none"}
+    return {"mode": comp.mode, "damping": comp.damping, "statistics_seconds": round(comp.statistics_seconds, 3),
+            "refit_seconds": round(comp.seconds, 3), "refits": len(comp.decisions),
+            "declined": sum(d.declined for d in comp.decisions.values())}
 
 
 def require_heads(loaded: Loaded) -> None:
@@ -230,7 +246,7 @@ def _budget_reachable(ctx: Context, scores, loaded: Loaded, budget: int, total: 
                         f"stay. Ask for prune.target_params >= {math.ceil(least / total * 1000) / 1000:g}")
 
 
-def _uniform_check(ctx: Context, original: Loaded, pruned: Loaded, scores, budget: int, loss) -> dict:
+def _uniform_check(ctx: Context, original: Loaded, pruned: Loaded, scores, budget: int, loss, comp=None) -> dict:
     """The threshold search's model against the same fraction of neurons in every block within the same
     parameter budget, both scored by the search loss on the validation images: the one that departs
     less is kept (the greedy per-block threshold can lose to uniform widths on its own loss at deep
@@ -245,7 +261,12 @@ def _uniform_check(ctx: Context, original: Loaded, pruned: Loaded, scores, budge
             return model_losses(models[0], models[1:], ctx.data().validation, loss=loss,
                                 batch_size=ctx.recipe.data.batch_size, device=ctx.device)
 
-    got = uniform_check(original, pruned, original.shared_copy, scores, budget, ctx.recipe.prune.align, losses)
+    got = uniform_check(original, pruned, original.shared_copy, scores, budget, ctx.recipe.prune.align, losses, comp)
+    if ctx.recipe.prune.heads:
+        got["heads"] = "all"  # the uniform model cuts MLPs only
+        ctx.reporter.log("search: the uniform check's model keeps every attention head (it cuts MLP widths only)"
+                         + ("" if got["fits"] else f"; at this budget it does not fit ({got['params']:,} parameters "
+                                                   f"over {budget:,}), so the search's shapes stay"))
     if got["chosen"] == "uniform":
         ctx.reporter.log(f"search: the same width in every block ({got['widths'][0]} of {original.widths()[0]} "
                          f"neurons) departs less from the original than the threshold search's widths at this budget "
@@ -254,7 +275,7 @@ def _uniform_check(ctx: Context, original: Loaded, pruned: Loaded, scores, budge
     return got
 
 
-def _latency_search(ctx: Context, loaded: Loaded, scores, loss, head_scores=None) -> dict:
+def _latency_search(ctx: Context, loaded: Loaded, scores, loss, head_scores=None, comp=None) -> dict:
     """Widths (and heads, with prune.heads) for prune.target_speedup / target_latency_ms
     (pipeline.speedup), with the loss curves measured by the search's cached evaluator under the
     search loss."""
@@ -267,7 +288,7 @@ def _latency_search(ctx: Context, loaded: Loaded, scores, loss, head_scores=None
         with loss_features(target, view_of(ctx, target)):
             return loss_curves(target, scores, data.validation, candidates, loss=loss,
                                batch_size=ctx.recipe.data.batch_size, device=ctx.device, cached=p.cache,
-                               head_scores=head_scores, head_candidates=head_candidates)
+                               head_scores=head_scores, head_candidates=head_candidates, comp=comp)
 
     criterion = "ce" if p.criterion == "ce" else p.search_loss
     return {**latency_search(ctx, loaded, scores, curves_of, head_scores), "search_loss": criterion}
@@ -280,14 +301,60 @@ def falling_loss_warning(fell: list[dict]) -> str:
             "criterion, not by redundancy; prune.search_loss=divergence holds each block to the original instead")
 
 
+def compensator(ctx: Context, loaded: Loaded, heads: bool):
+    """prune.compensate: the re-fit's statistics of the unpruned `loaded` on the calibration images (what
+    it fits) and on the validation images (what guards it); None with prune.compensate none. Every rank
+    reads every image, so the statistics are alike across processes."""
+    from amp_deploy.numerics import fp32_reference
+    from amp_deploy.prune.compensate import Compensator, collect
+
+    p, data, bs = ctx.recipe.prune, ctx.data(), ctx.recipe.data.batch_size
+    if p.compensate == "none":
+        return None
+    start = time.perf_counter()
+    n = -(-len(data.calibration) // bs) + -(-len(data.validation) // bs)
+    advance = ctx.reporter.task("compensate: statistics of the layers a cut re-fits", n)
+
+    def images(split):
+        for x, _labels in split.batches(bs):
+            yield x
+            advance(1)
+
+    loaded.model.eval()
+    with fp32_reference():
+        fit = collect(loaded, images(data.calibration), ctx.device, heads, p.compensate_tokens, ctx.recipe.data.seed)
+        check = collect(loaded, images(data.validation), ctx.device, heads, p.compensate_tokens, ctx.recipe.data.seed)
+    comp = Compensator(fit, check, p.compensate, p.compensate_damping)
+    comp.statistics_seconds = time.perf_counter() - start
+    return comp
+
+
+def compensation_log(comp) -> dict:
+    """What a compensator did, for search.json and compensate.json."""
+    if comp is None:
+        return {"mode": "none"}
+    rows = comp.summary()
+    return {"mode": comp.mode, "damping": comp.damping, "statistics_seconds": round(comp.statistics_seconds, 3),
+            "refit_seconds": round(comp.seconds, 3), "declined": sum(r["declined"] for r in rows), "refits": rows}
+
+
 def stage_rebuild(ctx: Context) -> None:
     loaded = ctx.original()
     scores = ctx.folder.read_scores(ctx.recipe.prune.taylor)
     shapes, original = recorded_shapes(ctx.folder.read_search())
     head_scores = ctx.folder.read_head_scores(ctx.recipe.prune.taylor) if heads_of(shapes) else None
-    apply_shapes(loaded, shapes, scores, head_scores)
+    cut = any(s != o for s, o in zip(shapes, original))
+    comp = compensator(ctx, loaded, heads=bool(heads_of(shapes))) if cut else None
+    apply_shapes(loaded, shapes, scores, head_scores, comp)
     loaded.model.cpu()
     save_pruned(loaded, ctx.folder.rebuilt, original)
+    log = compensation_log(comp)
+    if comp is None and cut is False:
+        log["mode"] = "nothing cut"
+    ctx.folder.write_compensate_log(log)
+    if log.get("declined"):
+        ctx.reporter.log(f"rebuild: {log['declined']} re-fit(s) reconstructed the unpruned output worse on the "
+                         "validation images than the weights as cut, and were declined (compensate.json)")
 
 
 def stage_distill(ctx: Context) -> None:
@@ -295,7 +362,7 @@ def stage_distill(ctx: Context) -> None:
     Sharded (distill.sharding), the epoch checkpoints are a torch.distributed.checkpoint folder."""
     from amp_deploy.files import hash_file, hash_obj
     from amp_deploy.pipeline.memory import device_capacity, distill_precision
-    from amp_deploy.prune.distill import ShardedCheckpoint, default_loss, distill, plan_sharding
+    from amp_deploy.prune.distill import ShardedCheckpoint, distill, plan_sharding, resolve_loss
 
     d, f = ctx.recipe.distill, ctx.folder
     if d.epochs == 0:
@@ -327,8 +394,8 @@ def stage_distill(ctx: Context) -> None:
             name = (ckpt.path if sharded else f.distill_checkpoint).name
             ctx.reporter.log(f"distill: resuming after epoch {done} of {d.epochs} (from {name})")
         start = time.perf_counter()
-        loss = default_loss(student.output) if d.loss == "auto" else d.loss
-        train = dict(batch_size=d.batch_size, warmup=d.warmup, weight_decay=d.weight_decay, loss=loss,
+        loss, tokens = resolve_loss(d.loss, student.output)
+        train = dict(batch_size=d.batch_size, warmup=d.warmup, weight_decay=d.weight_decay, loss=loss, tokens=tokens,
                      temperature=d.temperature, seed=ctx.recipe.data.seed, device=ctx.device,
                      augment=_augmentation(ctx) if d.augment else None, precision=precision,
                      sharding=plan["sharding"], blocks=student.blocks, checkpointing=d.checkpointing)
@@ -356,7 +423,7 @@ def stage_distill(ctx: Context) -> None:
     f.write_distill_log({"epochs": d.epochs, "images": len(images), "skipped_unreadable": skipped,
                          "losses": state.losses,
                          "resumed_after_epoch": done or None,
-                         "seconds": round(time.perf_counter() - start, 3), "loss": loss, "lr": lr,
+                         "seconds": round(time.perf_counter() - start, 3), "loss": loss, "tokens": tokens, "lr": lr,
                          "lr_setting": d.lr, "lr_probe": probe, "processes": world, "precision": precision,
                          "checkpointing": d.checkpointing, **plan})
     f.distill_checkpoint.unlink(missing_ok=True)
@@ -615,7 +682,8 @@ STAGES: tuple[Stage, ...] = (
           reads=("model.pretrained", "data.path", "data.class_names"), device_bound=True),
     Stage("search", search_depends, lambda f: [f.search], stage_search, machine_bound=latency_budget, device_bound=True,
           parallel=True),
-    Stage("rebuild", ("distill.epochs",), lambda f: [f.rebuilt], stage_rebuild),
+    Stage("rebuild", ("distill.epochs", "prune.compensate", "prune.compensate_damping", "prune.compensate_tokens"),
+          lambda f: [f.rebuilt, f.compensate_log], stage_rebuild, device_bound=True),
     Stage("distill", ("distill", "data"), lambda f: [f.pruned, f.distill_log] if f.distilled else [], stage_distill,
           parallel=True, reads=("distill.path",), device_bound=True),
     Stage("export", export_depends, lambda f: [f.onnx("original"), f.onnx("pruned"), *f.ir_files()], stage_export),

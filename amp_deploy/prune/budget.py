@@ -43,7 +43,8 @@ import torch
 from amp_deploy.data import Split
 from amp_deploy.numerics import fp32_reference, median_ratio
 from amp_deploy.prune.families import Loaded
-from amp_deploy.prune.rebuild import keep_top, set_attention, set_modules, sliced_attention, sliced_modules
+from amp_deploy.prune.compensate import Compensator
+from amp_deploy.prune.rebuild import cut_attention, cut_mlp, keep_top, set_attention, set_modules
 from amp_deploy.prune.search import _Evaluator, width_grid
 from amp_deploy.prune.shape import BlockShape, HasShapes
 
@@ -190,12 +191,13 @@ class Curves:
 def loss_curves(loaded: Loaded, scores: list[torch.Tensor], val: Split, candidates: list[list[int]], *,
                 loss: Callable, batch_size: int = 64, device: torch.device | None = None, cached: bool = True,
                 on_block: Callable[[int], None] | None = None, head_scores: list[torch.Tensor] | None = None,
-                head_candidates: list[list[int]] | None = None) -> Curves:
+                head_candidates: list[list[int]] | None = None, comp: Compensator | None = None) -> Curves:
     """Each block's search loss at each of its candidate widths, the other blocks whole (and, with
     `head_scores`, at each of its candidate head counts, its MLP and the other blocks whole).
 
     Blocks are visited first to last; with the cache, the hidden states entering block i come from
     the first pass (the blocks before it are whole), so each evaluation runs blocks i..end only.
+    `comp` re-fits each candidate's output layer (prune.compensate): the curves price what will ship.
     `loaded` is left unpruned.
     """
     with fp32_reference():
@@ -209,7 +211,7 @@ def loss_curves(loaded: Loaded, scores: list[torch.Tensor], val: Split, candidat
                 if w == original["fc_out"].in_features:
                     row.append(base)
                     continue
-                set_modules(loaded, i, sliced_modules(original, loaded.sites[i], keep_top(scores[i], w)))
+                set_modules(loaded, i, cut_mlp(loaded, i, original, keep_top(scores[i], w), comp))
                 row.append(ev(i))
             set_modules(loaded, i, original)
             losses.append(row)
@@ -219,7 +221,7 @@ def loss_curves(loaded: Loaded, scores: list[torch.Tensor], val: Split, candidat
                     if h * site.head_dim == attn["proj"].in_features:
                         row.append(base)
                         continue
-                    set_attention(loaded, i, sliced_attention(attn, site, keep_top(head_scores[i], h)))
+                    set_attention(loaded, i, cut_attention(loaded, i, attn, keep_top(head_scores[i], h), comp))
                     row.append(ev(i))
                 set_attention(loaded, i, attn)
                 head_losses.append(row)

@@ -46,6 +46,17 @@ def default_loss(output: str) -> DistillLoss:
     return "kl" if output == "logits" else "cosine"
 
 
+def resolve_loss(setting: str, output: str) -> tuple[DistillLoss, bool]:
+    """distill.loss -> (the loss on the model's output, whether every token of the last block is matched
+    too). auto is tokens: the authors' distillation, and on DINOv2 ViT-S/14 the closer student after the
+    same epochs (benchmarks/RESULTS.md, "Distillation on every token"); output: the output alone."""
+    if setting in ("auto", "tokens"):
+        return default_loss(output), True
+    if setting == "output":
+        return default_loss(output), False
+    return setting, False  # kl, cosine or mse on the output alone
+
+
 def distill_loss(kind: DistillLoss, student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
     """Per-image loss of the student's outputs against the teacher's."""
     s, t = student.float().flatten(1), teacher.float().flatten(1)
@@ -55,6 +66,59 @@ def distill_loss(kind: DistillLoss, student: torch.Tensor, teacher: torch.Tensor
     if kind == "cosine":
         return 1 - F.cosine_similarity(s, t, dim=-1)
     return (s - t).pow(2).mean(-1)
+
+
+def token_loss(student: torch.Tensor, teacher: torch.Tensor, batch: int) -> torch.Tensor:
+    """Per-image loss on every token (the CLS token and every patch token) of the last block's output,
+    before the final norm: the squared error over the image's tokens relative to the teacher's tokens'
+    energy (so the term has no unit and weighs alike in every model). Either token layout
+    (batch-first, or tokens-first as open_clip's older towers) is accepted."""
+    s, t = (_batch_first(x.float(), batch) for x in (student, teacher))
+    return (s - t).pow(2).sum(-1) / t.pow(2).sum(-1).clamp_min(1e-12)
+
+
+def _batch_first(x: torch.Tensor, batch: int) -> torch.Tensor:
+    if x.shape[0] != batch and x.dim() > 1 and x.shape[1] == batch:
+        x = x.transpose(0, 1)
+    return x.reshape(batch, -1)
+
+
+class LastTokens:
+    """The output of a model's last block (its hidden states before the final norm), caught by a forward
+    hook on the block while the models run; `value` is the latest."""
+
+    def __init__(self, model: nn.Module, blocks: str | None) -> None:
+        if blocks is None:
+            raise UserError("distill.loss: tokens needs the model's block list")
+        self.value: torch.Tensor | None = None
+        self._handle = model.get_submodule(blocks)[-1].register_forward_hook(self._hook)
+
+    def _hook(self, _module, _args, out) -> None:
+        self.value = out[0] if isinstance(out, (tuple, list)) else out
+
+    def remove(self) -> None:
+        self._handle.remove()
+
+
+class _Criterion:
+    """What a step minimises: the output loss (`kind`), plus with `tokens` the every-token loss of the last
+    block's output (hooks on both models' last blocks)."""
+
+    def __init__(self, kind: DistillLoss, temperature: float, tokens: bool, student: nn.Module, teacher: nn.Module,
+                 blocks: str | None) -> None:
+        self.kind, self.temperature = kind, temperature
+        self.hooks = (LastTokens(student, blocks), LastTokens(teacher, blocks)) if tokens else None
+
+    def __call__(self, out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        loss = distill_loss(self.kind, out, target, self.temperature)
+        if self.hooks is not None:
+            s, t = (h.value for h in self.hooks)
+            loss = loss + token_loss(s, t.detach(), len(out))
+        return loss
+
+    def remove(self) -> None:
+        for h in self.hooks or ():
+            h.remove()
 
 
 def lr_at(step: int, total: int, warmup: int, peak: float) -> float:
@@ -100,7 +164,7 @@ def distill(student: nn.Module, teacher: nn.Module, images, *, epochs: int, lr: 
             on_step: Callable[[int, float], None] = lambda n, loss: None,
             max_steps: int | None = None, sharding: Sharding = "none", blocks: str | None = None,
             checkpointing: bool = False, precision: Precision | None = None,
-            checkpoint: ShardedCheckpoint | None = None) -> DistillState:
+            checkpoint: ShardedCheckpoint | None = None, tokens: bool = False) -> DistillState:
     """Train `student` (in place) to reproduce `teacher` on `images`; return the final state.
 
     Args:
@@ -135,6 +199,8 @@ def distill(student: nn.Module, teacher: nn.Module, images, *, epochs: int, lr: 
             buffers of rotary embeddings in EVA's attention), the master weights and AdamW state in fp32;
             "fp32": everything in float32.
         checkpoint: sharded runs: where the epoch checkpoints are saved and resumed from.
+        tokens: add the loss on every token of the last block's output, before the final norm
+            (`token_loss`; the authors' distillation matches the CLS and every patch token there).
 
     Sharded, the returned state's `student` is the full state dict on rank 0 (on the CPU) and empty on
     the other ranks; `student` itself is left sharded (its parameters are DTensors).
@@ -151,6 +217,7 @@ def distill(student: nn.Module, teacher: nn.Module, images, *, epochs: int, lr: 
         _fully_shard(student, blocks, bf16)
         _fully_shard(teacher, blocks, bf16)
     opt = torch.optim.AdamW(param_groups(student, weight_decay), lr=lr, weight_decay=weight_decay)
+    criterion = _Criterion(loss, temperature, tokens, student, teacher, blocks)
     sharded = sharding == "fsdp"
     state = DistillState({} if sharded else student.state_dict(), {} if sharded else opt.state_dict(), 0)
     if sharded and checkpoint is not None:
@@ -177,8 +244,8 @@ def distill(student: nn.Module, teacher: nn.Module, images, *, epochs: int, lr: 
                 batch = augment(batch, gen)  # every rank augments the whole global batch alike
             for g in opt.param_groups:
                 g["lr"] = lr_at(epoch * per_epoch + i, total, warm, lr)
-            step_loss = _step(student, teacher, opt, batch.tensor_split(world)[rank], len(batch), loss,
-                              temperature, device, bf16, world, sharded)
+            step_loss = _step(student, teacher, opt, batch.tensor_split(world)[rank], len(batch), criterion,
+                              device, bf16, world, sharded)
             if not math.isfinite(step_loss):
                 raise UserError(f"distill: the loss became {step_loss} at epoch {epoch + 1}, step {i + 1}: the "
                                 f"training diverged; lower distill.lr (now {lr:g})")
@@ -197,6 +264,7 @@ def distill(student: nn.Module, teacher: nn.Module, images, *, epochs: int, lr: 
             state = DistillState(student.state_dict(), opt.state_dict(), epoch + 1, losses, state.probe)
         on_epoch(state)
     restore()
+    criterion.remove()
     if sharded:
         state.student = full_state_dict(student)
     return state
@@ -364,18 +432,22 @@ LR_CANDIDATES = (3e-5, 1e-4, 3e-4)  # fine-tuning a pretrained backbone .. train
 @torch.no_grad()
 def distill_eval(student: nn.Module, teacher: nn.Module, images: torch.Tensor, *, batch_size: int,
                  loss: DistillLoss, temperature: float = 1.0, device: torch.device | None = None,
-                 bf16: bool = False) -> float:
+                 bf16: bool = False, tokens: bool = False, blocks: str | None = None) -> float:
     """The mean distillation loss of `student` against `teacher` over `images` (eval mode; `bf16`: under
     autocast, as the training ran)."""
     device = device or torch.device("cpu")
     student.to(device).eval()
     teacher.to(device).eval()
     summed = 0.0
-    for i in range(0, len(images), batch_size):
-        x = images[i:i + batch_size].to(device)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            out, target = student(x), teacher(x)
-        summed += float(distill_loss(loss, out, target, temperature).sum())
+    criterion = _Criterion(loss, temperature, tokens, student, teacher, blocks)
+    try:
+        for i in range(0, len(images), batch_size):
+            x = images[i:i + batch_size].to(device)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                out, target = student(x), teacher(x)
+                summed += float(criterion(out, target).sum())
+    finally:
+        criterion.remove()
     return summed / max(1, len(images))
 
 
@@ -399,7 +471,8 @@ def probe_lr(student: nn.Module, teacher: nn.Module, images, held_out: torch.Ten
             continue
         losses[repr(lr)] = distill_eval(trial, teacher, held_out, batch_size=train["batch_size"], loss=train["loss"],
                                         temperature=train.get("temperature", 1.0), device=train.get("device"),
-                                        bf16=_bf16(train.get("precision"), train.get("autocast", False)))
+                                        bf16=_bf16(train.get("precision"), train.get("autocast", False)),
+                                        tokens=train.get("tokens", False), blocks=train.get("blocks"))
         on_rate(lr, losses[repr(lr)])
         del trial
     best = min(candidates, key=lambda lr: (losses[repr(lr)] if math.isfinite(losses[repr(lr)]) else math.inf, lr))
@@ -417,8 +490,7 @@ def _epoch_batches(images, order: torch.Tensor, batch_size: int, per_epoch: int)
 
 
 def _step(student: nn.Module, teacher: nn.Module, opt: torch.optim.Optimizer, shard: torch.Tensor, global_n: int,
-          kind: DistillLoss, temperature: float, device: torch.device, autocast: bool, world: int,
-          sharded: bool = False) -> float:
+          criterion: _Criterion, device: torch.device, autocast: bool, world: int, sharded: bool = False) -> float:
     """One optimizer step on the global batch; returns its mean loss (over every rank's images).
 
     A rank whose share is empty (the last batch of an epoch has fewer images than processes) runs no
@@ -430,7 +502,7 @@ def _step(student: nn.Module, teacher: nn.Module, opt: torch.optim.Optimizer, sh
     opt.zero_grad(set_to_none=True)
     summed = torch.zeros((), dtype=torch.float64, device=device)
     if sharded and not len(shard):
-        _zero_step(student, teacher, shard.shape[1:], kind, temperature, device, autocast)
+        _zero_step(student, teacher, shard.shape[1:], criterion, device, autocast)
     if len(shard):
         shard = shard.to(device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
@@ -441,7 +513,7 @@ def _step(student: nn.Module, teacher: nn.Module, opt: torch.optim.Optimizer, sh
         if not torch.isfinite(out.detach()).all():  # the teacher's are finite: the student diverged
             raise UserError("distill: the pruned model's outputs became NaN or Inf: the training diverged; "
                             "lower distill.lr")
-        total = distill_loss(kind, out, target, temperature).sum()
+        total = criterion(out, target).sum()
         (total * (world if sharded else 1) / global_n).backward()  # sharded: FSDP divides by the world
         summed = total.detach().double()
     if world > 1 and not sharded:
@@ -457,7 +529,7 @@ def _step(student: nn.Module, teacher: nn.Module, opt: torch.optim.Optimizer, sh
     return float(summed) / global_n
 
 
-def _zero_step(student: nn.Module, teacher: nn.Module, shape: torch.Size, kind: DistillLoss, temperature: float,
+def _zero_step(student: nn.Module, teacher: nn.Module, shape: torch.Size, criterion: _Criterion,
                device: torch.device, autocast: bool = False) -> None:
     """A sharded rank with no images this step: the collectives of a forward and backward, no gradient."""
     x = torch.zeros(1, *shape, device=device)
@@ -465,4 +537,5 @@ def _zero_step(student: nn.Module, teacher: nn.Module, shape: torch.Size, kind: 
         with torch.no_grad():
             target = teacher(x)
         out = student(x)
-    (distill_loss(kind, out, target, temperature).sum() * 0.0).backward()
+        total = criterion(out, target).sum()
+    (total * 0.0).backward()

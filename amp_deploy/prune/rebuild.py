@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from amp_deploy.prune.compensate import Compensator
 from amp_deploy.prune.families import AttnSite, Loaded, MlpSite
 from amp_deploy.prune.shape import BlockShape, heads_of, widths_of
 
@@ -70,9 +71,24 @@ def set_modules(loaded: Loaded, i: int, mods: dict[str, nn.Module]) -> None:
         setattr(block.get_submodule(parent) if parent else block, attr, mod)
 
 
-def prune_block(loaded: Loaded, i: int, keep: torch.Tensor) -> None:
-    """Slice block i's MLP in place to the hidden neurons `keep`."""
-    set_modules(loaded, i, sliced_modules(loaded.mlp_modules(i), loaded.sites[i], keep))
+def prune_block(loaded: Loaded, i: int, keep: torch.Tensor, comp: Compensator | None = None) -> None:
+    """Slice block i's MLP in place to the hidden neurons `keep` (its output layer re-fitted by `comp`)."""
+    set_modules(loaded, i, cut_mlp(loaded, i, loaded.mlp_modules(i), keep, comp))
+
+
+def cut_mlp(loaded: Loaded, i: int, original: dict[str, nn.Module], keep: torch.Tensor,
+            comp: Compensator | None = None) -> dict[str, nn.Module]:
+    """Block i's MLP modules (`original`) sliced to `keep`, the output layer re-fitted by `comp` (if any)."""
+    cut = sliced_modules(original, loaded.sites[i], keep)
+    return comp.mlp(i, original, keep, cut) if comp is not None else cut
+
+
+def cut_attention(loaded: Loaded, i: int, original: dict[str, nn.Module], keep_heads: torch.Tensor,
+                  comp: Compensator | None = None) -> dict[str, nn.Module]:
+    """Block i's attention (`original`) cut to heads `keep_heads`, the output projection re-fitted by `comp`."""
+    site = loaded.attn[i]
+    cut = sliced_attention(original, site, keep_heads)
+    return comp.attn(i, original, head_channels(keep_heads.cpu(), site.head_dim), cut) if comp is not None else cut
 
 
 def keep_top(scores: torch.Tensor, width: int) -> torch.Tensor:
@@ -81,13 +97,15 @@ def keep_top(scores: torch.Tensor, width: int) -> torch.Tensor:
     return torch.sort(order[:width]).values
 
 
-def apply_widths(loaded: Loaded, scores: list[torch.Tensor] | None, widths: list[int]) -> None:
+def apply_widths(loaded: Loaded, scores: list[torch.Tensor] | None, widths: list[int],
+                 comp: Compensator | None = None) -> None:
     """Prune every block to its width in place, keeping the top-scored neurons (or, with no
-    scores, the first ones: the layout of a checkpoint being rebuilt)."""
+    scores, the first ones: the layout of a checkpoint being rebuilt); `comp` re-fits each cut
+    block's output layer."""
     for i, w in enumerate(widths):
         if w != loaded.widths()[i]:
             keep = keep_top(scores[i], w) if scores is not None else torch.arange(w)
-            prune_block(loaded, i, keep)
+            prune_block(loaded, i, keep, comp)
 
 
 def head_channels(keep_heads: torch.Tensor, head_dim: int) -> torch.Tensor:
@@ -137,7 +155,8 @@ def set_attention(loaded: Loaded, i: int, mods: dict[str, nn.Module]) -> None:
         setattr(attn, name, inner)
 
 
-def apply_heads(loaded: Loaded, scores: list[torch.Tensor] | None, heads: list[int] | None) -> None:
+def apply_heads(loaded: Loaded, scores: list[torch.Tensor] | None, heads: list[int] | None,
+                comp: Compensator | None = None) -> None:
     """Cut every block's attention to its head count in place, keeping the top-scored heads (or, with
     no scores, the first ones: a checkpoint being rebuilt). None keeps every head."""
     if heads is None:
@@ -148,13 +167,14 @@ def apply_heads(loaded: Loaded, scores: list[torch.Tensor] | None, heads: list[i
     for i, h in enumerate(heads):
         if h != now[i]:
             keep = keep_top(scores[i], h) if scores is not None else torch.arange(h)
-            set_attention(loaded, i, sliced_attention(loaded.attn_modules(i), loaded.attn[i], keep))
+            set_attention(loaded, i, cut_attention(loaded, i, loaded.attn_modules(i), keep, comp))
 
 
 def apply_shapes(loaded: Loaded, shapes: list[BlockShape], scores: list[torch.Tensor] | None = None,
-                 head_scores: list[torch.Tensor] | None = None) -> None:
+                 head_scores: list[torch.Tensor] | None = None, comp: Compensator | None = None) -> None:
     """Cut every block to its shape in place: the MLP to its width (top-scored neurons), the attention
     to its head count (top-scored heads); with no scores, the first ones (a checkpoint being rebuilt).
-    A shape whose heads are None keeps every head."""
-    apply_widths(loaded, scores, widths_of(shapes))
-    apply_heads(loaded, head_scores, heads_of(shapes))
+    A shape whose heads are None keeps every head. `comp` (prune.compensate) re-fits the layer that
+    reads each cut block's units."""
+    apply_widths(loaded, scores, widths_of(shapes), comp)
+    apply_heads(loaded, head_scores, heads_of(shapes), comp)

@@ -27,15 +27,16 @@ from torch import nn
 from amp_deploy.data import Split
 from amp_deploy.errors import require_finite
 from amp_deploy.numerics import fp32_reference
+from amp_deploy.prune.compensate import Compensator
 from amp_deploy.prune.families import Loaded, count_params
 from amp_deploy.prune.rebuild import (
     apply_shapes,
     apply_widths,
+    cut_attention,
+    cut_mlp,
     keep_top,
     set_attention,
     set_modules,
-    sliced_attention,
-    sliced_modules,
 )
 from amp_deploy.prune.score import rank_world
 from amp_deploy.prune.shape import BlockShape, HasShapes, shapes_of
@@ -170,7 +171,7 @@ def adaptive_widths(loaded: Loaded, scores: list[torch.Tensor], val: Split, *, l
                     batch_size: int = 64, steps: int = 6, align: int = 1, device: torch.device | None = None,
                     cached: bool = True, autocast: bool = False,
                     on_block: Callable[[int, int], None] | None = None,
-                    head_scores: list[torch.Tensor] | None = None) -> SearchResult:
+                    head_scores: list[torch.Tensor] | None = None, comp: Compensator | None = None) -> SearchResult:
     """Binary-search each block's width (last block first) and prune `loaded` in place.
 
     Args:
@@ -193,6 +194,8 @@ def adaptive_widths(loaded: Loaded, scores: list[torch.Tensor], val: Split, *, l
         head_scores: per block, the importance of each attention head: then, once a block's width is
             settled, its head count is bisected the same way (from one head to all, the loss chained
             on from the width's), and the result's shapes have their head counts.
+        comp: re-fits each candidate's output layer (prune.compensate), so every width and head
+            count is judged as it will ship.
     """
     with fp32_reference():  # the losses are fp32 references
         ev = _Evaluator(loaded, val, batch_size, loss, device or torch.device("cpu"), cached, autocast)
@@ -202,11 +205,11 @@ def adaptive_widths(loaded: Loaded, scores: list[torch.Tensor], val: Split, *, l
         naive = ev.depth  # the reference scheme: the whole model for the first pass and every step
         for i in reversed(range(ev.depth)):
             before = prev
-            width, prev, trace = _bisect_block(loaded, i, scores[i], ev, prev, threshold, steps, align)
+            width, prev, trace = _bisect_block(loaded, i, scores[i], ev, prev, threshold, steps, align, comp)
             shapes[i] = shapes[i]._replace(width=width)
             naive += ev.depth * len(trace)
             if head_scores is not None:
-                heads, prev, head_trace = _bisect_heads(loaded, i, head_scores[i], ev, prev, threshold, steps)
+                heads, prev, head_trace = _bisect_heads(loaded, i, head_scores[i], ev, prev, threshold, steps, comp)
                 shapes[i] = shapes[i]._replace(heads=heads)
                 naive += ev.depth * len(head_trace)
                 result.head_steps.append(head_trace)
@@ -224,22 +227,22 @@ def adaptive_widths(loaded: Loaded, scores: list[torch.Tensor], val: Split, *, l
 
 
 def _bisect_block(loaded: Loaded, i: int, scores: torch.Tensor, ev: _Evaluator, prev: float, threshold: float,
-                  steps: int, align: int) -> tuple[int, float, list[tuple[int, float, bool]]]:
+                  steps: int, align: int, comp: Compensator | None = None
+                  ) -> tuple[int, float, list[tuple[int, float, bool]]]:
     """Settle block i: the smallest accepted width (or the whole block), the loss it leaves, the trace."""
     original = loaded.mlp_modules(i)
-    site = loaded.sites[i]
     return _bisect(width_grid(original["fc_out"].in_features, align), ev, i, prev, threshold, steps,
-                   lambda w: set_modules(loaded, i, sliced_modules(original, site, keep_top(scores, w))),
+                   lambda w: set_modules(loaded, i, cut_mlp(loaded, i, original, keep_top(scores, w), comp)),
                    lambda: set_modules(loaded, i, original))
 
 
 def _bisect_heads(loaded: Loaded, i: int, scores: torch.Tensor, ev: _Evaluator, prev: float, threshold: float,
-                  steps: int) -> tuple[int, float, list[tuple[int, float, bool]]]:
+                  steps: int, comp: Compensator | None = None) -> tuple[int, float, list[tuple[int, float, bool]]]:
     """Settle block i's head count as its width: candidates 1..H keep the top-scored heads."""
     original = loaded.attn_modules(i)
     site = loaded.attn[i]
     return _bisect(list(range(1, original["proj"].in_features // site.head_dim + 1)), ev, i, prev, threshold, steps,
-                   lambda h: set_attention(loaded, i, sliced_attention(original, site, keep_top(scores, h))),
+                   lambda h: set_attention(loaded, i, cut_attention(loaded, i, original, keep_top(scores, h), comp)),
                    lambda: set_attention(loaded, i, original))
 
 
@@ -293,24 +296,27 @@ def model_losses(original: Loaded, models: list[Loaded], val: Split, *, loss: Ca
 
 
 def uniform_for_params(fresh: Callable[[], Loaded], scores: list[torch.Tensor], target_params: int, align: int,
-                       rounds: int = 14) -> tuple[Loaded, list[int]]:
+                       rounds: int = 14, comp: Compensator | None = None) -> tuple[Loaded, list[int]]:
     """The largest same-fraction-in-every-block widths whose model has at most `target_params`
-    parameters: bisection over the kept fraction, each probe a pruned copy from `fresh()`."""
-    def build(ratio: float) -> tuple[Loaded, list[int], int]:
+    parameters: bisection over the kept fraction, each probe a pruned copy from `fresh()` (the chosen
+    one re-fitted by `comp`: a re-fit never changes the parameter count)."""
+    def build(ratio: float, refit: Compensator | None = None) -> tuple[Loaded, list[int], int]:
         loaded = fresh()
         widths = uniform_widths(loaded.widths(), ratio, align)
-        apply_widths(loaded, scores, widths)
+        apply_widths(loaded, scores, widths, refit)
         return loaded, widths, count_params(loaded.model)
 
-    lo, hi, best = 0.0, 1.0, None
+    lo, hi, best, ratio = 0.0, 1.0, None, 0.0
     for _ in range(rounds):
         mid = (lo + hi) / 2
         cand = build(mid)
         if cand[2] <= target_params:
-            lo, best = mid, cand
+            lo, best, ratio = mid, cand, mid
         else:
             hi = mid
     best = best or build(0.0)
+    if comp is not None:
+        best = build(ratio, comp)
     return best[0], best[1]
 
 
@@ -325,17 +331,20 @@ def smallest_params(fresh: Callable[[], Loaded], scores: list[torch.Tensor], ali
 
 
 def uniform_check(original: Loaded, pruned: Loaded, fresh: Callable[[], Loaded], scores: list[torch.Tensor],
-                  budget: int, align: int, losses: Callable[[list[Loaded]], list[float]]) -> dict:
+                  budget: int, align: int, losses: Callable[[list[Loaded]], list[float]],
+                  comp: Compensator | None = None) -> dict:
     """The threshold search's model (`pruned`) against the same fraction of neurons in every block
     within the same `budget` of parameters, both scored by `losses([original, pruned, uniform])` (the
     search loss of the last two against the first): the one that departs less is `chosen` (the
-    greedy per-block threshold can lose to uniform widths on its own loss at deep cuts)."""
-    uniform, widths = uniform_for_params(fresh, scores, budget, align)
+    greedy per-block threshold can lose to uniform widths on its own loss at deep cuts). A uniform model
+    over the budget (it keeps every head: below the MLP-only floor none fits) is never chosen."""
+    uniform, widths = uniform_for_params(fresh, scores, budget, align, comp=comp)
     ours, theirs = losses([original, pruned, uniform])
-    chosen = "uniform" if theirs < ours or count_params(pruned.model) > budget else "adaptive"
+    fits = count_params(uniform.model) <= budget  # below the MLP-only floor no uniform width fits
+    chosen = "uniform" if fits and (theirs < ours or count_params(pruned.model) > budget) else "adaptive"
     return {"widths": widths, "params": count_params(uniform.model), "loss": theirs,
             "adaptive_widths": pruned.widths(), "adaptive_params": count_params(pruned.model), "adaptive_loss": ours,
-            "chosen": chosen}
+            "fits": fits, "chosen": chosen}
 
 
 def budget_widths(fresh: Callable[[], Loaded], target_params: int, run: Callable[[Loaded, float], SearchResult],
