@@ -17,11 +17,11 @@ from typing import Any, Literal
 
 from torch import nn
 
-from amp_deploy.errors import UserError
+from amp_deploy.errors import UserError, first_line
 from amp_deploy.files import atomic_path
 from amp_deploy.prune.families import Loaded, load_model, safetensors_metadata, site_dicts
 from amp_deploy.prune.rebuild import apply_shapes
-from amp_deploy.prune.shape import BlockShape, from_record, to_json, widths_of
+from amp_deploy.prune.shape import BlockShape, recorded_shapes, to_json, widths_of
 
 FORMAT = "amp-deploy.pruned/1"
 ModelSource = Literal["timm", "open_clip", "transformers", "checkpoint"]  # the factories, and a pruned.safetensors of ours
@@ -64,9 +64,13 @@ def load_pruned_model(path: str | Path) -> Loaded:
     from safetensors.torch import load_file
 
     meta = read_metadata(path)
-    base = json.loads(meta["base"])
-    loaded = load_model(base["source"], base["name"], False, base["kwargs"], base.get("mlp_sites"))
-    apply_shapes(loaded, from_record(meta))
+    try:
+        base = json.loads(meta["base"])
+        factory = (base["source"], base["name"], base["kwargs"])
+    except (KeyError, TypeError, ValueError):
+        raise UserError(f"{path}: the metadata's 'base' is not the JSON amp-deploy writes (edited?)") from None
+    loaded = load_model(*factory[:2], False, factory[2], base.get("mlp_sites"))
+    apply_shapes(loaded, checked_shapes(meta, loaded.shapes(), path)[0])
     try:
         loaded.model.load_state_dict(load_file(str(path)), strict=True)
     except RuntimeError as e:
@@ -74,6 +78,40 @@ def load_pruned_model(path: str | Path) -> Loaded:
     loaded.model.eval()
     loaded.spec = base
     return loaded
+
+
+def checked_shapes(meta: dict[str, str], base: list[BlockShape], path) -> tuple[list[BlockShape], list[BlockShape]]:
+    """The checkpoint's shapes and the shapes it was pruned from, checked against each other, against
+    the `widths` written beside them for scripts, and against the base model's (`base`): a UserError
+    naming the file and the inconsistency for metadata that was edited or damaged."""
+    def bad(what: str) -> UserError:
+        return UserError(f"{path}: the metadata's {what} (edited or damaged?)")
+
+    try:
+        shapes, original = recorded_shapes(meta)
+    except (TypeError, ValueError, KeyError) as e:
+        raise bad(f"shapes are not a JSON list of [width, heads] pairs ({first_line(e, 80)})") from None
+    if shapes is None:
+        raise bad("shapes are missing")
+    original = original or base
+    if len(shapes) != len(base) or len(original) != len(base):
+        raise bad(f"shapes list {len(shapes)} blocks (the pruned) and {len(original)} (the original); the base "
+                  f"model has {len(base)}")
+    for i, (s, o, b) in enumerate(zip(shapes, original, base)):
+        if not 1 <= s.width <= o.width <= b.width:
+            raise bad(f"block {i}: width {s.width} of {o.width} does not fit the base model's {b.width}")
+        if s.heads is not None:
+            top = o.heads if o.heads is not None else b.heads
+            if b.heads is None or not 1 <= s.heads <= top <= b.heads:
+                raise bad(f"block {i}: {s.heads} heads of {top} do not fit the base model's {b.heads}")
+    if "widths" in meta:
+        try:
+            widths = [int(w) for w in json.loads(meta["widths"])]
+        except (TypeError, ValueError):
+            raise bad("widths are not a JSON list of integers") from None
+        if widths != widths_of(shapes):
+            raise bad(f"widths {widths} disagree with its shapes' {widths_of(shapes)}")
+    return shapes, original
 
 
 def load_pruned(path: str | Path) -> nn.Module:

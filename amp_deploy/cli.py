@@ -227,7 +227,7 @@ def inspect(path: Annotated[Path, typer.Argument(help="A pruned.safetensors or a
 
     ckpt = path / "pruned.safetensors" if path.is_dir() else path
     meta = read_metadata(ckpt)
-    loaded = load_pruned_model(ckpt)
+    loaded = load_pruned_model(ckpt)  # checks the metadata's shapes against the base model
     from amp_deploy.prune.shape import recorded_shapes
 
     shapes, original = recorded_shapes(meta)

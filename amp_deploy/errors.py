@@ -22,8 +22,14 @@ class GateUndecided(Exception):
 
 
 def first_line(e: BaseException, limit: int = 200) -> str:
-    """The first line of an exception's message (its type name when the message is empty)."""
-    return (str(e).strip().splitlines() or [type(e).__name__])[0][:limit]
+    """The first line of an exception's message that says something (its type name when the message is
+    empty): OpenVINO's messages open with lines that only name a source file ("Exception from
+    src/inference/src/cpp/core.cpp:84:"), skipped for the reason beneath them."""
+    import re
+
+    lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()]
+    said = [ln for ln in lines if not re.fullmatch(r"(Exception from \S+:\d+:?|\S+\.(cpp|hpp|h):\d+:?)", ln)]
+    return (said or lines or [type(e).__name__])[0][:limit]
 
 
 def require_finite(t, stage: str) -> None:

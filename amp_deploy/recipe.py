@@ -339,6 +339,10 @@ class ValidateSpec(_Strict):
     warmup: int = _f(10, "warm-up rounds before timing", ge=0)
     warmup_seconds: float = _f(0.0, "warm up for at least this long as well", ge=0)
     iterations: int = _f(50, "timed rounds (original and pruned interleaved)", ge=1)
+    may_fail: list[str] = _f(description="report rows (runtimes, quantized formats) whose failure to load or run is "
+                                         "reported without failing the build; any other requested row that fails "
+                                         "fails it (exit 1, its files and the runtime's reason named)",
+                             factory=list)
     threads: int | None = _f(None, "CPU threads for the runtimes (default: theirs)", ge=1)
     parity: ParityGate = _f(description="parity limits for fp32 runtimes (breach: exit 1)", factory=ParityGate)
     parity_reduced: ParityGate = _f(description="parity limits for fp16/tf32 runtimes (breach: exit 1)", factory=_reduced_gate)

@@ -88,3 +88,108 @@ def test_a_batch_measured_in_a_only_cannot_pass(quickstart, tmp_path):
     b = _timed(quickstart[0], tmp_path / "b", 200, seed=1, batches=("1",))
     res = CliRunner().invoke(app, ["compare", str(a), str(b), "--fail-on-regression", "5"])
     assert res.exit_code == 3 and "batch 8" in res.output, res.output
+
+
+def _cli(out, *extra, env=None):
+    import os
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "amp_deploy.cli", "build", str(QUICKSTART), "--out", str(out), *FAST,
+           "runtimes=[onnxruntime]", "distill.sharding=fsdp", "distill.batch_size=128", "distill.lr=3e-4",
+           "distill.epochs=3", *extra]
+    return subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **(env or {})}, timeout=600)
+
+
+def test_a_sharded_checkpoint_killed_between_its_renames_or_damaged(tmp_path):
+    """Finding 6: a kill between the two renames of the sharded checkpoint swept both copies (the
+    distillation restarted from epoch 0); a damaged distill.ckpt.dcp ended in an 88-line traceback
+    (torch.distributed.checkpoint's CheckpointException is a BaseException)."""
+    import shutil
+    import signal
+
+    out = tmp_path / "out"
+    killed = _cli(out, env={"AMP_DEPLOY_KILL_BEFORE": ".distill.ckpt.dcp.previous@2"})  # saving epoch 2
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    assert not (out / "distill.ckpt.dcp").exists() and (out / ".distill.ckpt.dcp.previous").is_dir()
+    damaged = tmp_path / "damaged"
+    shutil.copytree(out, damaged, ignore=shutil.ignore_patterns(".lock"))
+    again = _cli(out)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "distill: resuming after epoch 1 of 3" in again.stderr
+    assert not (out / "distill.ckpt.dcp").exists() and not (out / ".distill.ckpt.dcp.previous").exists()
+    (damaged / ".distill.ckpt.dcp.previous").rename(damaged / "distill.ckpt.dcp")
+    for f in (damaged / "distill.ckpt.dcp").glob("*.distcp"):
+        f.write_bytes(f.read_bytes()[:64])
+    res = _cli(damaged)
+    assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr[-3000:]
+    assert "cannot be read" in res.stderr and "rm -r" in res.stderr
+
+
+def test_edited_checkpoint_metadata_is_one_line(quickstart, tmp_path):
+    """Finding 8: inspect and load_pruned on edited metadata ended in IndexError / JSONDecodeError
+    tracebacks, a raw torch error, or exit 0 with "4 of 1" heads; widths and shapes could disagree."""
+    import pytest
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+    from typer.testing import CliRunner
+
+    from amp_deploy import load_pruned
+    from amp_deploy.cli import app
+    from amp_deploy.errors import UserError
+    from tests.conftest import assert_one_line_error
+
+    src = quickstart[0] / "pruned.safetensors"
+    with safe_open(str(src), framework="pt") as f:
+        meta = f.metadata()
+    tensors = load_file(str(src))
+    shapes = json.loads(meta["shapes"])
+    original = json.loads(meta["original_shapes"])
+    edits = {
+        "width above the base model's": {"shapes": json.dumps([[10_000, h] for _, h in shapes])},
+        "shapes not JSON": {"shapes": "[[1, 2"},
+        "more shapes than blocks": {"shapes": json.dumps(shapes + shapes[:1])},
+        "original heads below pruned": {"shapes": json.dumps([[w, 4] for w, _ in shapes]),
+                                        "original_shapes": json.dumps([[w, 1] for w, _ in original])},
+        "negative heads": {"shapes": json.dumps([[w, -1] for w, _ in shapes])},
+        "heads above the base": {"shapes": json.dumps([[w, 9] for w, _ in shapes])},
+        "widths disagree": {"widths": json.dumps([w + 1 for w, _ in shapes])},
+    }
+    for what, change in edits.items():
+        path = tmp_path / f"{what.replace(' ', '_')}.safetensors"
+        save_file(tensors, str(path), metadata={**meta, **change})
+        res = CliRunner().invoke(app, ["inspect", str(path)])
+        assert_one_line_error(res, path.name)
+        with pytest.raises(UserError, match="metadata"):
+            load_pruned(path)
+
+
+def test_a_requested_runtime_that_fails_fails_the_build(quickstart, tmp_path):
+    """Finding 4: a damaged model file left validate done, exit 0, and a row "failed: RuntimeError:
+    Exception from src/inference/src/cpp/core.cpp:84:" that said nothing of what was wrong."""
+    import shutil
+
+    from typer.testing import CliRunner
+
+    from amp_deploy.cli import app
+    from amp_deploy.errors import first_line
+
+    out = tmp_path / "out"
+    shutil.copytree(quickstart[0], out, ignore=shutil.ignore_patterns(".lock"))
+    onnx_file = out / "pruned.onnx"
+    onnx_file.write_bytes(onnx_file.read_bytes()[:200])
+    res = CliRunner().invoke(app, ["validate", str(out)])
+    assert res.exit_code == 1, res.output
+    assert "runtime 'onnxruntime' failed" in res.output and "pruned.onnx" in res.output
+    rep = json.loads((out / "report.json").read_text())
+    assert rep["runtimes"]["onnxruntime"]["status"] == "failed"
+    import yaml
+
+    doc = yaml.safe_load((out / "recipe.yaml").read_text())
+    doc.setdefault("validate", {})["may_fail"] = ["onnxruntime"]
+    (out / "recipe.yaml").write_text(yaml.safe_dump(doc))
+    res = CliRunner().invoke(app, ["validate", str(out)])
+    assert res.exit_code == 0, res.output
+    said = RuntimeError("Exception from src/inference/src/cpp/core.cpp:84:\nException from src/frontends/common/src/"
+                        "frontend.cpp:54:\n[ir_frontend] Model is not valid: pruned.bin is truncated")
+    assert first_line(said) == "[ir_frontend] Model is not valid: pruned.bin is truncated"

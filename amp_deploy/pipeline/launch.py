@@ -21,6 +21,8 @@ import torch.distributed as dist
 
 from amp_deploy.errors import UserError
 
+REFUSED = "amp-deploy rank refused: "  # how a rank reports a UserError to launch_stage
+
 
 def launch_stage(stage: str, out: Path, nproc: int, device: str) -> None:
     """Run one stage in `nproc` processes with torchrun; raise if any rank fails."""
@@ -28,6 +30,9 @@ def launch_stage(stage: str, out: Path, nproc: int, device: str) -> None:
            "-m", "amp_deploy.pipeline.launch", str(out), device, stage]
     res = subprocess.run(cmd, capture_output=True, text=True)
     if res.returncode != 0:
+        said = [ln[len(REFUSED):] for ln in (res.stderr + "\n" + res.stdout).splitlines() if ln.startswith(REFUSED)]
+        if said:  # a rank refused with one line (bad input): that line, not torchrun's banner
+            raise UserError(said[0])
         tail = [ln for ln in (res.stderr or res.stdout).splitlines() if ln.strip()][-1:] or ["no output"]
         raise UserError(f"{stage}: torchrun with {nproc} processes failed (exit {res.returncode}): {tail[0][:300]}")
 
@@ -71,7 +76,11 @@ def main(argv: list[str] | None = None) -> None:
         ctx = Context.create(recipe, args.out, dev)
         with _folder(ctx, standalone=args.recipe is not None) as record:
             start = time.perf_counter()
-            stage.run(ctx)
+            try:
+                stage.run(ctx)
+            except UserError as err:  # one line the launching build repeats (torchrun prints only its banner)
+                print(f"{REFUSED}{err}", file=sys.stderr, flush=True)
+                raise SystemExit(2) from None
             dist.barrier()  # every rank finished its share before rank 0 records it
             record(stage, time.perf_counter() - start)
     finally:

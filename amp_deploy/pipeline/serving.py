@@ -12,6 +12,28 @@ from amp_deploy.pipeline.folder import BuildFolder
 from amp_deploy.pipeline.manifest import Manifest
 
 
+def _check_served(out: Path, files: list[Path], manifest: Manifest) -> None:
+    """Every file an entry would serve is the file the build wrote: its hash as manifest.json recorded
+    it (a truncated or edited file is named, never copied into a model repository); a file no stage
+    recorded must at least parse (an ONNX graph)."""
+    from amp_deploy.files import hash_file
+
+    recorded = {name: h for entry in manifest.stages.values() for name, h in (entry.get("outputs") or {}).items()}
+    for f in files:
+        if f.name in recorded:
+            if hash_file(f) != recorded[f.name]:
+                raise UserError(f"{f}: not the file the build wrote (its hash differs from manifest.json's: damaged "
+                                f"or edited); run `amp-deploy build` on {out} again to remake it")
+        elif f.suffix == ".onnx":
+            import onnx
+
+            try:
+                onnx.load(str(f), load_external_data=False)
+            except Exception as e:  # noqa: BLE001 - any parse error: the file is not servable
+                raise UserError(f"{f}: not a readable ONNX model ({type(e).__name__}); run `amp-deploy build` on "
+                                f"{out} again to remake it") from None
+
+
 def triton_entry(out: Path, repo: Path, name: str | None = None,
                  backend: Literal["onnxruntime", "tensorrt", "openvino", "openvino-int8"] = "onnxruntime",
                  which: Literal["pruned", "original"] = "pruned") -> Path:
@@ -36,7 +58,13 @@ def triton_entry(out: Path, repo: Path, name: str | None = None,
         if not all(p.is_file() for p in ir_files(ir)):
             how = "runtimes [openvino]" if backend == "openvino" else "quantize.formats [openvino-int8]"
             raise UserError(f"{out}: no {ir.name}; build with {how} first")
-    stages = list(Manifest(folder.manifest).stages)
+    manifest = Manifest(folder.manifest)
+    served = [onnx_path, *( [plan] if plan else []), *(ir_files(ir) if ir else [])]
+    from amp_deploy.deploy.export import external_files
+
+    served += external_files(onnx_path) if onnx_path.is_file() else []
+    _check_served(out, served, manifest)
+    stages = list(manifest.stages)
     max_batch = int(((recipe.get("export") or {}).get("batch") or {}).get("max", 8))
     return write_model_repository(repo, name or recipe.get("name") or folder.root.name, onnx_path=onnx_path,
                                   max_batch=max_batch, plan_path=plan, ir_path=ir,

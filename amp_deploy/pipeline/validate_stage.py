@@ -342,6 +342,20 @@ def _prune_section(ctx: Context, search: dict) -> dict[str, Any]:
     }
 
 
+def failed_rows(ctx: Context, report: dict[str, Any]) -> list[str]:
+    """Each requested row that failed to load or run (validate.may_fail excepted): what failed, the
+    files it read and the runtime's own reason (a CI build whose OpenVINO model cannot load fails)."""
+    out = []
+    for name, row in report["runtimes"].items():
+        if row.get("status") != "failed" or name in ctx.recipe.validate_.may_fail:
+            continue
+        spec = _session_spec(ctx, name)
+        files = f" ({spec('original').path}, {spec('pruned').path})" if spec is not None else ""
+        out.append(f"runtime '{name}' failed{files}: {row.get('reason')} (validate.may_fail: [{name}] reports it "
+                   "without failing the build)")
+    return out
+
+
 def stage_validate(ctx: Context) -> None:
     v = ctx.recipe.validate_
     report = build_report(ctx)
@@ -354,6 +368,7 @@ def stage_validate(ctx: Context) -> None:
     ctx.folder.write_report(report)  # written first: a failed gate still leaves the evidence
     failed = [f"{gate} gate failed: {'; '.join(breaches)}"
               for gate, breaches in (("parity", parity), ("fidelity", fid), ("quantization", quant)) if breaches]
+    failed += failed_rows(ctx, report)
     if failed:
         raise GateFailed("; ".join(failed) + f" (report: {ctx.folder.report_md})")
     if undecided:

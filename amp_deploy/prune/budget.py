@@ -42,8 +42,8 @@ import torch
 
 from amp_deploy.data import Split
 from amp_deploy.numerics import fp32_reference, median_ratio
-from amp_deploy.prune.families import Loaded
 from amp_deploy.prune.compensate import Compensator
+from amp_deploy.prune.families import Loaded
 from amp_deploy.prune.rebuild import cut_attention, cut_mlp, keep_top, set_attention, set_modules
 from amp_deploy.prune.search import _Evaluator, width_grid
 from amp_deploy.prune.shape import BlockShape, HasShapes

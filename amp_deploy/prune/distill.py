@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from amp_deploy.errors import UserError, require_finite
+from amp_deploy.errors import UserError, first_line, require_finite
 from amp_deploy.prune.score import rank_world
 
 DistillLoss = Literal["kl", "cosine", "mse"]
@@ -349,10 +349,21 @@ class ShardedCheckpoint:
 
         self.path, self.fingerprint, self.extra = Path(path), fingerprint, extra or {}
 
+    @property
+    def previous(self):
+        """Where the last epoch's checkpoint waits while the next is renamed into place (not a temporary
+        name: a kill between the two renames leaves it, and `peek` puts it back)."""
+        return self.path.with_name(f".{self.path.name}.previous")
+
     def peek(self) -> dict | None:
         """The checkpoint's meta.json when it belongs to these settings (None otherwise)."""
         import json
 
+        if not self.path.exists() and self.previous.is_dir():  # killed between the two renames of `save`
+            try:
+                self.previous.rename(self.path)
+            except OSError:
+                pass  # another rank put it back first
         try:
             meta = json.loads((self.path / "meta.json").read_text())
         except (OSError, ValueError):
@@ -374,15 +385,18 @@ class ShardedCheckpoint:
             shutil.rmtree(tmp, ignore_errors=True)
         torch.distributed.barrier()
         msd, osd = get_state_dict(model, opt)
-        dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(tmp))
+        with _dcp_errors(f"saving {tmp}"):
+            dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(tmp))
         torch.distributed.barrier()
         if rank == 0:
             meta = {"fingerprint": self.fingerprint, "epoch": state.epoch, "losses": state.losses, **self.extra}
             (tmp / "meta.json").write_text(json.dumps(meta))
             fault_point(self.path)
-            old = self.path.with_name(f".{self.path.name}.old.tmpdir")
+            old = self.previous
+            shutil.rmtree(old, ignore_errors=True)
             if self.path.exists():
                 self.path.rename(old)
+            fault_point(old)
             tmp.rename(self.path)
             shutil.rmtree(old, ignore_errors=True)
         torch.distributed.barrier()
@@ -398,9 +412,34 @@ class ShardedCheckpoint:
             return None
         msd, osd = get_state_dict(model, opt)
         into = {"model": msd, "optim": osd}
-        dcp.load(into, checkpoint_id=str(self.path))
+        with _dcp_errors(None, self.path):
+            dcp.load(into, checkpoint_id=str(self.path))
         set_state_dict(model, opt, model_state_dict=into["model"], optim_state_dict=into["optim"])
         return DistillState({}, {}, int(meta["epoch"]), list(meta["losses"]), meta.get("probe"))
+
+
+def _dcp_errors(doing: str | None, damaged=None):
+    """torch.distributed.checkpoint's CheckpointException derives from BaseException (no stage guard
+    catches it): a damaged checkpoint to resume from becomes one line saying what to do, a failed save
+    (a full disk) a RuntimeError the stage guard reports."""
+    import contextlib
+
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    @contextlib.contextmanager
+    def guard():
+        try:
+            yield
+        except (CheckpointException, Exception) as e:  # noqa: BLE001 - a reader's every error says the same
+            if isinstance(e, UserError):
+                raise
+            what = first_line(e, 200)
+            if damaged is not None:
+                raise UserError(f"{damaged}: the sharded distillation checkpoint cannot be read ({type(e).__name__}: "
+                                f"{what}); remove it (rm -r {damaged}) to start the distillation over") from None
+            raise RuntimeError(f"torch.distributed.checkpoint failed {doing}: {what}") from None
+
+    return guard()
 
 
 FIT_SHARE = 0.8  # the unsharded plan fits when its weights and optimizer state take at most this much of a device
