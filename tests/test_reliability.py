@@ -75,24 +75,51 @@ def test_ctrl_c_exits_130_leaves_no_partial_file_and_resumes(tmp_path):
 
 
 def test_a_live_lock_refuses_a_second_build(tmp_path):
+    """A build holding the folder's flock is never joined; where the filesystem has no flock, a live
+    owner named in .lock is respected, and a reused pid (another start time) is not."""
     out = tmp_path / "out"
     out.mkdir()
+    code = (f"import fcntl, os, time; fd = os.open({str(out / '.lock')!r}, os.O_CREAT | os.O_RDWR); "
+            "fcntl.flock(fd, fcntl.LOCK_EX); print('held', flush=True); time.sleep(60)")
+    holder = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        from amp_deploy.pipeline import lock as L
+
+        (out / ".lock").write_text(json.dumps({"host": os.uname().nodename, "pid": holder.pid,
+                                                "start": L._start_time(holder.pid)}))
+        with pytest.raises(UserError, match="another build"):
+            FolderLock(out).__enter__()
+    finally:
+        holder.kill()
+        holder.wait()
     holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
         time.sleep(0.2)
-        from amp_deploy.pipeline.lock import _start_time
+        import unittest.mock
 
-        (out / ".lock").write_text(json.dumps({"host": os.uname().nodename, "pid": holder.pid,
-                                                "start": _start_time(holder.pid)}))
-        with pytest.raises(UserError, match="another build"):
-            FolderLock(out).__enter__()
-        # the same pid, but another process start time: the pid was reused, the lock is stale
-        (out / ".lock").write_text(json.dumps({"host": os.uname().nodename, "pid": holder.pid, "start": "1"}))
-        with FolderLock(out):
-            assert json.loads((out / ".lock").read_text())["pid"] == os.getpid()
-        assert not (out / ".lock").exists()
+        from amp_deploy.pipeline import lock as L
+
+        with unittest.mock.patch.object(L, "_flock", lambda fd: None):  # a filesystem without flock
+            (out / ".lock").write_text(json.dumps({"host": os.uname().nodename, "pid": holder.pid,
+                                                    "start": L._start_time(holder.pid)}))
+            with pytest.raises(UserError, match="if no build is running, delete"):
+                FolderLock(out).__enter__()
+            # the same pid, but another process start time: the pid was reused, the lock is stale
+            (out / ".lock").write_text(json.dumps({"host": os.uname().nodename, "pid": holder.pid, "start": "1"}))
+            with FolderLock(out):
+                assert json.loads((out / ".lock").read_text())["pid"] == os.getpid()
+            assert not (out / ".lock").exists()
     finally:
         holder.kill()
+
+
+def test_a_lock_file_from_another_container_is_taken_once_the_kernel_lock_is_free(tmp_path):
+    """Issue 38, finding 9: a build killed in a container left an owner file naming another host; the
+    flock was free, yet no later container could take the folder."""
+    (tmp_path / ".lock").write_text(json.dumps({"host": "some-other-container", "pid": 1, "start": "5"}))
+    with FolderLock(tmp_path):
+        assert json.loads((tmp_path / ".lock").read_text())["host"] == os.uname().nodename
 
 
 def test_a_dead_owners_lock_is_taken_over(tmp_path):

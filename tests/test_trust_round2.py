@@ -193,3 +193,40 @@ def test_a_requested_runtime_that_fails_fails_the_build(quickstart, tmp_path):
     said = RuntimeError("Exception from src/inference/src/cpp/core.cpp:84:\nException from src/frontends/common/src/"
                         "frontend.cpp:54:\n[ir_frontend] Model is not valid: pruned.bin is truncated")
     assert first_line(said) == "[ir_frontend] Model is not valid: pruned.bin is truncated"
+
+
+def test_flops_count_the_attention_products():
+    """Finding 11: FlopCounterMode had no formula for SDPA's CPU kernel: attention counted 0 FLOPs
+    (a head-pruned quickstart: 2,123,008 reported, 2,319,616 with fused_attn=False)."""
+    import copy
+
+    import torch
+
+    from amp_deploy.measure.metrics import count_flops
+    from amp_deploy.prune.families import load_timm
+    from amp_deploy.prune.rebuild import apply_heads
+
+    loaded = load_timm("test_vit", False, {"depth": 2, "img_size": 32, "num_classes": 10})
+    apply_heads(loaded, [torch.rand(h) for h in loaded.heads()], [1] * len(loaded.heads()))
+    fused = count_flops(loaded.model, loaded.input_size)
+    plain = copy.deepcopy(loaded.model)
+    for block in plain.blocks:
+        block.attn.fused_attn = False
+    assert fused == count_flops(plain, loaded.input_size)
+
+
+def test_clip_heads_on_transformers_4_are_refused_in_one_line(monkeypatch):
+    """Finding 12: head pruning of CLIP and SigLIP towers crashed on transformers 4.x (their attention
+    reshapes to embed_dim there): refused with the version that cuts them."""
+    import pytest
+
+    from amp_deploy.errors import UserError
+    from amp_deploy.pipeline.stages import require_heads
+    from amp_deploy.prune import families as F
+    from tests.test_families import _load
+
+    monkeypatch.setattr(F, "hf_ragged_self_attn", lambda: False)
+    loaded = _load("hf_CLIPVisionModel")
+    assert loaded.heads() is None
+    with pytest.raises(UserError, match="transformers >= 5"):
+        require_heads(loaded)

@@ -34,11 +34,20 @@ class _Totals:
 
 def count_flops(model: torch.nn.Module, input_size: tuple[int, int, int]) -> int:
     """Forward FLOPs for one image, counted by torch.utils.flop_counter (totals, no per-module
-    breakdown)."""
-    from torch.utils.flop_counter import FlopCounterMode
+    breakdown). Scaled dot-product attention on the CPU runs an op the counter has no formula for
+    (`_scaled_dot_product_flash_attention_for_cpu`: counted 0, the one term that scales with heads and
+    tokens): it is given the formula of the GPU kernels, the two attention products."""
+    from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
+
+    def sdpa(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+        return sdpa_flop_count(query_shape, key_shape, value_shape)
 
     x = torch.randn(1, *input_size, device=next(model.parameters()).device)
-    counter = FlopCounterMode(display=False)
+    extra = {}
+    cpu_sdpa = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+    if cpu_sdpa is not None:
+        extra[cpu_sdpa] = sdpa
+    counter = FlopCounterMode(display=False, custom_mapping=extra)
     counter.mod_tracker = _Totals()
     with counter, torch.no_grad():
         model(x)

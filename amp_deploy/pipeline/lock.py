@@ -19,7 +19,9 @@ class FolderLock:
     both unlinked it and went on). Under the flock the file names its owner (host, pid, process
     start time) for the message a second build gets, and a lock file naming a live process on this
     host (or any on another host, on a disk shared with a filesystem without flock) is still
-    respected. After taking the flock, the path must still be the file locked: a holder that just
+    respected only where the filesystem has no flock: when the kernel's lock was free, the owner file
+    is stale whoever it names (a build killed in another container, under another host name). After
+    taking the flock, the path must still be the file locked: a holder that just
     finished unlinks it, and a lock on the unlinked file would guard nothing.
     """
 
@@ -31,13 +33,16 @@ class FolderLock:
         for _ in range(10):
             fd = os.open(self.path, os.O_CREAT | os.O_RDWR, 0o644)
             try:
-                if not _flock(fd):
+                held = _flock(fd)
+                if held is False:
                     raise self._busy(self._owner())
                 if not _same_file(fd, self.path):
                     continue  # unlinked (or replaced) by the build that held it: lock the new one
                 owner = self._owner()
-                if owner is not None and owner.get("pid") != os.getpid() and _alive(owner):
-                    raise self._busy(owner)
+                # The kernel's lock was free: whatever the owner file says (a build killed in another
+                # container, another host name) is stale. Only without flock does the file decide.
+                if held is None and owner is not None and owner.get("pid") != os.getpid() and _alive(owner):
+                    raise self._busy(owner, unlocked=True)
                 os.ftruncate(fd, 0)
                 os.pwrite(fd, json.dumps({"host": socket.gethostname(), "pid": os.getpid(),
                                           "start": _start_time(os.getpid())}).encode(), 0)
@@ -48,10 +53,12 @@ class FolderLock:
                     os.close(fd)
         raise UserError(f"{self.path}: could not take the folder lock")
 
-    def _busy(self, owner: dict | None) -> UserError:
-        who = f"pid {owner['pid']}" if owner else "another process"
+    def _busy(self, owner: dict | None, unlocked: bool = False) -> UserError:
+        who = f"pid {owner['pid']}" + (f" on {owner['host']}" if owner.get("host") else "") if owner else "another process"
+        stale = (f"; this filesystem has no flock, so {self.path.name} alone says so: if no build is running, delete "
+                 f"{self.path}" if unlocked else "")
         return UserError(f"{self.path.parent}: another build ({who}) is using this folder; wait for it or "
-                         "choose another --out")
+                         f"choose another --out{stale}")
 
     def _owner(self) -> dict | None:
         try:
@@ -68,9 +75,9 @@ class FolderLock:
         self._fd = None
 
 
-def _flock(fd: int) -> bool:
-    """Take an exclusive flock without waiting: False when another process holds it. Where the
-    filesystem has no flock (some network and FUSE mounts), the owner file alone decides."""
+def _flock(fd: int) -> bool | None:
+    """Take an exclusive flock without waiting: True when taken, False when another process holds it,
+    None where the filesystem has no flock (some network and FUSE mounts: the owner file alone decides)."""
     import errno
     import fcntl
 
@@ -81,7 +88,7 @@ def _flock(fd: int) -> bool:
         return False
     except OSError as e:
         if e.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
-            return True
+            return None
         raise
 
 

@@ -280,6 +280,8 @@ def _hf_attention(block: nn.Module) -> AttnSite | None:
         if attn is None or not all(isinstance(getattr(attn, n, None), nn.Linear)
                                    for n in ("q_proj", "k_proj", "v_proj", out)):
             continue
+        if name == "self_attn" and not hf_ragged_self_attn():
+            return None  # CLIP, SigLIP on transformers 4.x: reshaped to the block width, fewer heads cannot run
         head_dim = getattr(attn, "head_dim", None)
         if not isinstance(head_dim, int) or getattr(attn, out).in_features % head_dim:
             return None
@@ -428,11 +430,26 @@ def find_attn_sites(blocks: nn.Module) -> list[AttnSite] | None:
     return sites
 
 
+@functools.cache
+def hf_ragged_self_attn() -> bool:
+    """transformers' CLIP and SigLIP attention runs fewer heads than the block width from transformers 5
+    on (it reshapes the heads' output to (-1) there; 4.x reshapes to embed_dim: "shape '[2, 17, 64]' is
+    invalid for input of size 1088" on 4.46.3)."""
+    try:
+        import transformers
+    except ImportError:
+        return False
+    return int(transformers.__version__.split(".")[0]) >= 5
+
+
 def attn_kind_hint(blocks: nn.Module) -> str:
     """What the first block's attention is, for the message that refuses to cut its heads."""
     block = blocks[0]
     for name in ("attn", "attention", "self_attn"):
         if hasattr(block, name):
+            if name == "self_attn" and not hf_ragged_self_attn():
+                return (f"{type(getattr(block, name)).__name__} at {name}: transformers 4.x reshapes its heads to the "
+                        "block width; transformers >= 5 cuts them")
             return f"{type(getattr(block, name)).__name__} at {name}"
     return f"no attention module found in {type(block).__name__}"
 
