@@ -230,3 +230,35 @@ def test_clip_heads_on_transformers_4_are_refused_in_one_line(monkeypatch):
     assert loaded.heads() is None
     with pytest.raises(UserError, match="transformers >= 5"):
         require_heads(loaded)
+
+
+def test_the_memory_plan_counts_the_images_there_are_and_only_stages_that_run(quickstart, tmp_path):
+    """Finding 10: data.batch_size=100000 with 32 images was refused ("needs 42.74 GiB"; the build
+    peaked at 0.77 GiB), and stages already done were planned (and refused) though they would be
+    skipped; on the CPU the advice named --nproc, which divides the host's memory."""
+    import torch
+
+    from amp_deploy.measure.memory_plan import plan_stages
+    from amp_deploy.pipeline.context import Context
+    from amp_deploy.pipeline.memory import model_shape, recipe_plan
+    from amp_deploy.pipeline.run import _pending
+    from amp_deploy.pipeline.stages import STAGE_NAMES
+    from amp_deploy.recipe import load_recipe
+    from tests.conftest import tiny_recipe
+
+    small = load_recipe(tiny_recipe(tmp_path, data={"source": "synthetic", "calibration": 16, "validation": 16,
+                                                     "holdout": 8, "batch_size": 8}))
+    huge = load_recipe(tiny_recipe(tmp_path, data={"source": "synthetic", "calibration": 16, "validation": 16,
+                                                    "holdout": 8, "batch_size": 100000}))
+    peak = {p.stage: p.peak for p in recipe_plan(small, "cpu", 1, baseline=0)}
+    assert {p.stage: p.peak for p in recipe_plan(huge, "cpu", 1, baseline=0)}["score"] <= 2 * peak["score"]
+    res = build(tiny_recipe(tmp_path, data={"source": "synthetic", "calibration": 16, "validation": 16, "holdout": 8,
+                                            "batch_size": 100000}), "--out", tmp_path / "huge")
+    assert res.exit_code == 0, res.output
+    out = quickstart[0]
+    ctx = Context.create(load_recipe(out / "recipe.yaml"), out, torch.device("cpu"))
+    assert _pending(ctx, STAGE_NAMES) == []  # a finished build plans (and refuses) nothing
+    plans = plan_stages(model_shape(small), device="cpu", processes=1, baseline=0, widths=None, score_batch=8,
+                        checkpointing=False, validation=16, holdout=8, search_batch=8, distill=None,
+                        workspace_mib=None, validate_batch=8, cpu_sessions=1)
+    assert not any("--nproc" in p.fix for p in plans)

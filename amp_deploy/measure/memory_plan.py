@@ -146,7 +146,7 @@ def plan_stages(shape: ModelShape, *, device: str, processes: int, baseline: int
     e = 2 if cuda else 4  # bf16 autocast on CUDA
     plans = [StagePlan("score", device, {**base, **held, "activations": block_activations(
         shape, shape.widths, score_batch, e, checkpointing=checkpointing, hooks=True)},
-        fix="prune.checkpointing: true, data.batch_size, or more processes (--nproc)")]
+        fix="prune.checkpointing: true, data.batch_size" + (", or more processes (--nproc)" if cuda else ""))]
     cache = shape.blocks * validation * shape.tokens * shape.dim * 4  # the search evaluates in fp32, CUDA too
     on_device = min(cache, CACHE_ON_DEVICE_BYTES) if cuda else cache
     plans.append(StagePlan("search", device, {**base, **held, "cached block inputs": on_device,
@@ -191,9 +191,9 @@ def _distill_plan(shape: ModelShape, widths, device: str, processes: int, base: 
     terms["activations"] = block_activations(shape, widths, -(-d["batch"] // p), e, checkpointing=d["checkpointing"])
     terms = {k: v for k, v in terms.items() if v}
     how = f"sharded over {p} process{'es' if p > 1 else ''} (FSDP2)" if sharded else "unsharded"
-    return StagePlan("distill", device, terms, note=how,
-                     fix="distill.sharding: fsdp with more processes (--nproc), distill.checkpointing: true, "
-                         "distill.batch_size")
+    more = "distill.sharding: fsdp with more processes (--nproc), " if device == "cuda" else ""
+    return StagePlan("distill", device, terms, note=how,  # on the CPU, processes share the host's memory
+                     fix=f"{more}distill.checkpointing: true, distill.batch_size")
 
 
 def too_big(plans: list[StagePlan], capacity: dict[str, int]) -> StagePlan | None:

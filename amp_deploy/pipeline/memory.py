@@ -126,15 +126,17 @@ def recipe_plan(recipe: Recipe, device: str, processes: int, widths: list[int] |
         student = shape.params_at(widths) if widths else shape.params
         sharding = plan_sharding(d.sharding, processes, student=student, teacher=shape.params, precision=precision,
                                  capacity=capacity)["sharding"]
-        distill = {"batch": d.batch_size, "sharding": sharding, "checkpointing": d.checkpointing,
+        distill = {"batch": min(d.batch_size, d.images or recipe.data.calibration), "sharding": sharding,
+                   "checkpointing": d.checkpointing,
                    "bf16": precision == "bf16"}
     cpu_rows = [r for r in recipe.runtimes if r in ("onnxruntime", "openvino", "openvino-bf16")]
     compiles = "tensorrt" in recipe.runtimes
     baseline = process_rss() if baseline is None else baseline
     return plan_stages(shape, device=device, processes=processes, baseline=baseline, widths=widths,
-                       score_batch=recipe.data.batch_size, checkpointing=recipe.prune.checkpointing,
+                       score_batch=min(recipe.data.batch_size, recipe.data.calibration),  # no batch holds
+                       checkpointing=recipe.prune.checkpointing,  # more images than there are
                        validation=recipe.data.validation, holdout=recipe.data.holdout,
-                       search_batch=recipe.data.batch_size, distill=distill,
+                       search_batch=min(recipe.data.batch_size, recipe.data.validation), distill=distill,
                        workspace_mib=recipe.compile.workspace_mib if compiles else None,
                        validate_batch=max(v.batch_sizes), cpu_sessions=len(cpu_rows))
 

@@ -28,7 +28,7 @@ def run_stages(ctx: Context, names: Sequence[str], force: bool = False) -> dict[
     """
     folder, say = ctx.folder, ctx.reporter
     preflight(ctx.recipe, ctx.device.type)
-    plan = memory_plan(ctx, names)
+    plan = memory_plan(ctx, names if force else _pending(ctx, names))
     prepare_out(folder.root)
     with FolderLock(folder.root):
         for p in remove_stray_temps(folder.root):
@@ -48,6 +48,23 @@ def run_stages(ctx: Context, names: Sequence[str], force: bool = False) -> dict[
             planned = _planned(ctx, stage.name) or plan.get(stage.name)
             status[stage.name] = _run_one(ctx, manifest, stage, keys[stage.name], planned)
         return status
+
+
+def _pending(ctx: Context, names: Sequence[str]) -> list[str]:
+    """The named stages a build would run: all but the leading ones already done with the same inputs
+    (read only, before the lock: a stage after one that re-runs may see new inputs, so it counts)."""
+    folder = ctx.folder
+    if not folder.manifest.is_file():
+        return list(names)
+    try:
+        manifest = Manifest(folder.manifest)
+        keys = stage_keys(ctx.recipe, STAGES, dict(manifest.hashes), folder, ctx.device.type)
+    except Exception:  # noqa: BLE001 - an unreadable folder: plan everything, the build says what is wrong
+        return list(names)
+    todo = [s for s in STAGES if s.name in names]
+    while todo and manifest.is_done(todo[0].name, keys[todo[0].name], todo[0].outputs(folder)):
+        todo.pop(0)
+    return [s.name for s in todo]
 
 
 def memory_plan(ctx: Context, names: Sequence[str]) -> dict[str, dict]:
