@@ -101,9 +101,50 @@ def hash_file_cached(path: str | Path, cache: dict) -> str:
     hit = cache.get(key)
     if isinstance(hit, list) and hit[:2] == [st.st_size, st.st_mtime_ns]:
         return hit[2]
-    digest = hash_file(path)
+    digest = content_hash(path)
     cache[key] = [st.st_size, st.st_mtime_ns, digest]
     return digest
+
+
+TIMING_KEYS = ("seconds",)  # JSON keys (and keys ending in _seconds) that record how long, not what
+
+
+def content_hash(path: str | Path) -> str:
+    """What a stage's file holds, hashed so that a re-run whose result is the same hashes the same:
+    a JSON document without its timings (`seconds`, `*_seconds`), a safetensors file with its header
+    (metadata included, timings left out) in sorted key order (safetensors writes its metadata in no
+    fixed order),
+    any other file byte for byte."""
+    path = Path(path)
+    if path.suffix == ".json":
+        try:
+            doc = json.loads(path.read_text())
+        except (OSError, ValueError):
+            return hash_file(path)
+        return hash_obj({"json": _without_timings(doc)})
+    if path.suffix == ".safetensors":
+        try:
+            with open(path, "rb") as f:
+                n = int.from_bytes(f.read(8), "little")
+                header = json.loads(f.read(n))
+                if isinstance(header.get("__metadata__"), dict):  # e.g. the scores' "seconds"
+                    header["__metadata__"] = _without_timings(header["__metadata__"])
+                h = hashlib.sha256(json.dumps(header, sort_keys=True).encode())
+                for chunk in iter(lambda: f.read(1 << 20), b""):
+                    h.update(chunk)
+            return h.hexdigest()[:16]
+        except (OSError, ValueError, UnicodeDecodeError):
+            return hash_file(path)
+    return hash_file(path)
+
+
+def _without_timings(doc: Any) -> Any:
+    if isinstance(doc, dict):
+        return {k: _without_timings(v) for k, v in doc.items()
+                if not (k in TIMING_KEYS or k.endswith("_seconds"))}
+    if isinstance(doc, list):
+        return [_without_timings(v) for v in doc]
+    return doc
 
 
 def path_digest(value: str | Path, cache: dict) -> str:

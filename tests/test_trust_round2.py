@@ -262,3 +262,26 @@ def test_the_memory_plan_counts_the_images_there_are_and_only_stages_that_run(qu
                         checkpointing=False, validation=16, holdout=8, search_batch=8, distill=None,
                         workspace_mib=None, validate_batch=8, cpu_sessions=1)
     assert not any("--nproc" in p.fix for p in plans)
+
+
+def test_settings_that_change_nothing_rerun_nothing(tmp_path):
+    """Finding 13: prune.latency.* without a latency budget and prune.checkpointing re-ran the search and
+    everything after; reordering runtimes re-ran export; `prune OUT --force` with the same widths re-ran
+    rebuild, distill, export and validate (safetensors' metadata order, recorded seconds)."""
+    from typer.testing import CliRunner
+
+    from amp_deploy.cli import app
+
+    out = tmp_path / "out"
+    base = [QUICKSTART, "--out", out, *FAST, "runtimes=[onnxruntime,torch]"]
+    assert build(*base).exit_code == 0
+    res = build(*base[:-1], "runtimes=[torch,onnxruntime]", "prune.latency.iterations=7", "prune.checkpointing=true")
+    assert res.exit_code == 0, res.output
+    for stage in ("score", "search", "rebuild", "export", "validate"):
+        assert f"{stage}: inputs unchanged, skipped" in res.output, (stage, res.output)
+    res = CliRunner().invoke(app, ["prune", str(out), "--force"])
+    assert res.exit_code == 0, res.output
+    res = build(*base)
+    assert res.exit_code == 0, res.output
+    for stage in ("export", "validate"):
+        assert f"{stage}: inputs unchanged, skipped" in res.output, (stage, res.output)

@@ -59,9 +59,10 @@ class Stage:
     """
 
     name: str
-    # dotted recipe sections, beyond the key of the stage before (a function of the recipe: some
-    # settings matter for some recipes only)
-    depends: tuple[str, ...] | Callable[[Recipe], tuple[str, ...]]
+    # dotted recipe sections, or (name, value) pairs of values computed from the recipe (the set of
+    # runtimes, whether engines are built), beyond the key of the stage before (a function of the
+    # recipe: some settings matter for some recipes only)
+    depends: tuple | Callable[[Recipe], tuple]
     outputs: Callable[[BuildFolder], list[Path]]  # a stage whose outputs are missing or changed is redone
     run: Callable[[Context], str | None]
     machine_bound: bool | Callable[[Recipe], bool] = False  # engines and measurements belong to the machine they

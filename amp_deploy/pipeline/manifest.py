@@ -103,7 +103,9 @@ def stage_keys(recipe: Recipe, stages: Sequence[Stage], hashes: dict | None = No
             parts["machine"] = here
         if stage.device_bound:
             parts["device"] = device
-        parts.update({d: _section(doc, d) for d in _resolve(stage.depends, recipe)})
+        for d in _resolve(stage.depends, recipe):  # a dotted section, or (name, a value computed from the recipe)
+            name, value = d if isinstance(d, tuple) else (d, _section(doc, d))
+            parts[name] = value
         prev = keys[stage.name] = hash_obj(parts)
         if folder is not None:
             for p in stage.outputs(folder):

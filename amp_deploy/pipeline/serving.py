@@ -16,12 +16,12 @@ def _check_served(out: Path, files: list[Path], manifest: Manifest) -> None:
     """Every file an entry would serve is the file the build wrote: its hash as manifest.json recorded
     it (a truncated or edited file is named, never copied into a model repository); a file no stage
     recorded must at least parse (an ONNX graph)."""
-    from amp_deploy.files import hash_file
+    from amp_deploy.files import content_hash
 
     recorded = {name: h for entry in manifest.stages.values() for name, h in (entry.get("outputs") or {}).items()}
     for f in files:
         if f.name in recorded:
-            if hash_file(f) != recorded[f.name]:
+            if content_hash(f) != recorded[f.name]:
                 raise UserError(f"{f}: not the file the build wrote (its hash differs from manifest.json's: damaged "
                                 f"or edited); run `amp-deploy build` on {out} again to remake it")
         elif f.suffix == ".onnx":

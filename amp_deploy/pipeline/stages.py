@@ -544,11 +544,26 @@ def stage_export(ctx: Context) -> None:
             advance(1)
 
 
-def export_depends(recipe) -> tuple[str, ...]:
-    """The export reads the export section; with OpenVINO in the recipe it also writes IR."""
+def export_depends(recipe) -> tuple:
+    """The export reads the export section; with OpenVINO in the recipe it also writes IR (whichever
+    OpenVINO rows, in whatever order)."""
     from amp_deploy.pipeline.context import runs_openvino
 
-    return ("export", "runtimes") if runs_openvino(recipe) else ("export",)
+    return ("export", ("writes openvino ir", True)) if runs_openvino(recipe) else ("export",)
+
+
+def runtimes_set(recipe) -> tuple[str, list[str]]:
+    """The runtimes as a set (their order in the recipe changes no result)."""
+    return ("runtimes (any order)", sorted(recipe.runtimes))
+
+
+def compile_depends(recipe) -> tuple:
+    """Engines are built only with tensorrt among the runtimes: that, and the compile section."""
+    return (("builds engines", "tensorrt" in recipe.runtimes), "compile")
+
+
+def validate_depends(recipe) -> tuple:
+    return ("validate", runtimes_set(recipe), "compile")
 
 
 def stage_quantize(ctx: Context) -> None:
@@ -669,11 +684,18 @@ def quantizes_for_this_cpu(recipe) -> bool:
     return any(fmt.startswith("onnxruntime-") for fmt in recipe.quantize.formats)
 
 
-def search_depends(recipe) -> tuple[str, ...]:
-    """The search reads prune; to a latency budget, also the settings its latency table is measured
-    with (the exported graph, its quantization and engines, the runtimes, the timing threads)."""
-    timed = ("export", "quantize", "compile", "runtimes", "validate.threads", "validate.warmup")
-    return ("prune", *timed) if latency_budget(recipe) else ("prune",)
+SCORE_ONLY = ("checkpointing",)  # prune keys the search never reads (recomputation while scoring: same scores)
+
+
+def search_depends(recipe) -> tuple:
+    """The prune settings the search reads (not prune.checkpointing, a scoring setting; prune.latency only
+    for a latency budget); to a latency budget, also the settings its latency table is measured with (the
+    exported graph, its quantization and engines, the runtimes, the timing threads)."""
+    timed = latency_budget(recipe)
+    keys = tuple(f"prune.{k}" for k in type(recipe.prune).model_fields
+                 if k not in SCORE_ONLY and (timed or k != "latency"))
+    return (*keys, "export", "quantize", "compile", runtimes_set(recipe), "validate.threads", "validate.warmup") \
+        if timed else keys
 
 
 STAGES: tuple[Stage, ...] = (
@@ -689,9 +711,9 @@ STAGES: tuple[Stage, ...] = (
     Stage("export", export_depends, lambda f: [f.onnx("original"), f.onnx("pruned"), *f.ir_files()], stage_export),
     Stage("quantize", ("quantize",), lambda f: [f.quantize_log, *f.quantized_files(list(f.read_quantize_log().get(
         "formats", {})))], stage_quantize, machine_bound=quantizes_for_this_cpu),
-    Stage("compile", ("runtimes", "compile"), lambda f: [f.compile_status, *f.engine_files()], stage_compile,
+    Stage("compile", compile_depends, lambda f: [f.compile_status, *f.engine_files()], stage_compile,
           machine_bound=True),
-    Stage("validate", ("validate", "runtimes", "compile"), lambda f: [f.report_json, f.report_md], stage_validate,
+    Stage("validate", validate_depends, lambda f: [f.report_json, f.report_md], stage_validate,
           machine_bound=True, device_bound=True),
 )
 STAGE_NAMES = tuple(s.name for s in STAGES)
