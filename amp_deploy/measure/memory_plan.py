@@ -35,8 +35,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from amp_deploy.prune.search import CACHE_ON_DEVICE_BYTES  # noqa: F401 - the search's own figure, one constant
+
 ACT_DIM_FACTOR = 10  # values of N x D that one block keeps for its backward, besides the MLP's N x H
-CACHE_ON_DEVICE_BYTES = 4 << 30  # the search's cached block inputs past this live in host memory (prune.search)
 EXPORT_COPIES = 4  # copies of the original's weights while it is exported: the exported program's, the optimised
 # ONNX graph's, the serialised file's, and onnx.checker's full check, which loads the file again
 EXPORTER_BYTES = 128 << 20  # the exporter's own working set (tracing, decompositions, the ONNX IR)
