@@ -155,24 +155,46 @@ app.command("compile")(_stage_command(("compile",), "Compile TensorRT engines fr
 app.command("validate")(_stage_command(("validate",), "Measure parity, fidelity, latency; write the report."))
 
 
+class KeysFormat(str, Enum):
+    table = "table"
+    text = "text"
+    md = "md"
+    json = "json"
+
+
 @app.command()
 @_handled
 def check(recipe: Annotated[Path | None, typer.Argument(help="Recipe YAML file.", show_default=False)] = None,
           overrides: Overrides = None,
           keys: Annotated[bool, typer.Option("--keys", help="List every recipe key with its default and meaning.")] = False,
+          fmt: Annotated[KeysFormat | None, typer.Option(
+              "--format", help="With --keys: table (a terminal's default), text (one whole line per key: the "
+                               "default in a log or a pipe), md (docs/keys.md) or json.")] = None,
           ) -> None:
     """Validate a recipe and print every problem at once (or, with --keys, document every key)."""
     from amp_deploy.pipeline.preflight import preflight
-    from amp_deploy.recipe import key_docs, recipe_document, recipe_problems
+    from amp_deploy.recipe import key_docs, keys_markdown, recipe_document, recipe_problems
 
     if keys:
-        table = Table(title="recipe keys")
-        for col in ("key", "default", "meaning"):
-            table.add_column(col, overflow="fold")
-        for row in key_docs():
-            table.add_row(*row)
-        out.print(table)
+        fmt = fmt or (KeysFormat.table if out.is_terminal else KeysFormat.text)
+        rows = key_docs()
+        if fmt is KeysFormat.json:
+            out.print_json(data=[{"key": k, "default": d, "meaning": m} for k, d, m in rows])
+        elif fmt is KeysFormat.md:
+            print(keys_markdown(), end="")
+        elif fmt is KeysFormat.text:  # never drawn to a width: every key whole on its line
+            for k, d, m in rows:
+                print(f"{k}" + (f" = {d}" if d else "") + (f"  # {m}" if m else ""))
+        else:
+            table = Table(title="recipe keys")
+            for col in ("key", "default", "meaning"):
+                table.add_column(col, overflow="fold")
+            for row in rows:
+                table.add_row(*row)
+            out.print(table)
         return
+    if fmt is not None:
+        raise UserError("check: --format goes with --keys")
     if recipe is None:
         raise UserError("check: give a recipe file (or --keys)")
     doc = recipe_document(recipe, overrides or [])

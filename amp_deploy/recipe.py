@@ -122,9 +122,7 @@ class LatencySpec(_Strict):
                 "openvino fp32 | bf16 | int8 (NNCF, as quantize.formats openvino-int8)")
     baseline: Literal["same", "fp32"] = _f(
         "same", "what the speedup is over: same (the original in the budget's runtime and precision) | fp32 (the "
-                "original in fp32 on the same runtime, what an int8, bf16 or fp16 build replaces: the full model's "
-                "speedup from its precision is measured, interleaved, and every end-to-end check is timed against the "
-                "fp32 original; no effect with precision fp32)")
+                "original in fp32 on the same runtime: what an int8, bf16 or fp16 build replaces; docs/latency-budget.md)")
     widths: int = _f(12, "candidate widths per block (evenly spaced up to the full width, on the prune.align grid); "
                          "the latency table and the loss curves are measured at these", ge=2, le=64)
     iterations: int = _f(30, "timed rounds for the latency table (every candidate interleaved with the full model); "
@@ -157,32 +155,22 @@ class PruneSpec(_Strict):
                                          "T * logits); default 15 for image-image and image-text (the reference's "
                                          "CLIP value; its DINOv2 configs use 20), 1 for predictions", gt=0)
     loss_view: Literal["auto", "predictions", "image-image", "image-text"] = _f(
-        "auto", "what the entropy is taken over: auto = predictions (softmax of the logits) for a classifier head, "
-                "image-image (the batch's feature similarities, the reference code's loss) for an embedding model; "
-                "image-text: open_clip models with a class folder, image-text and text-image similarities with the "
-                "class prompts")
+        "auto", "what the entropy is taken over: predictions (softmax of the logits) | image-image (the batch's "
+                "feature similarities) | image-text (open_clip with class folders); auto: predictions for a classifier "
+                "head, image-image otherwise")
     search_loss: SearchLoss = _f(
-        "divergence", "what the width search holds each block to: divergence (KL of the original's distribution "
-                      "to the pruned model's, in the loss view: 0 unpruned, never below; it keeps the relative "
-                      "structure k-NN and zero-shot use); cosine (1 - cosine of the output to the original's, per "
-                      "image: keeps embeddings compatible with an index built from the original); entropy (the "
-                      "level, as the reference code; it can fall as neurons go). The ce criterion searches with ce")
-    uniform_check: bool = _f(True, "with target_params: also evaluate the same fraction of neurons in every block "
-                                   "at the budget, and keep it when it holds the search loss lower than the threshold "
-                                   "search's ragged widths (which a greedy search can miss at deep cuts; with search_loss divergence or "
-                                   "cosine, or the ce criterion: an entropy level is no departure); false: the "
-                                   "reference's widths always")
-    heads: bool = _f(False, "also cut attention heads (the same Taylor criterion, a gate per head, scored in the same "
-                            "pass): adaptive search: after each block's width, its head count is bisected under the "
-                            "same threshold; with target_speedup/target_latency_ms the latency table gains a heads axis and "
-                            "the knapsack chooses (width, heads) per block; at least one head per block stays, head "
-                            "size unchanged. false (the authors' AMP): the MLPs alone")
+        "divergence", "what the width search holds each block to: divergence (KL of the original's distribution to the "
+                      "pruned model's, in the loss view) | cosine (1 - cosine of the output to the original's) | "
+                      "entropy (the level, as the reference code); the ce criterion searches with ce (docs/recipes.md)")
+    uniform_check: bool = _f(True, "with target_params: also score the same fraction of neurons in every block at the "
+                                   "budget and keep it when it departs less from the original (docs/recipes.md)")
+    heads: bool = _f(False, "also cut attention heads (a gate per head, scored in the same pass; its count bisected "
+                            "after each block's width, or chosen by the latency budget's knapsack); false: the MLPs "
+                            "alone, as the authors' AMP (docs/heads.md)")
     compensate: Literal["ridge", "bias", "none"] = _f(
-        "ridge", "after a cut, re-fit the layer that reads the cut units (the MLP's output layer; with heads, the "
-                 "attention's output projection) to what the unpruned layer produced on the calibration images: ridge "
-                 "(least squares of weights and bias, damped toward the weights as cut) | bias (the removed units' mean "
-                 "folded into the bias, FLAP's) | none (the weights as cut, the authors' AMP). The search prices every "
-                 "candidate with its re-fit; a re-fit that reconstructs worse on the validation images is declined")
+        "ridge", "re-fit the layer that reads the cut units to the unpruned layer's output on the calibration images: "
+                 "ridge (weights and bias, least squares) | bias (the removed units' mean into the bias) | none (the "
+                 "authors' AMP); the search prices every candidate with it (docs/compensation.md)")
     compensate_damping: float = _f(0.01, "ridge damping as a fraction of the mean of the Gram matrix's diagonal "
                                          "(no unit: the same for every model)", gt=0)
     compensate_tokens: int = _f(64, "tokens per image (a seeded sample) in the re-fit's statistics", ge=1)
@@ -219,13 +207,9 @@ class DistillSpec(_Strict):
     """Recovery after pruning: the pruned model learns to reproduce the original on unlabeled images."""
 
     epochs: int = _f(0, "passes over the distillation images; 0 turns distillation off", ge=0)
-    lr: float | Literal["auto"] = _f("auto", "peak learning rate of AdamW (linear warm-up, then cosine decay); auto: "
-                                            "measured before the run: each of distill.lr_candidates trains a copy "
-                                            "for distill.probe of the run's steps, and the one whose distillation "
-                                            "loss on the validation images is lowest is used (a pretrained ViT-S "
-                                            "lost 13 k-NN points at 3e-4 where 3e-5 kept it within one; a small "
-                                            "model trained from scratch lost 1.9 points at 3e-5 where 3e-4 lost "
-                                            "none: no one rate holds for both)")
+    lr: float | Literal["auto"] = _f("auto", "peak learning rate of AdamW (warm-up, then cosine decay); auto: each of "
+                                            "distill.lr_candidates trains a copy for distill.probe of the run and the "
+                                            "lowest validation loss wins (docs/distillation.md)")
     lr_candidates: list[float] = _f(description="distill.lr auto: the peak rates probed",
                                     factory=lambda: list(LR_CANDIDATES), min_length=1)
     probe: float = _f(0.25, "distill.lr auto: each candidate's probe, as a fraction of the run's steps (at least 8 "
@@ -235,10 +219,9 @@ class DistillSpec(_Strict):
                             "run decays too)", ge=0)
     weight_decay: float = _f(0.05, "AdamW's decoupled weight decay", ge=0)
     loss: Literal["auto", "tokens", "output", "kl", "cosine", "mse"] = _f(
-        "auto", "tokens: the output loss (kl on logits for classifiers, cosine on the embedding) plus every token "
-                "(CLS and patches) of the last block before the final norm, squared error relative to the "
-                "original's (the authors' distillation); output: the output loss alone; kl, cosine, mse: that loss "
-                "on the output alone; auto: tokens")
+        "auto", "tokens: the output loss (kl on logits, cosine on an embedding) plus every token of the last block "
+                "before the final norm | output: the output loss alone | kl, cosine, mse on the output; auto: tokens "
+                "(docs/distillation.md)")
     temperature: float = _f(1.0, "softens teacher and student logits for the kl loss", gt=0)
     augment: bool = _f(True, "augmentation that fits the data: one-pixel shifts for digits, horizontal "
                              "flips for image folders, none for synthetic images")
@@ -483,6 +466,20 @@ def key_docs(model: type[BaseModel] = Recipe, prefix: str = "", defaults: BaseMo
         default = "required" if f.is_required() and defaults is None else json.dumps(value)
         rows.append((key, default, f.description or ""))
     return rows
+
+
+def keys_markdown() -> str:
+    """docs/keys.md: every recipe key, its default and meaning, from the schema itself (the same rows
+    as `amp-deploy check --keys`); tests/test_docs.py fails when the file and this disagree."""
+    lines = ["# Recipe keys", "",
+             "Generated from the recipe schema (`amp_deploy/recipe.py`) by "
+             "`amp-deploy check --keys --format md > docs/keys.md`; do not edit by hand.",
+             "Why the defaults are what they are: the topic pages the README lists.", "",
+             "| key | default | meaning |", "|---|---|---|"]
+    for key, default, meaning in key_docs():
+        cell = meaning.replace("|", "\\|")
+        lines.append(f"| `{key}` | {'`' + default + '`' if default else ''} | {cell} |")
+    return "\n".join(lines) + "\n"
 
 
 def _submodel(annotation: Any) -> type[BaseModel] | None:
