@@ -309,3 +309,37 @@ def test_no_images_left_after_holdout_and_validation_is_refused(tmp_path):
     res = build(tiny_recipe(tmp_path, data=data), "--out", out, "distill.epochs=1", f"distill.path={only_reserved}")
     assert_one_line_error(res, "no image left to train on")
     assert not out.exists()
+
+
+def test_the_token_loss_matches_every_token_in_either_layout():
+    """distill.loss tokens (issue 37): every token of the last block, before the final norm, relative to
+    the original's energy; zero for the original itself, the same value batch-first or tokens-first."""
+    from amp_deploy.prune.distill import LastTokens, resolve_loss, token_loss
+
+    t = torch.randn(4, 17, 8) * 100
+    s = t + torch.randn(4, 17, 8)
+    assert token_loss(t, t, 4).abs().max() == 0
+    per = token_loss(s, t, 4)
+    torch.testing.assert_close(per, token_loss(s.transpose(0, 1), t.transpose(0, 1), 4))
+    torch.testing.assert_close(per, (s - t).pow(2).sum((1, 2)) / t.pow(2).sum((1, 2)))
+    assert resolve_loss("auto", "embedding") == ("cosine", True) and resolve_loss("output", "logits") == ("kl", False)
+    assert resolve_loss("mse", "embedding") == ("mse", False)
+    from amp_deploy.prune.families import load_timm
+
+    loaded = load_timm("test_vit", False, {"depth": 2, "img_size": 32, "num_classes": 10})
+    hook = LastTokens(loaded.model, loaded.blocks)
+    with torch.no_grad():
+        loaded.model(torch.randn(2, 3, 32, 32))
+    assert hook.value.shape[0] == 2 and hook.value.dim() == 3  # the last block's tokens, before the norm
+    hook.remove()
+
+
+def test_token_distillation_moves_the_hidden_states_toward_the_teacher():
+    student, teacher, images = _setup()
+    from amp_deploy.prune.distill import distill_eval
+
+    before = distill_eval(student, teacher, images, batch_size=8, loss="kl", tokens=True, blocks="blocks")
+    distill(student, teacher, images, epochs=2, lr=1e-3, batch_size=8, warmup=0.5, weight_decay=0.05, loss="kl",
+            tokens=True, blocks="blocks")
+    after = distill_eval(student, teacher, images, batch_size=8, loss="kl", tokens=True, blocks="blocks")
+    assert after < before
