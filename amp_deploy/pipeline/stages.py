@@ -142,13 +142,29 @@ def stage_search(ctx: Context) -> None:
 
 
 def _adaptive_search(ctx: Context, loaded: Loaded, scores) -> dict:
-    p, data = ctx.recipe.prune, ctx.data()
+    """The adaptive search to its budget: a threshold (none), a parameter budget or a latency budget,
+    each path in a function of its own; every candidate priced with its re-fit (prune.compensate)."""
+    p = ctx.recipe.prune
     criterion = "ce" if p.criterion == "ce" else "entropy"
     loss = search_loss_fn(p.search_loss, criterion, view_of(ctx, loaded), temperature_of(ctx, loaded),
                           _text(ctx, loaded))
-
     head_scores = _head_scores(ctx, loaded) if p.heads else None
     comp = compensator(ctx, loaded, heads=p.heads)
+    if p.target_speedup is not None or p.target_latency_ms is not None:
+        out = _latency_search(ctx, loaded, scores, loss, head_scores, comp)
+    else:
+        run = _adaptive_runner(ctx, scores, loss, head_scores, comp)
+        if p.target_params is None:
+            out = _threshold_search(ctx, loaded, run)
+        else:
+            out = _params_search(ctx, loaded, scores, loss, run, comp, criterion)
+        out["search_loss"] = p.search_loss if criterion != "ce" else "ce"
+    return {**out, "compensation": _search_compensation(comp)}
+
+
+def _adaptive_runner(ctx: Context, scores, loss, head_scores, comp):
+    """`run(target, threshold, on_block)`: the adaptive bisection of every block of `target`, in place."""
+    p, data = ctx.recipe.prune, ctx.data()
 
     def run(target: Loaded, threshold: float, on_block=None):
         with loss_features(target, view_of(ctx, target)):
@@ -157,47 +173,54 @@ def _adaptive_search(ctx: Context, loaded: Loaded, scores) -> dict:
                                    device=ctx.device, cached=p.cache, on_block=on_block, head_scores=head_scores,
                                    comp=comp)
 
-    if p.target_speedup is not None or p.target_latency_ms is not None:
-        out = _latency_search(ctx, loaded, scores, loss, head_scores, comp)
-        return {**out, "compensation": _search_compensation(comp)}
-    extra: dict = {}
-    if p.target_params is None:
-        advance = ctx.reporter.task("search: widths, last block first", len(loaded.sites))
-        res = run(loaded, p.threshold, lambda i, w: advance(1))
-    else:
-        total = count_params(loaded.model)
-        budget = int(p.target_params * total)
-        _budget_reachable(ctx, scores, loaded, budget, total, heads=p.heads)
-        advance = ctx.reporter.task("search: threshold for the parameter budget", None)
+    return run
 
-        def run_counted(target: Loaded, threshold: float):
-            advance(1)
-            return run(target, threshold)
 
-        pruned, res, threshold, tried = budget_widths(loaded.shared_copy, budget, run_counted,
-                                                      tolerance=int(BUDGET_TOLERANCE * count_params(loaded.model)))
-        extra = dict(threshold=threshold, target_params=p.target_params, budget_params=budget,
-                     thresholds_tried=tried, block_forwards_all_thresholds=sum(t[2] for t in tried))
-        if p.uniform_check and (getattr(loss, "reference", False) or criterion == "ce"):  # a level is no departure
-            extra["uniform_check"] = _uniform_check(ctx, loaded, pruned, scores, budget, loss, comp)
+def _search_record(ctx: Context, res, shapes=None, **extra) -> dict:
+    """search.json's account of an adaptive search (`shapes`: what was chosen, when not the search's own)."""
     if res.fell:
         ctx.reporter.log(falling_loss_warning(res.fell))
-    check = extra.get("uniform_check", {})
-    chosen = check["widths"] if check.get("chosen") == "uniform" else None
-    if p.target_params is not None:  # whatever was chosen, it is within the budget or the build stops
-        got = check["params"] if chosen else count_params(pruned.model)
-        if got > extra["budget_params"]:
-            raise UserError(f"prune.target_params: {p.target_params:g}: the search found no shapes within "
-                            f"{extra['budget_params']:,} parameters (closest {got:,} at threshold "
-                            f"{extra['threshold']:.3g}); ask for a larger budget or prune.search=uniform")
-    shapes = shapes_of(chosen) if chosen else res.shapes  # the uniform check's widths keep every head
-    out = dict(shapes=to_json(shapes), base_loss=res.base_loss, losses=res.losses, block_forwards=res.block_forwards,
-               block_forwards_naive=res.block_forwards_naive, steps=res.steps, loss_fell=res.fell,
-               search_loss=p.search_loss if criterion != "ce" else "ce", compensation=_search_compensation(comp),
-               **extra)
-    if p.heads:
+    out = dict(shapes=to_json(shapes or res.shapes), base_loss=res.base_loss, losses=res.losses,
+               block_forwards=res.block_forwards, block_forwards_naive=res.block_forwards_naive, steps=res.steps,
+               loss_fell=res.fell, **extra)
+    if ctx.recipe.prune.heads:
         out.update(head_steps=res.head_steps)
     return out
+
+
+def _threshold_search(ctx: Context, loaded: Loaded, run) -> dict:
+    """prune.threshold: each block may add this much loss (no budget)."""
+    advance = ctx.reporter.task("search: widths, last block first", len(loaded.sites))
+    return _search_record(ctx, run(loaded, ctx.recipe.prune.threshold, lambda i, w: advance(1)))
+
+
+def _params_search(ctx: Context, loaded: Loaded, scores, loss, run, comp, criterion: str) -> dict:
+    """prune.target_params: the threshold bisected for the largest model within the budget, then the
+    uniform check; whatever is chosen is within the budget, or the build stops with one line."""
+    p = ctx.recipe.prune
+    total = count_params(loaded.model)
+    budget = int(p.target_params * total)
+    _budget_reachable(ctx, scores, loaded, budget, total, heads=p.heads)
+    advance = ctx.reporter.task("search: threshold for the parameter budget", None)
+
+    def run_counted(target: Loaded, threshold: float):
+        advance(1)
+        return run(target, threshold)
+
+    pruned, res, threshold, tried = budget_widths(loaded.shared_copy, budget, run_counted,
+                                                  tolerance=int(BUDGET_TOLERANCE * total))
+    extra = dict(threshold=threshold, target_params=p.target_params, budget_params=budget,
+                 thresholds_tried=tried, block_forwards_all_thresholds=sum(t[2] for t in tried))
+    if p.uniform_check and (getattr(loss, "reference", False) or criterion == "ce"):  # a level is no departure
+        extra["uniform_check"] = _uniform_check(ctx, loaded, pruned, scores, budget, loss, comp)
+    check = extra.get("uniform_check", {})
+    chosen = check["widths"] if check.get("chosen") == "uniform" else None
+    got = check["params"] if chosen else count_params(pruned.model)
+    if got > budget:
+        raise UserError(f"prune.target_params: {p.target_params:g}: the search found no shapes within "
+                        f"{budget:,} parameters (closest {got:,} at threshold {threshold:.3g}); ask for a larger "
+                        "budget or prune.search=uniform")
+    return _search_record(ctx, res, shapes_of(chosen) if chosen else None, **extra)  # uniform: every head kept
 
 
 def _search_compensation(comp) -> dict:
