@@ -10,8 +10,11 @@ Q = [QUICKSTART, "runtimes=[onnxruntime]", "validate.iterations=2", "validate.wa
 def test_a_parameter_budget_with_heads_is_kept_or_refused(tmp_path):
     """Finding 1: prune.heads with a budget below the MLP-only floor exited 0 with 0.350 of the
     parameters: the uniform check (every head kept) was chosen though it did not fit."""
-    out = tmp_path / "out"
-    res = build(*Q, "prune.heads=true", "prune.target_params=0.13", "--out", out)
+    from tests.conftest import tiny_recipe
+
+    out = tmp_path / "out"  # the quickstart's finding, on a smaller model (the same code path, a fraction of the time)
+    recipe = tiny_recipe(tmp_path, prune={"threshold": 0.05, "steps": 3, "heads": True, "target_params": 0.13})
+    res = build(recipe, "--out", out)
     assert "Traceback" not in res.output
     if res.exit_code == 0:
         rep = json.loads((out / "report.json").read_text())
@@ -25,8 +28,11 @@ def test_a_parameter_budget_with_heads_is_kept_or_refused(tmp_path):
 
 
 def test_the_uniform_check_says_it_keeps_every_head(tmp_path):
+    from tests.conftest import tiny_recipe
+
     out = tmp_path / "out"
-    res = build(*Q, "prune.heads=true", "prune.target_params=0.6", "--out", out, *FAST)
+    recipe = tiny_recipe(tmp_path, prune={"threshold": 0.05, "steps": 3, "heads": True, "target_params": 0.6})
+    res = build(recipe, "--out", out)
     assert res.exit_code == 0, res.output
     assert "keeps every attention head" in res.output
     search = read_search(out)
