@@ -159,7 +159,7 @@ def _adaptive_search(ctx: Context, loaded: Loaded, scores) -> dict:
         else:
             out = _params_search(ctx, loaded, scores, loss, run, comp, criterion)
         out["search_loss"] = p.search_loss if criterion != "ce" else "ce"
-    return {**out, "compensation": _search_compensation(comp)}
+    return {**out, "compensation": compensation_log(comp, rows=False)}
 
 
 def _adaptive_runner(ctx: Context, scores, loss, head_scores, comp):
@@ -221,15 +221,6 @@ def _params_search(ctx: Context, loaded: Loaded, scores, loss, run, comp, criter
                         f"{budget:,} parameters (closest {got:,} at threshold {threshold:.3g}); ask for a larger "
                         "budget or prune.search=uniform")
     return _search_record(ctx, res, shapes_of(chosen) if chosen else None, **extra)  # uniform: every head kept
-
-
-def _search_compensation(comp) -> dict:
-    """The search's re-fits, in brief: the mode and the seconds they cost (statistics, solves)."""
-    if comp is None:
-        return {"mode": "none"}
-    return {"mode": comp.mode, "damping": comp.damping, "statistics_seconds": round(comp.statistics_seconds, 3),
-            "refit_seconds": round(comp.seconds, 3), "refits": len(comp.decisions),
-            "declined": sum(d.declined for d in comp.decisions.values())}
 
 
 def require_heads(loaded: Loaded) -> None:
@@ -352,13 +343,15 @@ def compensator(ctx: Context, loaded: Loaded, heads: bool):
     return comp
 
 
-def compensation_log(comp) -> dict:
-    """What a compensator did, for search.json and compensate.json."""
+def compensation_log(comp, rows: bool = True) -> dict:
+    """What a compensator did: compensate.json (every re-fit's errors, `rows`), or in brief for search.json
+    (how many re-fits, and the seconds the statistics and the solves cost)."""
     if comp is None:
         return {"mode": "none"}
-    rows = comp.summary()
+    summary = comp.summary()
     return {"mode": comp.mode, "damping": comp.damping, "statistics_seconds": round(comp.statistics_seconds, 3),
-            "refit_seconds": round(comp.seconds, 3), "declined": sum(r["declined"] for r in rows), "refits": rows}
+            "refit_seconds": round(comp.seconds, 3), "declined": sum(r["declined"] for r in summary),
+            "refits": summary if rows else len(summary)}
 
 
 def stage_rebuild(ctx: Context) -> None:

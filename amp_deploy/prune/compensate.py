@@ -69,7 +69,10 @@ class Stats:
         self.tokens += len(x)
 
     def sample(self) -> torch.Tensor:
-        return torch.cat(self.samples) if self.samples else torch.zeros(0)
+        """The sampled tokens as one tensor (joined once: every candidate of the search reads it)."""
+        if len(self.samples) > 1:
+            self.samples = [torch.cat(self.samples)]
+        return self.samples[0] if self.samples else torch.zeros(0)
 
 
 @dataclass
