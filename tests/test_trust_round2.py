@@ -291,3 +291,19 @@ def test_settings_that_change_nothing_rerun_nothing(tmp_path):
     assert res.exit_code == 0, res.output
     for stage in ("export", "validate"):
         assert f"{stage}: inputs unchanged, skipped" in res.output, (stage, res.output)
+
+
+def test_the_compensation_settings_are_in_the_search_and_rebuild_keys(tmp_path):
+    """prune.compensate (and its damping) change what the search prices and what the rebuild writes: both
+    re-run, the scores stay."""
+    from tests.conftest import tiny_recipe
+
+    out = tmp_path / "out"
+    recipe = tiny_recipe(tmp_path)
+    assert build(recipe, "--out", out).exit_code == 0
+    for change in ("prune.compensate=bias", "prune.compensate_damping=0.1"):
+        res = build(recipe, "--out", out, change)
+        assert res.exit_code == 0, res.output
+        assert "score: inputs unchanged, skipped" in res.output
+        assert "search: done" in res.output and "rebuild: done" in res.output, res.output
+    assert json.loads((out / "compensate.json").read_text())["damping"] == 0.1
